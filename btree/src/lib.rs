@@ -1,0 +1,1 @@
+//! ubcache's btree of extent keys.

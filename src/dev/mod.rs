@@ -1,0 +1,191 @@
+//! Block devices: the one small trait all I/O goes through, and its implementations.
+//!
+//! Everything that touches a cache or backing device (the NBD server, the cache engine, the
+//! journal, tests) does so through [`BlockDev`]. Tests swap in devices that keep data in memory
+//! ([`MemDev`]), simulate power loss, inject faults or return short transfers, so the same code
+//! that runs in production is the code under test.
+//!
+//! Semantics every implementation keeps:
+//! - `read_at`/`write_at` transfer the whole buffer or return an error; callers never see a short
+//!   transfer (implementations loop over short reads/writes of the OS).
+//! - Nothing is durable until [`BlockDev::sync`] returns `Ok`. After a crash a write that was not
+//!   followed by a completed sync may be absent, present, or torn (at sector granularity).
+//! - Errors are sticky only where an implementation says so (a failed `fsync` on Linux may drop
+//!   dirty pages, so [`FileDev`] refuses further writes after one).
+
+mod file;
+mod mem;
+
+pub use file::{FileDev, FileDevOptions};
+pub use mem::MemDev;
+
+use std::io;
+use std::ops::Range;
+
+/// Sector size of the NBD export and of every on-disk address: 512 bytes, as in bcache.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Errors of the device layer. Callers act differently on each kind, so they stay apart.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// The OS or the medium failed.
+    #[error("I/O error during {op} at offset {offset} (length {len}): {source}")]
+    Io { op: &'static str, offset: u64, len: u64, source: io::Error },
+    /// The request reaches past the end of the device.
+    #[error("{op} of {len} bytes at offset {offset} is beyond the device size {size}")]
+    OutOfRange { op: &'static str, offset: u64, len: u64, size: u64 },
+    /// The device (or export) is read-only.
+    #[error("device is read-only")]
+    ReadOnly,
+    /// On-disk metadata failed a check (magic, checksum, ordering invariant, ...).
+    #[error("corrupted metadata: {0}")]
+    Corrupted(String),
+    /// No space left (cache full and no fallback possible).
+    #[error("no space left: {0}")]
+    NoSpace(String),
+    /// The request is not valid for this device (alignment, flags, ...).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The device does not support this operation.
+    #[error("operation not supported: {0}")]
+    Unsupported(&'static str),
+}
+
+impl DevError {
+    /// The errno an NBD reply carries for this error (NBD spec, "Error values").
+    #[must_use]
+    pub fn nbd_errno(&self) -> u32 {
+        match self {
+            DevError::Io { .. } | DevError::Corrupted(_) => libc::EIO as u32,
+            DevError::OutOfRange { .. } | DevError::NoSpace(_) => libc::ENOSPC as u32,
+            DevError::ReadOnly => libc::EPERM as u32,
+            DevError::Invalid(_) => libc::EINVAL as u32,
+            DevError::Unsupported(_) => libc::ENOTSUP as u32,
+        }
+    }
+
+    /// Checks that `offset..offset+len` lies within a device of `size` bytes, without overflow.
+    pub fn check_range(op: &'static str, offset: u64, len: u64, size: u64) -> Result<(), DevError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(DevError::OutOfRange { op, offset, len, size }),
+        }
+    }
+}
+
+pub type DevResult<T> = Result<T, DevError>;
+
+/// A byte-addressed block device. Implementations are thread-safe: many requests are in flight at
+/// once, so every method takes `&self` and positional I/O never shares a file cursor.
+pub trait BlockDev: Send + Sync + std::fmt::Debug {
+    /// Size in bytes.
+    fn len(&self) -> u64;
+
+    /// True when the device has no bytes at all.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()>;
+
+    /// Writes all of `buf` at `offset`. Not durable until [`BlockDev::sync`].
+    fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()>;
+
+    /// Writes all of `buf` at `offset` and returns only once this data (and whatever metadata
+    /// locates it) is durable: NBD's FUA. The default is a write followed by a full sync.
+    fn write_at_fua(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        self.write_at(buf, offset)?;
+        self.sync()
+    }
+
+    /// Makes every completed write durable.
+    fn sync(&self) -> DevResult<()>;
+
+    /// Tells the device the range is no longer needed (NBD TRIM). Afterwards the range reads as
+    /// either its old contents or zeros; the default does nothing, which the NBD spec allows.
+    fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
+        DevError::check_range("discard", offset, len, self.len())
+    }
+
+    /// Makes the range read as zeros. With `may_unmap` the device may deallocate the range
+    /// (punch a hole); without it the blocks stay allocated (NBD's NO_HOLE).
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> DevResult<()> {
+        let _ = may_unmap;
+        write_zeroes_by_writing(self, offset, len)
+    }
+
+    /// Whether zeroing is fast (no data is written), for NBD's FAST_ZERO: when false a
+    /// `FAST_ZERO` request fails at once with ENOTSUP instead of writing zeros slowly.
+    fn fast_zero(&self) -> bool {
+        false
+    }
+
+    /// Sub-ranges of `offset..offset+len` that are known to read as zeros (holes), sorted and
+    /// non-overlapping. Used for structured-reply hole chunks. Knowing nothing is always correct.
+    fn known_zero_ranges(&self, offset: u64, len: u64) -> DevResult<Vec<Range<u64>>> {
+        let _ = (offset, len);
+        Ok(Vec::new())
+    }
+
+    /// Prefetches a range (NBD CACHE). The default does nothing: a device without a cache has
+    /// nothing to warm.
+    fn prefetch(&self, offset: u64, len: u64) -> DevResult<()> {
+        DevError::check_range("prefetch", offset, len, self.len())
+    }
+
+    /// Whether the device refuses writes.
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}
+
+/// Zeroes a range by writing zero buffers, the fallback for devices that cannot punch holes.
+pub fn write_zeroes_by_writing<D: BlockDev + ?Sized>(dev: &D, offset: u64, len: u64) -> DevResult<()> {
+    DevError::check_range("write_zeroes", offset, len, dev.len())?;
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = CHUNK.min(len - done);
+        dev.write_at(&zeros[..n as usize], offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
+
+impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn write_at_fua(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        (**self).write_at_fua(buf, offset)
+    }
+    fn sync(&self) -> DevResult<()> {
+        (**self).sync()
+    }
+    fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
+        (**self).discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> DevResult<()> {
+        (**self).write_zeroes(offset, len, may_unmap)
+    }
+    fn fast_zero(&self) -> bool {
+        (**self).fast_zero()
+    }
+    fn known_zero_ranges(&self, offset: u64, len: u64) -> DevResult<Vec<Range<u64>>> {
+        (**self).known_zero_ranges(offset, len)
+    }
+    fn prefetch(&self, offset: u64, len: u64) -> DevResult<()> {
+        (**self).prefetch(offset, len)
+    }
+    fn is_read_only(&self) -> bool {
+        (**self).is_read_only()
+    }
+}

@@ -1,0 +1,1 @@
+//! The NBD protocol: wire types (`proto`), the server and a small client.
