@@ -13,11 +13,15 @@
 //! - Errors are sticky only where an implementation says so (a failed `fsync` on Linux may drop
 //!   dirty pages, so [`FileDev`] refuses further writes after one).
 
+mod fault;
 mod file;
 mod mem;
+mod sim;
 
+pub use fault::{FaultCounts, FaultDev, FaultOp, FaultRule, OpFilter, OpInfo, RuleId};
 pub use file::{FileDev, FileDevOptions};
 pub use mem::MemDev;
+pub use sim::{CrashMode, SimDev, SimStats, WriteFate};
 
 use std::io;
 use std::ops::Range;
