@@ -23,7 +23,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -66,7 +66,8 @@ pub struct FileDev {
     read_only: bool,
     is_block_device: bool,
     direct: Option<DirectIo>,
-    /// Probed once at open: whether the file system punches holes.
+    /// Probed once at open: whether the file system punches holes (for a block device: whether
+    /// it has a write-zeroes command, so zeroing writes no data).
     punch_supported: bool,
     /// Set once an `fsync` failed: Linux may already have dropped the dirty pages, so later
     /// syncs could report success for data that is gone. Every later write and sync fails.
@@ -107,7 +108,8 @@ impl FileDev {
                 .open(path)
                 .map_err(|e| io_err("open", e))?,
         };
-        let is_block_device = file.metadata().map_err(|e| io_err("stat", e))?.file_type().is_block_device();
+        let metadata = file.metadata().map_err(|e| io_err("stat", e))?;
+        let is_block_device = metadata.file_type().is_block_device();
         // Seeking to the end works for regular files and block devices alike.
         let len = (&file).seek(SeekFrom::End(0)).map_err(|e| io_err("seek", e))?;
         let (file, direct) = if opts.direct {
@@ -115,7 +117,12 @@ impl FileDev {
         } else {
             (file, None)
         };
-        let punch_supported = !opts.read_only && !is_block_device && probe_punch(&file, len);
+        let punch_supported = !opts.read_only
+            && if is_block_device {
+                block_device_zeroes_fast(metadata.rdev())
+            } else {
+                probe_punch(&file, len)
+            };
         Ok(Self {
             file,
             path: path.to_path_buf(),
@@ -517,6 +524,20 @@ fn dio_alignment(file: &File, is_block_device: bool) -> io::Result<Option<u64>> 
 /// end of the file, with the size kept, touches nothing but is still refused where unsupported.
 fn probe_punch(file: &File, len: u64) -> bool {
     fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, len, 4096).is_ok()
+}
+
+/// Whether a block device zeroes without transferring data: its queue advertises a write-zeroes
+/// command (the kernel's fallocate on a block device then issues it; without one, punching is
+/// refused and zero range falls back to writing zero pages, which is not fast).
+fn block_device_zeroes_fast(rdev: u64) -> bool {
+    let base = format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev));
+    // A partition has no queue of its own; its parent disk's applies.
+    ["queue/write_zeroes_max_bytes", "../queue/write_zeroes_max_bytes"].iter().any(|rel| {
+        std::fs::read_to_string(format!("{base}/{rel}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .is_some_and(|max| max > 0)
+    })
 }
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
