@@ -6,8 +6,9 @@
 //! later matching op too (a dead disk or a bad region). Bit flips corrupt the data returned by
 //! reads of a range without touching the inner device: metadata that reads back damaged.
 //!
-//! A failed op never reaches the inner device: a failed write changed nothing, a failed sync
-//! made nothing durable.
+//! A failed op never reaches the inner device (a failed write changed nothing, a failed sync
+//! made nothing durable), unless the rule says a failing write got part-way
+//! ([`FaultRule::with_partial_write`]).
 
 use super::{BlockDev, DevError, DevResult};
 use parking_lot::Mutex;
@@ -52,6 +53,8 @@ pub struct FaultRule {
     nth: u64,
     persistent: bool,
     errno: i32,
+    /// A failing write first writes this many leading bytes: it failed part-way.
+    partial_write: Option<u64>,
 }
 
 impl std::fmt::Debug for FaultRule {
@@ -63,6 +66,7 @@ impl std::fmt::Debug for FaultRule {
             .field("nth", &self.nth)
             .field("persistent", &self.persistent)
             .field("errno", &self.errno)
+            .field("partial_write", &self.partial_write)
             .finish()
     }
 }
@@ -71,7 +75,15 @@ impl FaultRule {
     /// Fails only the `n`-th matching op (1-based; `0` is treated as `1`).
     #[must_use]
     pub fn nth(op: FaultOp, n: u64) -> Self {
-        Self { op, range: None, filter: None, nth: n.max(1), persistent: false, errno: libc::EIO }
+        Self {
+            op,
+            range: None,
+            filter: None,
+            nth: n.max(1),
+            persistent: false,
+            errno: libc::EIO,
+            partial_write: None,
+        }
     }
 
     /// Fails every matching op.
@@ -108,6 +120,14 @@ impl FaultRule {
         self
     }
 
+    /// A write this rule fails still reaches the inner device with its first `bytes` bytes (as
+    /// much as there is), as when a device fails part-way through a request.
+    #[must_use]
+    pub fn with_partial_write(mut self, bytes: u64) -> Self {
+        self.partial_write = Some(bytes);
+        self
+    }
+
     fn matches(&self, info: &OpInfo) -> bool {
         if self.op != FaultOp::Any && self.op != info.op {
             return false;
@@ -139,6 +159,13 @@ pub struct FaultCounts {
     pub injected_errors: u64,
     /// Reads whose returned data had bits flipped.
     pub corrupted_reads: u64,
+}
+
+/// An injected failure: the error, and for a write how much of it reaches the device anyway.
+#[derive(Debug)]
+struct Injected {
+    error: DevError,
+    partial_write: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -222,8 +249,9 @@ impl<D: BlockDev> FaultDev<D> {
     }
 
     /// Counts the op and decides whether it fails. Every rule sees every op, so each rule's
-    /// count is exact even when another rule fires on the same op.
-    fn check(&self, op_name: &'static str, info: OpInfo) -> DevResult<()> {
+    /// count is exact even when another rule fires on the same op; the first rule that fires
+    /// decides the error.
+    fn check(&self, op_name: &'static str, info: OpInfo) -> Result<(), Injected> {
         let mut st = self.state.lock();
         let counts = &mut st.counts;
         match info.op {
@@ -234,7 +262,7 @@ impl<D: BlockDev> FaultDev<D> {
             FaultOp::WriteZeroes => counts.write_zeroes += 1,
             FaultOp::Any => {}
         }
-        let mut errno = None;
+        let mut fired: Option<(i32, Option<u64>)> = None;
         let mut retire = Vec::new();
         for (index, r) in st.rules.iter_mut().enumerate() {
             if !r.rule.matches(&info) {
@@ -244,7 +272,7 @@ impl<D: BlockDev> FaultDev<D> {
             let fires = if r.fired { r.rule.persistent } else { r.seen >= r.rule.nth };
             if fires {
                 r.fired = true;
-                errno.get_or_insert(r.rule.errno);
+                fired.get_or_insert((r.rule.errno, r.rule.partial_write));
                 if !r.rule.persistent {
                     retire.push(index);
                 }
@@ -253,18 +281,33 @@ impl<D: BlockDev> FaultDev<D> {
         for index in retire.into_iter().rev() {
             st.rules.remove(index);
         }
-        match errno {
-            Some(errno) => {
+        match fired {
+            Some((errno, partial_write)) => {
                 st.counts.injected_errors += 1;
-                Err(DevError::Io {
-                    op: op_name,
-                    offset: info.offset,
-                    len: info.len,
-                    source: std::io::Error::from_raw_os_error(errno),
+                Err(Injected {
+                    error: DevError::Io {
+                        op: op_name,
+                        offset: info.offset,
+                        len: info.len,
+                        source: std::io::Error::from_raw_os_error(errno),
+                    },
+                    partial_write,
                 })
             }
             None => Ok(()),
         }
+    }
+
+    /// A write that a rule fails, possibly after writing a prefix.
+    fn fail_write(&self, injected: Injected, buf: &[u8], offset: u64) -> DevError {
+        if let Some(prefix) = injected.partial_write {
+            let n = (prefix.min(buf.len() as u64)) as usize;
+            if n > 0 {
+                // The inner device's own error, if any, would only repeat the injected one.
+                let _ = self.inner.write_at(&buf[..n], offset);
+            }
+        }
+        injected.error
     }
 
     fn apply_flips(&self, buf: &mut [u8], offset: u64) {
@@ -294,7 +337,7 @@ impl<D: BlockDev> BlockDev for FaultDev<D> {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         let len = buf.len() as u64;
-        self.check("read", OpInfo { op: FaultOp::Read, offset, len, fua: false })?;
+        self.check("read", OpInfo { op: FaultOp::Read, offset, len, fua: false }).map_err(|i| i.error)?;
         self.inner.read_at(buf, offset)?;
         self.apply_flips(buf, offset);
         Ok(())
@@ -302,29 +345,35 @@ impl<D: BlockDev> BlockDev for FaultDev<D> {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
         let len = buf.len() as u64;
-        self.check("write", OpInfo { op: FaultOp::Write, offset, len, fua: false })?;
-        self.inner.write_at(buf, offset)
+        match self.check("write", OpInfo { op: FaultOp::Write, offset, len, fua: false }) {
+            Ok(()) => self.inner.write_at(buf, offset),
+            Err(injected) => Err(self.fail_write(injected, buf, offset)),
+        }
     }
 
     fn write_at_fua(&self, buf: &[u8], offset: u64) -> DevResult<()> {
         let len = buf.len() as u64;
-        self.check("write_fua", OpInfo { op: FaultOp::Write, offset, len, fua: true })?;
-        self.inner.write_at_fua(buf, offset)
+        match self.check("write_fua", OpInfo { op: FaultOp::Write, offset, len, fua: true }) {
+            Ok(()) => self.inner.write_at_fua(buf, offset),
+            Err(injected) => Err(self.fail_write(injected, buf, offset)),
+        }
     }
 
     fn sync(&self) -> DevResult<()> {
         let len = self.inner.len();
-        self.check("sync", OpInfo { op: FaultOp::Sync, offset: 0, len, fua: false })?;
+        self.check("sync", OpInfo { op: FaultOp::Sync, offset: 0, len, fua: false }).map_err(|i| i.error)?;
         self.inner.sync()
     }
 
     fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
-        self.check("discard", OpInfo { op: FaultOp::Discard, offset, len, fua: false })?;
+        self.check("discard", OpInfo { op: FaultOp::Discard, offset, len, fua: false })
+            .map_err(|i| i.error)?;
         self.inner.discard(offset, len)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> DevResult<()> {
-        self.check("write_zeroes", OpInfo { op: FaultOp::WriteZeroes, offset, len, fua: false })?;
+        self.check("write_zeroes", OpInfo { op: FaultOp::WriteZeroes, offset, len, fua: false })
+            .map_err(|i| i.error)?;
         self.inner.write_zeroes(offset, len, may_unmap)
     }
 
@@ -393,6 +442,16 @@ mod tests {
         );
         assert!(dev.remove_rule(id));
         assert!(dev.read_at(&mut [0; 512], 4096).is_ok());
+    }
+
+    #[test]
+    fn partial_write_reaches_the_device_before_the_error() {
+        let dev = FaultDev::new(MemDev::new(4096));
+        dev.add_rule(FaultRule::nth(FaultOp::Write, 1).with_partial_write(100));
+        assert!(is_eio(dev.write_at(&[7; 512], 0)));
+        let mut buf = [0; 512];
+        dev.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..100].iter().all(|&b| b == 7) && buf[100..].iter().all(|&b| b == 0));
     }
 
     #[test]
