@@ -1,39 +1,5 @@
 //! A crash-simulating device: a durable image plus the writes the "disk" has not yet made durable.
-//!
-//! # The model
-//!
-//! A real disk (and the page cache of a file in front of it) acknowledges a write long before the
-//! data is on stable media: the bytes sit in a volatile cache that the disk drains in whatever
-//! order suits it. Only a completed flush (`fsync`, NBD FLUSH, a SCSI SYNCHRONIZE CACHE) promises
-//! that every write acknowledged before it has reached the media. If power fails first, each
-//! unsynced write may independently be
-//! - **dropped**: never reached the media, the old contents remain;
-//! - **kept**: fully persisted;
-//! - **torn**: partly persisted. Disks guarantee atomicity only per sector (the unit the drive
-//!   writes with one ECC block), so a torn write is a *subset of its sectors*, each of which holds
-//!   either its complete old or its complete new contents. A sector never holds half of each.
-//!
-//! The one ordering a disk does keep is per address: a later write to a sector supersedes an
-//! earlier one in its cache, so the earlier write can never land *after* the later one. [`SimDev`]
-//! therefore replays surviving unsynced writes in their original order onto the durable image.
-//! A FUA write ([`BlockDev::write_at_fua`]) is durable by itself when it returns, without
-//! flushing anything else: it is recorded in order but always kept.
-//!
-//! # Using it in a crash harness
-//!
-//! - Run a workload on a `SimDev`; reads see the *live* state (durable image + unsynced writes),
-//!   as a running system would.
-//! - Arm a trigger to cut the power at a chosen point: [`SimDev::set_crash_after_writes`] or
-//!   [`SimDev::set_crash_at_sync`] (or [`SimDev::crash_now`]). From then on every I/O fails and the
-//!   state is frozen, so the code under test sees a dead device, as after a real power loss.
-//! - Take [`SimDev::crash_image`] with a [`CrashMode`] (deterministic, seeded), and restart the
-//!   system under test on [`SimDev::from_image`] (or a [`MemDev`]) of that image. Check the
-//!   durability contract against what was acknowledged.
-//! - [`SimDev::set_lying_sync`] makes `sync` report success without persisting anything: a
-//!   deliberately broken FLUSH, so a harness can prove that it would catch one.
-//!
-//! Sector boundaries are absolute device offsets (multiples of [`SECTOR_SIZE`]), so a write at an
-//! unaligned offset tears only at those boundaries, as on a real disk.
+//! The model is documented on [`SimDev`].
 
 use super::{BlockDev, DevError, DevResult, MemDev, SECTOR_SIZE};
 use parking_lot::Mutex;
@@ -165,7 +131,44 @@ struct SimState {
     lying_sync: bool,
 }
 
-/// The crash-simulating device; see the [module documentation](self) for the model.
+/// A crash-simulating device: a durable image plus the writes the "disk" has not yet made durable.
+///
+/// # The model
+///
+/// A real disk (and the page cache of a file in front of it) acknowledges a write long before the
+/// data is on stable media: the bytes sit in a volatile cache that the disk drains in whatever
+/// order suits it. Only a completed flush (`fsync`, NBD FLUSH, a SCSI SYNCHRONIZE CACHE) promises
+/// that every write acknowledged before it has reached the media. If power fails first, each
+/// unsynced write may independently be
+/// - **dropped**: never reached the media, the old contents remain;
+/// - **kept**: fully persisted;
+/// - **torn**: partly persisted. Disks guarantee atomicity only per sector (the unit the drive
+///   writes with one ECC block), so a torn write is a *subset of its sectors*, each of which holds
+///   either its complete old or its complete new contents. A sector never holds half of each.
+///
+/// The one ordering a disk does keep is per address: a later write to a sector supersedes an
+/// earlier one in its cache, so the earlier write can never land *after* the later one. [`SimDev`]
+/// therefore replays surviving unsynced writes in their original order onto the durable image.
+/// A FUA write ([`BlockDev::write_at_fua`]) is durable by itself when it returns, without
+/// flushing anything else: it is recorded in order but always kept.
+///
+/// # Using it in a crash harness
+///
+/// - Run a workload on a `SimDev`; reads see the *live* state (durable image + unsynced writes),
+///   as a running system would.
+/// - Arm a trigger to cut the power at a chosen point: [`SimDev::set_crash_after_writes`] or
+///   [`SimDev::set_crash_at_sync`] (or [`SimDev::crash_now`]). From then on every I/O fails and the
+///   state is frozen, so the code under test sees a dead device, as after a real power loss.
+/// - Take [`SimDev::crash_image`] with a [`CrashMode`] (deterministic, seeded), and restart the
+///   system under test on [`SimDev::from_image`] (or a [`MemDev`]) of that image. Check the
+///   durability contract against what was acknowledged.
+/// - [`SimDev::set_lying_sync`] makes `sync` report success without persisting anything: a
+///   deliberately broken FLUSH, so a harness can prove that it would catch one.
+///
+/// Sector boundaries are absolute device offsets (multiples of [`SECTOR_SIZE`]), so a write at an
+/// unaligned offset tears only at those boundaries, as on a real disk.
+///
+/// # Cost
 ///
 /// Thread-safe (one internal lock); reads copy from a live image, so they are as fast as
 /// [`MemDev`]'s, and a sync costs only the bytes written since the previous one.
