@@ -35,6 +35,17 @@ pub enum WriteFate {
     KeepSectors(u64),
 }
 
+/// Where one unsynced write went, for a harness choosing [`CrashMode::Explicit`] fates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnsyncedWrite {
+    pub offset: u64,
+    pub len: u64,
+    /// Sectors it touches: the range of `n` in [`WriteFate::KeepSectors`] that tears it.
+    pub sectors: u64,
+    /// A FUA write: every crash keeps it, whatever its fate says.
+    pub fua: bool,
+}
+
 /// Counters of the operations a [`SimDev`] has completed since it was created.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SimStats {
@@ -259,6 +270,21 @@ impl SimDev {
     #[must_use]
     pub fn unsynced_write_count(&self) -> usize {
         self.state.lock().unsynced.len()
+    }
+
+    /// The unsynced writes in order (index `i` is the `i`-th fate of [`CrashMode::Explicit`]).
+    #[must_use]
+    pub fn unsynced_writes(&self) -> Vec<UnsyncedWrite> {
+        let st = self.state.lock();
+        st.unsynced
+            .iter()
+            .map(|w| UnsyncedWrite {
+                offset: w.offset,
+                len: w.len(),
+                sectors: w.sector_count(),
+                fua: w.forced,
+            })
+            .collect()
     }
 
     /// A copy of what reads currently see.
@@ -497,6 +523,10 @@ mod tests {
         let dev = SimDev::new(4096);
         // Bytes 300..1300 touch sectors 0 (300..512), 1 (512..1024) and 2 (1024..1300).
         dev.write_at(&[9; 1000], 300).unwrap();
+        assert_eq!(
+            dev.unsynced_writes(),
+            vec![UnsyncedWrite { offset: 300, len: 1000, sectors: 3, fua: false }]
+        );
         let image = dev.crash_image(&CrashMode::Explicit(vec![WriteFate::KeepSectors(2)]));
         assert!(image[..300].iter().all(|&b| b == 0));
         assert!(image[300..1024].iter().all(|&b| b == 9));
