@@ -5,7 +5,7 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use ubcache::dev::{BlockDev, DevResult, MemDev};
-use ubcache::format::{CheckpointEntry, JournalEntry, Key, Ptr, Region, TableSlot, Uuid};
+use ubcache::format::{CheckpointEntry, JournalEntry, Key, NodePtr, Ptr, Region, TableSlot, Uuid};
 use ubcache::journal::{Journal, JournalConfig, JournalError, RecoveryMode};
 
 const DEV_BYTES: u64 = 1 << 20;
@@ -94,7 +94,7 @@ fn insert(i: u64) -> JournalEntry {
 
 fn checkpoint(replay_from: u64) -> JournalEntry {
     JournalEntry::Checkpoint(CheckpointEntry {
-        root: replay_from.to_le_bytes().to_vec(),
+        root: NodePtr { addr: replay_from * 8, seq: replay_from, len: 512, csum: 0 },
         table_slot: TableSlot::A,
         table_seq: replay_from,
         replay_from,
@@ -212,13 +212,9 @@ fn concurrent_committers_coalesce_into_fewer_syncs() {
     assert!(stats.coalesced_commits > 0);
     dev.sync_delay_us.store(0, Ordering::SeqCst);
     drop(j);
-    let (_, replay) = Journal::open(
-        dev,
-        Region { offset_bytes: 0, len_bytes: DEV_BYTES },
-        set,
-        JournalConfig::default(),
-    )
-    .unwrap();
+    let (_, replay) =
+        Journal::open(dev, Region { offset_bytes: 0, len_bytes: DEV_BYTES }, set, JournalConfig::default())
+            .unwrap();
     let mut ids = inserted_ids(&replay);
     assert_eq!(ids.len() as u64, total);
     ids.sort_unstable();
