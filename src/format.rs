@@ -287,6 +287,15 @@ fn need(buf: &[u8], len: usize) -> FormatResult<()> {
     Ok(())
 }
 
+/// Version 1 defines reserved and unused bytes as zero; anything else is not a structure this
+/// build wrote (a later format that uses them sets a feature bit or a new version).
+fn check_zero(bytes: &[u8], what: &str) -> FormatResult<()> {
+    if bytes.iter().any(|&b| b != 0) {
+        return Err(FormatError::Invalid(format!("{what} must be zero")));
+    }
+    Ok(())
+}
+
 fn check_crc(stored: u32, bytes: &[u8]) -> FormatResult<()> {
     let got = crc32c::crc32c(bytes);
     if got != stored {
@@ -700,9 +709,13 @@ impl CacheSuperblock {
         if count > MAX_BACKING_DEVS {
             return Err(FormatError::Invalid(format!("backing device count {count} > {MAX_BACKING_DEVS}")));
         }
+        check_zero(&b[SB_RESERVED0_OFF..SB_RESERVED0_OFF + 4], "superblock reserved field at 12")?;
+        check_zero(&b[SB_RESERVED1_OFF..SB_RESERVED1_OFF + 4], "superblock reserved field at 148")?;
+        check_zero(&b[SB_BACKING_OFF + count * BACKING_ENTRY_LEN..SB_CRC_OFF], "unused superblock space")?;
         let mut backing = Vec::with_capacity(count);
         for i in 0..count {
             let off = SB_BACKING_OFF + i * BACKING_ENTRY_LEN;
+            check_zero(&b[off + 20..off + 24], "backing entry reserved field")?;
             let e = BackingEntry {
                 uuid: Uuid(get_16(b, off)),
                 dev_id: get_u32(b, off + 16),
@@ -782,16 +795,10 @@ pub fn read_cache_superblock(dev: &dyn BlockDev) -> FormatResult<SuperblockRead>
     let a = read_copy(SbCopy::A);
     let b = read_copy(SbCopy::B);
     // An I/O error is not corruption: report it rather than silently using the other copy.
-    for r in [&a, &b] {
-        if let Err(FormatError::Dev(e)) = r {
-            return Err(FormatError::Dev(DevError::Io {
-                op: "read superblock",
-                offset: 0,
-                len: SB_BYTES as u64,
-                source: std::io::Error::other(e.to_string()),
-            }));
-        }
-    }
+    let (a, b) = match (a, b) {
+        (Err(FormatError::Dev(e)), _) | (_, Err(FormatError::Dev(e))) => return Err(FormatError::Dev(e)),
+        other => other,
+    };
     let (sb, copy, other_copy_error) = match (a, b) {
         (Ok(a), Ok(b)) => {
             if b.seq > a.seq {
@@ -984,6 +991,8 @@ impl BackingSuperblock {
         if recorded != BACKING_SB_OFFSET_BYTES {
             return Err(FormatError::WrongAddress { recorded, actual: BACKING_SB_OFFSET_BYTES });
         }
+        check_zero(&b[BSB_RESERVED0_OFF..BSB_RESERVED0_OFF + 2], "backing superblock reserved field")?;
+        check_zero(&b[BSB_END..BSB_CRC_OFF], "unused backing superblock space")?;
         let sb = BackingSuperblock {
             version,
             features: Features {
