@@ -4,7 +4,7 @@
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use ubcache::dev::{BlockDev, DevResult, MemDev};
+use ubcache::dev::{BlockDev, DevError, DevResult, FileDev, FileDevOptions, MemDev};
 use ubcache::format::{CheckpointEntry, JournalEntry, Key, NodePtr, Ptr, Region, TableSlot, Uuid};
 use ubcache::journal::{Journal, JournalConfig, JournalError, RecoveryMode};
 
@@ -21,6 +21,8 @@ struct CrashDev {
     syncs: AtomicU64,
     /// Sleep this many microseconds in every sync (a slow disk makes committers overlap).
     sync_delay_us: AtomicU64,
+    /// Fail the sync with this number (1-based; 0: never) and every write after it.
+    fail_sync_at: AtomicU64,
 }
 
 impl CrashDev {
@@ -31,6 +33,7 @@ impl CrashDev {
             unsynced: Mutex::new(Vec::new()),
             syncs: AtomicU64::new(0),
             sync_delay_us: AtomicU64::new(0),
+            fail_sync_at: AtomicU64::new(0),
         }
     }
     /// The device after a power loss: durable image plus, of each unsynced write, the sectors
@@ -50,6 +53,9 @@ impl CrashDev {
         *dev.durable.lock() = image;
         Arc::new(dev)
     }
+    fn failed(&self) -> bool {
+        self.syncs.load(Ordering::SeqCst) >= u64::MAX / 2
+    }
     fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::SeqCst)
     }
@@ -63,11 +69,29 @@ impl BlockDev for CrashDev {
         self.live.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        if self.failed() {
+            return Err(DevError::Io {
+                op: "write",
+                offset,
+                len: buf.len() as u64,
+                source: std::io::Error::other("dead"),
+            });
+        }
         self.live.write_at(buf, offset)?;
         self.unsynced.lock().push((offset, buf.to_vec()));
         Ok(())
     }
     fn sync(&self) -> DevResult<()> {
+        let n = self.syncs.load(Ordering::SeqCst) + 1;
+        if self.failed() || n == self.fail_sync_at.load(Ordering::SeqCst) {
+            self.syncs.store(u64::MAX / 2, Ordering::SeqCst); // latch the failure
+            return Err(DevError::Io {
+                op: "sync",
+                offset: 0,
+                len: 0,
+                source: std::io::Error::other("injected"),
+            });
+        }
         let delay = self.sync_delay_us.load(Ordering::SeqCst);
         if delay > 0 {
             std::thread::sleep(std::time::Duration::from_micros(delay));
@@ -487,4 +511,76 @@ fn crash_during_any_commit_replays_exactly_the_committed_prefix_or_the_whole_rec
         j.commit_all().unwrap();
         committed += n;
     }
+}
+
+#[test]
+fn a_large_commit_is_split_into_records_each_synced_and_a_failure_is_sticky() {
+    let dev = Arc::new(CrashDev::new(DEV_BYTES));
+    let set = Uuid::random();
+    let cfg = JournalConfig { max_record_bytes: 4096, ..JournalConfig::default() };
+    let j = Journal::create(dev.clone(), REGION, set, cfg).unwrap();
+    let first = j.append(&[insert(0)]).unwrap();
+    j.commit(first).unwrap();
+    // ~29 bytes per insert: 400 inserts need 3 records of at most 4 KiB.
+    let batch: Vec<JournalEntry> = (1..=400).map(insert).collect();
+    let last = j.append(&batch).unwrap();
+    let syncs_before = dev.syncs();
+    // The third record's sync fails: records one and two of the commit are durable.
+    dev.fail_sync_at.store(syncs_before + 3, Ordering::SeqCst);
+    let err = j.commit(last).unwrap_err();
+    assert!(matches!(err, JournalError::Dev(_)), "{err}");
+    assert!(j.durable_seq() > first && j.durable_seq() < last, "{}", j.durable_seq());
+    let durable = j.durable_seq();
+    // Sticky: nothing more is accepted, so nobody is told a later entry is durable.
+    assert!(matches!(j.append(&[insert(999)]), Err(JournalError::Failed(_))));
+    assert!(matches!(j.commit(last), Err(JournalError::Failed(_))));
+
+    let crashed = dev.crash(|_, _| false);
+    let (_, replay) = open(&crashed, set, RecoveryMode::AbsoluteConsistency).unwrap();
+    assert_eq!(inserted_ids(&replay), (0..durable).collect::<Vec<_>>());
+    assert_eq!(replay.stats.chain_records, 3);
+}
+
+#[test]
+fn journal_on_a_real_file_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache");
+    let set = Uuid::random();
+    {
+        let file = FileDev::open(
+            &path,
+            &FileDevOptions { create_with_size: Some(DEV_BYTES), ..FileDevOptions::default() },
+        )
+        .unwrap();
+        let j = Journal::create(Arc::new(file), REGION, set, JournalConfig::default()).unwrap();
+        let seq = j.append(&(0..100).map(insert).collect::<Vec<_>>()).unwrap();
+        j.commit(seq).unwrap();
+    }
+    let file = FileDev::open(&path, &FileDevOptions::default()).unwrap();
+    let (_, replay) = Journal::open(Arc::new(file), REGION, set, JournalConfig::default()).unwrap();
+    assert_eq!(inserted_ids(&replay), (0..100).collect::<Vec<_>>());
+}
+
+#[test]
+fn bad_requests_and_regions_are_refused() {
+    let dev = Arc::new(CrashDev::new(DEV_BYTES));
+    let set = Uuid::random();
+    let cfg = JournalConfig::default();
+    for region in [
+        Region { offset_bytes: 100, len_bytes: 64 * 1024 },
+        Region { offset_bytes: 0, len_bytes: 4096 },
+        Region { offset_bytes: DEV_BYTES - 32 * 1024, len_bytes: 64 * 1024 },
+    ] {
+        assert!(Journal::create(dev.clone(), region, set, cfg).is_err(), "{region:?}");
+    }
+    let bad_cfg = JournalConfig { checkpoint_fraction: 0.0, ..cfg };
+    assert!(Journal::create(dev.clone(), REGION, set, bad_cfg).is_err());
+    let j = Journal::create(dev, REGION, set, cfg).unwrap();
+    // A checkpoint cannot claim to cover entries after itself.
+    assert!(matches!(j.append(&[insert(0), checkpoint(5)]), Err(JournalError::Invalid(_))));
+    assert_eq!(j.last_appended_seq(), 0, "a refused append leaves nothing pending");
+    // Pending entries are bounded (half the ring).
+    let huge: Vec<JournalEntry> = (0..2_000).map(insert).collect();
+    assert!(matches!(j.append(&huge), Err(JournalError::Full { .. })));
+    assert_eq!(j.last_appended_seq(), 0);
 }
