@@ -61,8 +61,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// Errors of the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    /// No room for the pending entries without overwriting records still needed. Checkpoint and
-    /// [`Journal::release_before`], then commit again; nothing was lost.
+    /// No room. From [`Journal::append`]: too many entries pending, commit first. From
+    /// [`Journal::commit`]: the ring has no room without overwriting records still needed;
+    /// checkpoint (a commit carrying a checkpoint may use the reserve) and
+    /// [`Journal::release_before`], then commit again. Nothing was lost either way.
     #[error(
         "journal full: {needed_sectors} sectors needed, {free_sectors} free of {total_sectors}; checkpoint and release first"
     )]
@@ -279,6 +281,9 @@ const SCAN_CHUNK_BYTES: u64 = 1 << 20;
 /// 1/8 of the ring is kept for commits that carry a checkpoint: when the journal is nearly full,
 /// the checkpoint that lets it release space must still fit.
 const CHECKPOINT_RESERVE_DIVISOR: u64 = 8;
+/// Pending entries are bounded to 1/32 of the ring, so that the largest pending batch plus a
+/// checkpoint, plus the gap a wrap can waste in front of it, fits in the checkpoint reserve.
+const PENDING_LIMIT_DIVISOR: u64 = 32;
 
 impl Journal {
     fn new_empty(
@@ -364,11 +369,13 @@ impl Journal {
 
     /// Appends entries to the pending buffer and returns the seq of the last one (or the last
     /// seq appended so far, if `entries` is empty). Nothing is written: call [`Journal::commit`].
-    /// Fails with `Full` when the pending entries alone would fill half the journal (commit
-    /// first), and with `Failed` after an earlier I/O failure.
+    /// Fails with `Full` when the pending entries would exceed 1/32 of the ring (commit first:
+    /// this bound keeps any pending batch plus a checkpoint inside the checkpoint reserve), and
+    /// with `Failed` after an earlier I/O failure. A refused append leaves nothing pending. A
+    /// batch with a checkpoint entry is never refused for size.
     pub fn append(&self, entries: &[JournalEntry]) -> JournalResult<u64> {
         self.check_failed()?;
-        let limit = (self.region.len_bytes / 2) as usize;
+        let limit = (self.region.len_bytes / PENDING_LIMIT_DIVISOR) as usize;
         let mut p = self.pending.lock();
         let before_len = p.bytes.len();
         let before_ends = p.ends.len();
@@ -396,7 +403,10 @@ impl Journal {
                 p.checkpoints.push((seq, c.replay_from));
             }
         }
-        if p.bytes.len() > limit {
+        // A batch carrying a checkpoint is always accepted: it is what lets the journal free
+        // space, and the reserve leaves room for it (one entry beyond the limit).
+        let has_checkpoint = p.checkpoints.len() > before_cps;
+        if p.bytes.len() > limit && !has_checkpoint {
             let needed = p.bytes.len() as u64;
             p.bytes.truncate(before_len);
             p.ends.truncate(before_ends);

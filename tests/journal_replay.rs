@@ -10,6 +10,8 @@ use ubcache::journal::{Journal, JournalConfig, JournalError, RecoveryMode};
 
 const DEV_BYTES: u64 = 1 << 20;
 const REGION: Region = Region { offset_bytes: 64 * 1024, len_bytes: 64 * 1024 };
+/// A region big enough for batches of hundreds of entries (pending is bounded to 1/32 of it).
+const BIG_REGION: Region = Region { offset_bytes: 0, len_bytes: DEV_BYTES };
 
 /// A memory device that keeps the durable image apart from writes not yet synced, so a test
 /// can "crash" and keep, drop or tear the unsynced writes; it also counts syncs.
@@ -518,7 +520,7 @@ fn a_large_commit_is_split_into_records_each_synced_and_a_failure_is_sticky() {
     let dev = Arc::new(CrashDev::new(DEV_BYTES));
     let set = Uuid::random();
     let cfg = JournalConfig { max_record_bytes: 4096, ..JournalConfig::default() };
-    let j = Journal::create(dev.clone(), REGION, set, cfg).unwrap();
+    let j = Journal::create(dev.clone(), BIG_REGION, set, cfg).unwrap();
     let first = j.append(&[insert(0)]).unwrap();
     j.commit(first).unwrap();
     // ~29 bytes per insert: 400 inserts need 3 records of at most 4 KiB.
@@ -536,7 +538,7 @@ fn a_large_commit_is_split_into_records_each_synced_and_a_failure_is_sticky() {
     assert!(matches!(j.commit(last), Err(JournalError::Failed(_))));
 
     let crashed = dev.crash(|_, _| false);
-    let (_, replay) = open(&crashed, set, RecoveryMode::AbsoluteConsistency).unwrap();
+    let (_, replay) = Journal::open(crashed, BIG_REGION, set, JournalConfig::default()).unwrap();
     assert_eq!(inserted_ids(&replay), (0..durable).collect::<Vec<_>>());
     assert_eq!(replay.stats.chain_records, 3);
 }
@@ -552,12 +554,12 @@ fn journal_on_a_real_file_survives_reopen() {
             &FileDevOptions { create_with_size: Some(DEV_BYTES), ..FileDevOptions::default() },
         )
         .unwrap();
-        let j = Journal::create(Arc::new(file), REGION, set, JournalConfig::default()).unwrap();
+        let j = Journal::create(Arc::new(file), BIG_REGION, set, JournalConfig::default()).unwrap();
         let seq = j.append(&(0..100).map(insert).collect::<Vec<_>>()).unwrap();
         j.commit(seq).unwrap();
     }
     let file = FileDev::open(&path, &FileDevOptions::default()).unwrap();
-    let (_, replay) = Journal::open(Arc::new(file), REGION, set, JournalConfig::default()).unwrap();
+    let (_, replay) = Journal::open(Arc::new(file), BIG_REGION, set, JournalConfig::default()).unwrap();
     assert_eq!(inserted_ids(&replay), (0..100).collect::<Vec<_>>());
 }
 
@@ -579,8 +581,29 @@ fn bad_requests_and_regions_are_refused() {
     // A checkpoint cannot claim to cover entries after itself.
     assert!(matches!(j.append(&[insert(0), checkpoint(5)]), Err(JournalError::Invalid(_))));
     assert_eq!(j.last_appended_seq(), 0, "a refused append leaves nothing pending");
-    // Pending entries are bounded (half the ring).
+    // Pending entries are bounded (1/32 of the ring).
     let huge: Vec<JournalEntry> = (0..2_000).map(insert).collect();
     assert!(matches!(j.append(&huge), Err(JournalError::Full { .. })));
     assert_eq!(j.last_appended_seq(), 0);
+}
+
+/// Guards against an off-by-one in `release_before`: the record holding `replay_from` itself
+/// must stay (it is needed for replay), only records entirely before it are freed.
+#[test]
+fn release_keeps_the_record_holding_replay_from() {
+    let dev = Arc::new(CrashDev::new(DEV_BYTES));
+    let set = Uuid::random();
+    let j = Journal::create(dev.clone(), REGION, set, JournalConfig::default()).unwrap();
+    j.append(&[insert(1), insert(2), insert(3)]).unwrap();
+    j.commit_all().unwrap();
+    j.append(&[insert(4), insert(5), insert(6)]).unwrap();
+    j.commit_all().unwrap();
+    let cp = j.append(&[checkpoint(6)]).unwrap();
+    j.commit(cp).unwrap();
+    assert_eq!(j.stats().used_sectors, 3);
+    j.release_before(6).unwrap();
+    assert_eq!(j.stats().used_sectors, 2, "record 4..=6 and the checkpoint stay");
+    drop(j);
+    let (_, replay) = open(&dev, set, RecoveryMode::AbsoluteConsistency).unwrap();
+    assert_eq!(inserted_ids(&replay), vec![6]);
 }
