@@ -190,22 +190,36 @@ pub enum ReclaimPolicy {
 pub fn pick_victims(policy: &ReclaimPolicy, buckets: &[Bucket], n: usize) -> Vec<u64> {
     let mut candidates: Vec<u64> =
         (0..buckets.len() as u64).filter(|&b| buckets[b as usize].is_reclaimable()).collect();
+    let n = n.min(candidates.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    // Selection of the best n is O(buckets); only those n are sorted.
+    let mut take_smallest = |key: &dyn Fn(u64) -> (u64, u64, u64)| {
+        if n < candidates.len() {
+            candidates.select_nth_unstable_by_key(n - 1, |&b| key(b));
+        }
+        candidates.truncate(n);
+        candidates.sort_unstable_by_key(|&b| key(b));
+    };
     match policy {
-        ReclaimPolicy::Lru => candidates.sort_by_key(|&b| {
+        ReclaimPolicy::Lru => take_smallest(&|b| {
             let k = &buckets[b as usize];
-            (u64::from(k.prio) * u64::from(k.live_sectors), k.prio, b)
+            (u64::from(k.prio) * u64::from(k.live_sectors), u64::from(k.prio), b)
         }),
-        ReclaimPolicy::Fifo => candidates.sort_by_key(|&b| (buckets[b as usize].opened_at, b)),
+        ReclaimPolicy::Fifo => take_smallest(&|b| (buckets[b as usize].opened_at, b, 0)),
         ReclaimPolicy::Random(seed) => {
+            // Partial Fisher-Yates with splitmix64: the first n are a uniform random pick,
+            // reproducible from the seed.
             let mut state = *seed;
-            // Fisher-Yates with splitmix64: deterministic for a seed.
-            for i in (1..candidates.len()).rev() {
-                let j = (format::splitmix64(&mut state) % (i as u64 + 1)) as usize;
+            let len = candidates.len();
+            for i in 0..n {
+                let j = i + (format::splitmix64(&mut state) % (len - i) as u64) as usize;
                 candidates.swap(i, j);
             }
+            candidates.truncate(n);
         }
     }
-    candidates.truncate(n);
     candidates
 }
 

@@ -509,18 +509,22 @@ impl Journal {
                 entries_len: entries_bytes.len() as u32,
                 record_sectors: Self::record_sectors(entries_bytes.len()) as u32,
             };
-            let record = format::encode_record(&header, entries_bytes)?;
-            let write = self
-                .dev
-                .write_at(&record, self.region.offset_bytes + pos * SECTOR_SIZE)
-                .and_then(|()| self.dev.sync());
-            if let Err(e) = write {
-                // The entries of this and later records are lost from memory and their
-                // durability is unknown: fail the journal so nobody is told they are durable.
-                let err = JournalError::Dev(e);
-                self.fail(&err);
-                return Err(err);
-            }
+            let written = format::encode_record(&header, entries_bytes).map_err(JournalError::from).and_then(
+                |record| {
+                    self.dev.write_at(&record, self.region.offset_bytes + pos * SECTOR_SIZE)?;
+                    self.dev.sync()?;
+                    Ok(record.len())
+                },
+            );
+            let record_len = match written {
+                Ok(len) => len,
+                Err(err) => {
+                    // The entries of this and later records are gone from memory and their
+                    // durability is unknown: fail the journal so nobody is told they are durable.
+                    self.fail(&err);
+                    return Err(err);
+                }
+            };
             let sectors = u64::from(header.record_sectors);
             let waste_before = if ring.records.is_empty() { 0 } else { waste };
             ring.records.push_back(RecordLoc { last_seq: rec_last, sector: pos, sectors, waste_before });
@@ -529,7 +533,7 @@ impl Journal {
             ring.prev = (rec_last, pos);
             ring.stats.records_written += 1;
             ring.stats.syncs += 1;
-            ring.stats.bytes_written += record.len() as u64;
+            ring.stats.bytes_written += record_len as u64;
             if let Some(&(cp_seq, replay_from)) =
                 checkpoints.iter().rev().find(|(s, _)| *s >= rec_first && *s <= rec_last)
             {

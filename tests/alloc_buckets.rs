@@ -281,3 +281,32 @@ fn rebuild_recovers_states_counts_and_oldest_generations() {
     let short = BucketTable { seq: 1, gens: vec![0; n - 1], prios: vec![0; n - 1] };
     assert!(Allocator::rebuild(&g, &short, [], [], cfg()).is_err());
 }
+
+#[test]
+fn lru_picks_the_n_coldest_emptiest_of_many_in_order() {
+    let g = geometry();
+    let mut a = Allocator::new(&g, AllocConfig { btree_reserve: 0, journal_reserve: 0 });
+    // Buckets with 1..=16 live sectors, filled in a scrambled order, same priority.
+    let mut filled = Vec::new();
+    for i in 0..40u32 {
+        let live = (i * 7) % 16 + 1;
+        let s = a.alloc_sectors(OpenKind::Data, 16).unwrap();
+        a.add_live(s.offset, live, s.generation, false).unwrap();
+        a.unpin(s.bucket).unwrap();
+        filled.push((live, s.bucket));
+    }
+    let mut expected = filled.clone();
+    expected.sort_unstable();
+    let want: Vec<u64> = expected.iter().take(6).map(|&(_, b)| b).collect();
+    assert_eq!(pick_victims(&ReclaimPolicy::Lru, a.buckets(), 6), want);
+    let fifo: Vec<u64> = filled.iter().take(6).map(|&(_, b)| b).collect();
+    assert_eq!(pick_victims(&ReclaimPolicy::Fifo, a.buckets(), 6), fifo);
+    let random = pick_victims(&ReclaimPolicy::Random(3), a.buckets(), 6);
+    assert_eq!(random.len(), 6);
+    let mut dedup = random;
+    dedup.sort_unstable();
+    dedup.dedup();
+    assert_eq!(dedup.len(), 6, "no bucket picked twice");
+    assert!(pick_victims(&ReclaimPolicy::Lru, a.buckets(), 0).is_empty());
+    assert_eq!(pick_victims(&ReclaimPolicy::Lru, a.buckets(), 1000).len(), 40);
+}

@@ -37,13 +37,13 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     // The entry decoder alone: the first 4 bytes are the count.
-    if let Some((count, rest)) = data.split_first_chunk::<4>() {
-        if let Ok(entries) = format::decode_entries(rest, u32::from_le_bytes(*count)) {
-            let mut enc = Vec::new();
-            for e in &entries {
-                e.encode(&mut enc).expect("a decoded entry encodes");
-            }
-            assert_eq!(enc, rest);
+    if let Some((count, rest)) = data.split_first_chunk::<4>()
+        && let Ok(entries) = format::decode_entries(rest, u32::from_le_bytes(*count))
+    {
+        let mut enc = Vec::new();
+        for e in &entries {
+            e.encode(&mut enc).expect("a decoded entry encodes");
         }
+        assert_eq!(enc, rest);
     }
 });
