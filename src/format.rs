@@ -1170,7 +1170,7 @@ impl JournalEntry {
     /// - KeyReplace  { key | has expected u8 | expected key (if has) }
     /// - Invalidate  { dev u32 | start u64 | end u64 }
     /// - BucketGen   { bucket u64 | generation u8 }
-    /// - Checkpoint  { replay_from u64 | table slot u8 | table seq u64 | root NodePtr [24] }
+    /// - Checkpoint  { replay_from u64 | table slot u8 | table seq u64 | root NodePtr (24 bytes) }
     pub fn encode(&self, out: &mut Vec<u8>) -> FormatResult<()> {
         let start = out.len();
         out.extend_from_slice(&[0, 0, 0]);

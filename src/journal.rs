@@ -33,6 +33,15 @@
 //! pending. Each record links to its predecessor (seq and sector), see
 //! [`crate::format::RecordHeader`].
 //!
+//! Space: 1/8 of the ring is held back for commits that carry a checkpoint, and pending entries
+//! are bounded to 1/32 of the ring (`append` returns `Full`: commit first), so when a commit
+//! fails with `Full` the engine can always checkpoint (append a checkpoint, commit: it fits in
+//! the reserve), release, and go on. [`Journal::needs_checkpoint`] turns true at half full
+//! (configurable) so that this is rare.
+//!
+//! Failure: if a write or sync fails, the journal fails for good ([`JournalError::Failed`]):
+//! entries that were taken for the failed commit cannot be promised durable. Reopen to recover.
+//!
 //! **At most one record is ever unsynced**: a commit larger than the maximum record size writes
 //! several records, each followed by its own sync. So after a crash only the last record can be
 //! torn, and a bad record followed by valid newer ones is corruption, not a torn write.
