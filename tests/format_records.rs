@@ -1,7 +1,7 @@
 //! Journal entries and records, and the bucket table: round trips and corruption detection.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use ubcache::dev::MemDev;
+use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::{
     self, BucketTable, CheckpointEntry, FormatError, Geometry, JournalEntry, Key, NodePtr, Ptr, RecordHeader,
     TableSlot, Uuid,
@@ -184,4 +184,25 @@ fn bucket_table_bit_flips_and_truncation_are_detected() {
     assert!(matches!(BucketTable::decode(&huge, TableSlot::A, set), Err(FormatError::Invalid(_))));
     huge[40..48].copy_from_slice(&(1u64 << 30).to_le_bytes());
     assert!(matches!(BucketTable::decode(&huge, TableSlot::A, set), Err(FormatError::Truncated { .. })));
+}
+
+/// Checkpoints alternate table regions so a crash while writing the new table leaves the table
+/// of the last durable checkpoint intact in the other region.
+#[test]
+fn torn_table_write_leaves_the_other_region_readable() {
+    let g = Geometry::compute(4 << 20, 16 * 1024, 4096).unwrap();
+    let dev = MemDev::new(4 << 20);
+    let set = Uuid::random();
+    let n = g.nbuckets as usize;
+    let old = BucketTable { seq: 1, gens: vec![1; n], prios: vec![1; n] };
+    format::write_bucket_table(&dev, &g, set, TableSlot::A, &old).unwrap();
+    let new = BucketTable { seq: 2, gens: vec![2; n], prios: vec![2; n] };
+    let bytes = new.encode(TableSlot::B, set).unwrap();
+    let region = g.table_region(TableSlot::B);
+    dev.write_at(&bytes[..bytes.len() / 2], region.offset_bytes).unwrap();
+    assert!(matches!(
+        format::read_bucket_table(&dev, &g, set, TableSlot::B, 2),
+        Err(FormatError::ChecksumMismatch { .. } | FormatError::Truncated { .. })
+    ));
+    assert_eq!(format::read_bucket_table(&dev, &g, set, TableSlot::A, 1).unwrap(), old);
 }

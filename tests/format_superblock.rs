@@ -289,3 +289,26 @@ fn uuids_are_random_and_print_as_uuids() {
     assert_eq!(s.len(), 36);
     assert_eq!(s.matches('-').count(), 4);
 }
+
+/// A crash in the middle of writing copy A (only its first sector reached the disk) must leave
+/// the old superblock readable from copy B.
+#[test]
+fn torn_write_of_copy_a_falls_back_to_the_previous_superblock_in_copy_b() {
+    let dev = MemDev::new(DEV_BYTES);
+    let old = superblock();
+    format::write_cache_superblock(&dev, &old).unwrap();
+    let mut new = old.clone();
+    new.seq += 1;
+    new.backing.clear();
+    let bytes = new.encode(SbCopy::A).unwrap();
+    dev.write_at(&bytes[..512], SB_A_OFFSET_BYTES).unwrap();
+    let read = format::read_cache_superblock(&dev).unwrap();
+    assert_eq!(read.copy, SbCopy::B);
+    assert_eq!(read.sb, old);
+    assert!(matches!(read.other_copy_error, Some(FormatError::ChecksumMismatch { .. })));
+    // Rewriting both copies repairs it.
+    format::write_cache_superblock(&dev, &new).unwrap();
+    let read = format::read_cache_superblock(&dev).unwrap();
+    assert_eq!(read.sb, new);
+    assert!(read.other_copy_error.is_none());
+}

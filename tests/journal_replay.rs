@@ -607,3 +607,48 @@ fn release_keeps_the_record_holding_replay_from() {
     let (_, replay) = open(&dev, set, RecoveryMode::AbsoluteConsistency).unwrap();
     assert_eq!(inserted_ids(&replay), vec![6]);
 }
+
+/// Measurement, not a check (no time is asserted). Run by hand:
+/// `cargo test --test journal_replay -- --ignored --nocapture journal_figures`
+#[test]
+#[ignore = "measurement; run by hand"]
+fn journal_figures() {
+    use std::time::Instant;
+    let len = 64u64 << 20;
+    let region = Region { offset_bytes: 0, len_bytes: len };
+    let dev = Arc::new(MemDev::new(len));
+    let set = Uuid::random();
+    let cfg = JournalConfig { checkpoint_fraction: 1.0, ..JournalConfig::default() };
+    let j = Journal::create(dev.clone(), region, set, cfg).unwrap();
+    let n = 50_000u64;
+    let t = Instant::now();
+    for i in 0..n {
+        let seq = j.append(&[insert(i)]).unwrap();
+        j.commit(seq).unwrap();
+    }
+    let e = t.elapsed();
+    println!("single-entry commits on MemDev: {:.0}/s", n as f64 / e.as_secs_f64());
+    let t = Instant::now();
+    let batches = 2_000u64;
+    for b in 0..batches {
+        let batch: Vec<JournalEntry> = (0..500).map(|k| insert(b * 500 + k)).collect();
+        j.append(&batch).unwrap();
+        j.commit_all().unwrap();
+    }
+    let e = t.elapsed();
+    println!("500-entry commits: {:.0} entries/s", (batches * 500) as f64 / e.as_secs_f64());
+    let fill = j.fill_fraction();
+    drop(j);
+    let t = Instant::now();
+    let (_, replay) = Journal::open(dev, region, set, cfg).unwrap();
+    let e = t.elapsed();
+    println!(
+        "replay of a {} MiB region ({:.0}% full, {} records, {} entries): {:.2} s, {:.0} MiB/s scanned",
+        len >> 20,
+        fill * 100.0,
+        replay.stats.chain_records,
+        replay.entries.len(),
+        e.as_secs_f64(),
+        replay.stats.bytes_scanned as f64 / (1 << 20) as f64 / e.as_secs_f64()
+    );
+}
