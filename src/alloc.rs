@@ -427,6 +427,16 @@ impl Allocator {
             let b = locate(e.offset, e.sectors, "key")?;
             let k = &mut buckets[b];
             let dist = k.generation.wrapping_sub(e.generation);
+            if dist > GC_GEN_MAX {
+                // Either older than GC allows or newer than its bucket (a generation that was
+                // never made durable): advancing the bucket could make it valid again, so the
+                // cache must not be used until the key is removed.
+                return Err(AllocError::Invalid(format!(
+                    "key at sector {} has generation {}, bucket {b} is at {}: more than {GC_GEN_MAX} apart \
+                     (stale pointer GC missed, or a generation from the future)",
+                    e.offset, e.generation, k.generation
+                )));
+            }
             max_dist[b] = max_dist[b].max(dist);
             if dist != 0 {
                 continue; // stale pointer: does not count, but holds oldest_gen back

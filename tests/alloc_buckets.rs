@@ -278,6 +278,17 @@ fn rebuild_recovers_states_counts_and_oldest_generations() {
     assert!(Allocator::rebuild(&g, &table, [in_btree], [btree * bs], cfg()).is_err());
     let over = (0..3).map(|_| LiveExtent { offset: data * bs, sectors: 8, generation: 10, dirty: false });
     assert!(Allocator::rebuild(&g, &table, over, [], cfg()).is_err(), "more live than the bucket");
+    // A pointer with a generation the bucket never durably had (or one GC should have
+    // removed): advancing the bucket could resurrect it, so rebuild refuses.
+    let future = LiveExtent { offset: data * bs, sectors: 1, generation: 11, dirty: false };
+    assert!(Allocator::rebuild(&g, &table, [future], [], cfg()).is_err());
+    let ancient = LiveExtent {
+        offset: data * bs,
+        sectors: 1,
+        generation: 10u8.wrapping_sub(GC_GEN_MAX + 1),
+        dirty: false,
+    };
+    assert!(Allocator::rebuild(&g, &table, [ancient], [], cfg()).is_err());
     let short = BucketTable { seq: 1, gens: vec![0; n - 1], prios: vec![0; n - 1] };
     assert!(Allocator::rebuild(&g, &short, [], [], cfg()).is_err());
 }
