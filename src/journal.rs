@@ -381,7 +381,8 @@ impl Journal {
     /// Fails with `Full` when the pending entries would exceed 1/32 of the ring (commit first:
     /// this bound keeps any pending batch plus a checkpoint inside the checkpoint reserve), and
     /// with `Failed` after an earlier I/O failure. A refused append leaves nothing pending. A
-    /// batch with a checkpoint entry is never refused for size.
+    /// batch with a checkpoint entry, or one appended when nothing is pending, is never refused
+    /// for size.
     pub fn append(&self, entries: &[JournalEntry]) -> JournalResult<u64> {
         self.check_failed()?;
         let limit = (self.region.len_bytes / PENDING_LIMIT_DIVISOR) as usize;
@@ -414,8 +415,10 @@ impl Journal {
         }
         // A batch carrying a checkpoint is always accepted: it is what lets the journal free
         // space, and the reserve leaves room for it (one entry beyond the limit).
+        // A batch appended to an empty buffer is accepted whatever its size (commit splits it
+        // into records), so a caller that commits and retries always makes progress.
         let has_checkpoint = p.checkpoints.len() > before_cps;
-        if p.bytes.len() > limit && !has_checkpoint {
+        if p.bytes.len() > limit && !has_checkpoint && before_len > 0 {
             let needed = p.bytes.len() as u64;
             p.bytes.truncate(before_len);
             p.ends.truncate(before_ends);
