@@ -272,6 +272,8 @@ pub struct Journal {
     /// their seq already durable when they get it.
     ring: Mutex<Ring>,
     durable_seq: AtomicU64,
+    /// Copy of the ring's used sectors, so fill checks never wait for a commit's I/O.
+    used_sectors_hint: AtomicU64,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
 }
@@ -334,6 +336,7 @@ impl Journal {
                 stats: JournalStats { total_sectors: region_sectors, ..JournalStats::default() },
             }),
             durable_seq: AtomicU64::new(0),
+            used_sectors_hint: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
         })
@@ -541,6 +544,7 @@ impl Journal {
             let waste_before = if ring.records.is_empty() { 0 } else { waste };
             ring.records.push_back(RecordLoc { last_seq: rec_last, sector: pos, sectors, waste_before });
             ring.used_sectors += sectors + waste_before;
+            self.used_sectors_hint.store(ring.used_sectors, Ordering::Release);
             ring.tail = (pos + sectors) % ring.region_sectors;
             ring.prev = (rec_last, pos);
             ring.stats.records_written += 1;
@@ -628,14 +632,15 @@ impl Journal {
             front.waste_before = 0;
             ring.used_sectors -= waste;
         }
+        self.used_sectors_hint.store(ring.used_sectors, Ordering::Release);
         Ok(())
     }
 
     /// Fraction of the ring holding retained records.
     #[must_use]
     pub fn fill_fraction(&self) -> f64 {
-        let ring = self.ring.lock();
-        ring.used_sectors as f64 / ring.region_sectors as f64
+        let region_sectors = self.region.len_bytes / SECTOR_SIZE;
+        self.used_sectors_hint.load(Ordering::Acquire) as f64 / region_sectors as f64
     }
 
     /// Whether the engine should checkpoint now (the ring is past the configured fill).
@@ -842,6 +847,7 @@ impl Journal {
         ring.tail = newest_end % region_sectors;
         ring.prev = (newest.last_seq(), newest.sector);
         ring.durable_checkpoint = checkpoint.as_ref().map(|(s, c)| (*s, c.replay_from));
+        self.used_sectors_hint.store(ring.used_sectors, Ordering::Release);
         drop(ring);
         // New seqs continue after every seq seen in any valid record, so even a stale record can
         // never share a seq with a new one.
