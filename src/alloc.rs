@@ -16,6 +16,7 @@
 //! alloc.release_bucket(bucket)                                          // empty btree/journal bucket -> Free
 //! alloc.gc_begin() -> GcSnapshot; alloc.gc_finish(snapshot)             // generation wrap bookkeeping
 //! alloc.table(seq) -> BucketTable; alloc.stats(); alloc.check() -> Vec<String>
+//! alloc.cross_check(&geometry, live_extents, btree_node_sectors) -> Vec<String>   // fsck
 //! ```
 //! The allocator does no I/O and takes `&mut self`: the engine keeps it behind its own lock.
 //!
@@ -819,6 +820,53 @@ impl Allocator {
             gens: self.buckets.iter().map(|k| k.generation).collect(),
             prios: self.buckets.iter().map(|k| k.prio).collect(),
         }
+    }
+
+    /// Cross-checks the in-memory counts against the btree (for fsck): rebuilds an allocator
+    /// from this one's generations and the given keys and node slots (as [`Allocator::rebuild`]
+    /// takes them) and returns every bucket whose live or dirty count, or kind, disagrees.
+    /// Open and free-pending buckets are compared by their counts only.
+    #[must_use]
+    pub fn cross_check(
+        &self,
+        geometry: &Geometry,
+        live: impl IntoIterator<Item = LiveExtent>,
+        btree_node_sectors: impl IntoIterator<Item = u64>,
+    ) -> Vec<String> {
+        let rebuilt = match Allocator::rebuild(geometry, &self.table(0), live, btree_node_sectors, self.cfg) {
+            Ok(a) => a,
+            Err(e) => return vec![format!("the btree does not fit the bucket table: {e}")],
+        };
+        let mut problems = Vec::new();
+        for (b, (mine, theirs)) in self.buckets.iter().zip(&rebuilt.buckets).enumerate() {
+            if (mine.live_sectors, mine.dirty_sectors) != (theirs.live_sectors, theirs.dirty_sectors) {
+                problems.push(format!(
+                    "bucket {b} ({:?}): counted live {} dirty {}, the btree has live {} dirty {}",
+                    mine.state,
+                    mine.live_sectors,
+                    mine.dirty_sectors,
+                    theirs.live_sectors,
+                    theirs.dirty_sectors
+                ));
+            }
+            let kinds_differ = matches!(
+                (mine.state, theirs.state),
+                (
+                    BucketState::Data | BucketState::Open(OpenKind::Data) | BucketState::Free,
+                    BucketState::Btree
+                ) | (
+                    BucketState::Btree | BucketState::Open(OpenKind::Btree) | BucketState::Free,
+                    BucketState::Data
+                )
+            );
+            if kinds_differ {
+                problems.push(format!(
+                    "bucket {b} is {:?} but the btree uses it as {:?}",
+                    mine.state, theirs.state
+                ));
+            }
+        }
+        problems
     }
 
     /// Counts by state.

@@ -321,3 +321,33 @@ fn lru_picks_the_n_coldest_emptiest_of_many_in_order() {
     assert!(pick_victims(&ReclaimPolicy::Lru, a.buckets(), 0).is_empty());
     assert_eq!(pick_victims(&ReclaimPolicy::Lru, a.buckets(), 1000).len(), 40);
 }
+
+#[test]
+fn cross_check_finds_counts_the_btree_does_not_back() {
+    let g = geometry();
+    let bs = u64::from(g.bucket_sectors);
+    let mut a = Allocator::new(&g, cfg());
+    let x = a.alloc_sectors(OpenKind::Data, 8).unwrap();
+    a.add_live(x.offset, 8, x.generation, true).unwrap();
+    a.unpin(x.bucket).unwrap();
+    let node = a.alloc_sectors(OpenKind::Btree, 8).unwrap();
+    a.add_live(node.offset, 8, node.generation, false).unwrap();
+    a.unpin(node.bucket).unwrap();
+    let key = LiveExtent { offset: x.offset, sectors: 8, generation: x.generation, dirty: true };
+    assert!(
+        a.cross_check(&g, [key], [node.offset]).is_empty(),
+        "{:?}",
+        a.cross_check(&g, [key], [node.offset])
+    );
+    // The btree says clean, the allocator dirty.
+    let clean = LiveExtent { dirty: false, ..key };
+    let problems = a.cross_check(&g, [clean], [node.offset]);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains(&format!("bucket {}", x.bucket)));
+    // A key into a free bucket.
+    let stray = LiveExtent { offset: (x.bucket + 5) * bs, sectors: 2, generation: 0, dirty: false };
+    let problems = a.cross_check(&g, [key, stray], [node.offset]);
+    assert!(problems.iter().any(|p| p.contains("btree uses it")), "{problems:?}");
+    // A node the allocator does not count.
+    assert!(!a.cross_check(&g, [key], [node.offset, node.offset + 8]).is_empty());
+}

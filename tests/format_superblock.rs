@@ -312,3 +312,20 @@ fn torn_write_of_copy_a_falls_back_to_the_previous_superblock_in_copy_b() {
     assert_eq!(read.sb, new);
     assert!(read.other_copy_error.is_none());
 }
+
+#[test]
+fn production_sized_geometry_is_laid_out_without_touching_the_device() {
+    // 1 TiB with default 512 KiB buckets and 256 KiB nodes.
+    let g = Geometry::compute(1 << 40, format::DEFAULT_BUCKET_BYTES, 256 * 1024).unwrap();
+    assert_eq!(g.nbuckets, 2 * 1024 * 1024);
+    assert_eq!(g.journal.count, format::MAX_JOURNAL_BUCKETS);
+    assert_eq!(g.journal.first, 1, "the 72 KiB superblock area fits in bucket 0");
+    assert_eq!(g.table_a.count, (48 + 3 * g.nbuckets + 4).div_ceil(format::DEFAULT_BUCKET_BYTES));
+    assert_eq!(g.journal_region().len_bytes, 256 * format::DEFAULT_BUCKET_BYTES);
+    let sb = CacheSuperblock::new(g, Uuid::random(), Uuid::random());
+    let bytes = sb.encode(SbCopy::B).unwrap();
+    assert_eq!(CacheSuperblock::decode(&bytes, SB_B_OFFSET_BYTES).unwrap(), sb);
+    // Small devices get the minimum journal.
+    let small = Geometry::compute(16 << 20, 64 * 1024, 4096).unwrap();
+    assert_eq!(small.journal.count, format::MIN_JOURNAL_BUCKETS);
+}
