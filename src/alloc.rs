@@ -253,6 +253,14 @@ pub struct SectorAlloc {
     pub generation: u8,
 }
 
+impl SectorAlloc {
+    /// The btree pointer to the allocated sectors.
+    #[must_use]
+    pub fn ptr(&self) -> format::Ptr {
+        format::Ptr { offset: self.offset, generation: self.generation }
+    }
+}
+
 /// A generation change to journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GenChange {

@@ -50,6 +50,7 @@ fn sector_allocation_fills_one_bucket_then_opens_the_next() {
     let x = a.alloc_sectors(OpenKind::Data, 10).unwrap();
     assert_eq!(x.sectors, 10);
     assert_eq!(x.offset, g.bucket_start_sector(x.bucket));
+    assert_eq!((x.ptr().offset, x.ptr().generation), (x.offset, x.generation));
     assert_eq!(a.bucket(x.bucket).unwrap().state, BucketState::Open(OpenKind::Data));
     // Only 6 sectors are left in the bucket: the grant is cut, and the bucket is sealed.
     let y = a.alloc_sectors(OpenKind::Data, 10).unwrap();
