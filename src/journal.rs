@@ -123,7 +123,9 @@ pub enum RecoveryMode {
     /// A torn last record (a crash during its write) is dropped: its commit never returned.
     #[default]
     TolerateTailCorruption,
-    /// Any damaged record is an error, including a torn tail.
+    /// A torn tail is an error too (as is any damage inside the needed chain, in both modes).
+    /// Damaged leftovers of released records are ignored in both modes: records partially
+    /// overwritten by later laps of the ring are normal.
     AbsoluteConsistency,
 }
 
