@@ -739,6 +739,7 @@ impl<S: NodeStore> Tree<S> {
         };
         children[idx].hi = mid;
         children.insert(idx + 1, Child { hi: old_hi, ptr: None, mem: Some(rid) });
+        self.nodes[parent].dirty = true;
         Ok(())
     }
 
@@ -775,6 +776,7 @@ impl<S: NodeStore> Tree<S> {
         };
         children[a].hi = children[b].hi;
         children.remove(b);
+        self.nodes[parent].dirty = true;
         Ok(())
     }
 
@@ -1438,7 +1440,10 @@ impl<S: NodeStore> Tree<S> {
                         problems.push(Problem {
                             addr,
                             kind: Some(CorruptionKind::StaleNode),
-                            detail: "stored node differs from the cached clean copy".into(),
+                            detail: format!(
+                                "stored node differs from the cached clean copy: stored {:?}",
+                                dec.body
+                            ),
                         });
                     }
                 }
