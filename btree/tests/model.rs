@@ -71,7 +71,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (dev.clone(), 0..SPACE, 1u32..64, 0u64..1_000_000).prop_map(|(dev, start, size, cache)| Op::Fill { dev, start, size, cache }),
         2 => (dev.clone(), 0..SPACE, any::<bool>()).prop_map(|(dev, at, wrong)| Op::MarkClean { dev, at, wrong }),
         2 => (dev.clone(), 0..SPACE, 1u64..80).prop_map(|(dev, start, len)| Op::Invalidate { dev, start, len }),
-        3 => (dev.clone(), 0..SPACE, 1u64..120).prop_map(|(dev, start, len)| Op::Lookup { dev, start, len }),
+        3 => (dev, 0..SPACE, 1u64..120).prop_map(|(dev, start, len)| Op::Lookup { dev, start, len }),
         1 => (0u32..3, 0..SPACE, 1usize..20, any::<bool>()).prop_map(|(from_dev, from, max, dirty_only)| Op::Scan { from_dev, from, max, dirty_only }),
         1 => Just(Op::Flush),
         1 => Just(Op::Reopen),
@@ -179,8 +179,8 @@ fn run(ops: &[Op]) -> (ubcache_btree::TreeStats, u64) {
                 let out = t.replace(k, None).unwrap();
                 let mut inserted = 0;
                 for s in k.start()..k.end {
-                    if !model.contains_key(&(dev, s)) {
-                        model.insert((dev, s), (cache + (s - start), 7, false));
+                    if let std::collections::btree_map::Entry::Vacant(e) = model.entry((dev, s)) {
+                        e.insert((cache + (s - start), 7, false));
                         inserted += 1;
                     }
                 }
