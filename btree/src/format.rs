@@ -866,3 +866,19 @@ pub fn reseal_checksums(image: &mut [u8]) -> usize {
     }
     off
 }
+
+/// Re-checks the invariants of a decoded node (what [`decode_node`] promises): for fuzzers and
+/// tests that want to assert a successful decode really is valid.
+pub fn check_decoded(node: &DecodedNode, node_size: usize) -> Result<(), BtreeError> {
+    let h = &node.header;
+    if h.lo >= h.hi || usize::from(h.level) >= MAX_DEPTH || node.len > node_size || node.bsets == 0 {
+        return Err(corrupt(CorruptionKind::BadLength, Some(h.addr), "decoded node header out of bounds"));
+    }
+    match &node.body {
+        DecodedBody::Leaf(keys) if h.level == 0 => check_leaf_keys(keys, h.lo, h.hi, Some(h.addr)),
+        DecodedBody::Interior(children) if h.level > 0 => {
+            check_child_entries(children, h.lo, h.hi, node_size, Some(h.addr))
+        }
+        _ => Err(corrupt(CorruptionKind::BadLevel, Some(h.addr), "body kind does not match the level")),
+    }
+}

@@ -30,6 +30,7 @@ pub struct MemStore {
     free: BTreeSet<NodeAddr>,
     max_slots: usize,
     writes: u64,
+    appends: u64,
     bytes_written: u64,
 }
 
@@ -49,6 +50,7 @@ impl MemStore {
             free: BTreeSet::new(),
             max_slots,
             writes: 0,
+            appends: 0,
             bytes_written: 0,
         }
     }
@@ -68,6 +70,12 @@ impl MemStore {
     #[must_use]
     pub fn writes(&self) -> u64 {
         self.writes
+    }
+
+    /// Number of `write` calls at a non-zero offset (appended bsets) so far.
+    #[must_use]
+    pub fn appends(&self) -> u64 {
+        self.appends
     }
 
     /// Number of bytes written so far.
@@ -127,6 +135,7 @@ impl NodeStore for MemStore {
         let dst = self.slot(addr, offset, data.len())?;
         dst.copy_from_slice(data);
         self.writes += 1;
+        self.appends += u64::from(offset > 0);
         self.bytes_written += data.len() as u64;
         Ok(())
     }

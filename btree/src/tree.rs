@@ -608,6 +608,9 @@ impl<S: NodeStore> Tree<S> {
         let mut cursor = Pos { dev, sector: start };
         let mut prev: Option<Key> = None;
         loop {
+            if cursor == Pos::MAX {
+                return Ok(());
+            }
             let path = self.descend_gt(cursor)?;
             let leaf = path.leaf();
             let (lo, hi, addr) = {
@@ -739,6 +742,7 @@ impl<S: NodeStore> Tree<S> {
         };
         children[idx].hi = mid;
         children.insert(idx + 1, Child { hi: old_hi, ptr: None, mem: Some(rid) });
+        self.nodes[parent].dirty = true;
         Ok(())
     }
 
@@ -775,6 +779,7 @@ impl<S: NodeStore> Tree<S> {
         };
         children[a].hi = children[b].hi;
         children.remove(b);
+        self.nodes[parent].dirty = true;
         Ok(())
     }
 
@@ -1438,7 +1443,10 @@ impl<S: NodeStore> Tree<S> {
                         problems.push(Problem {
                             addr,
                             kind: Some(CorruptionKind::StaleNode),
-                            detail: "stored node differs from the cached clean copy".into(),
+                            detail: format!(
+                                "stored node differs from the cached clean copy: stored {:?}",
+                                dec.body
+                            ),
                         });
                     }
                 }
