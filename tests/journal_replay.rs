@@ -658,3 +658,21 @@ fn journal_figures() {
         replay.stats.bytes_scanned as f64 / (1 << 20) as f64 / e.as_secs_f64()
     );
 }
+
+#[test]
+fn inspect_lists_valid_and_damaged_records_in_position_order() {
+    let (dev, set) = journal_with_records(4);
+    let sectors = record_sectors(&dev);
+    let at = REGION.offset_bytes + sectors[1] * 512 + 90;
+    let mut b = [0u8; 1];
+    dev.live.read_at(&mut b, at).unwrap();
+    dev.live.write_at(&[b[0] ^ 1], at).unwrap();
+    let list = Journal::inspect(dev.as_ref(), REGION, set).unwrap();
+    assert_eq!(list.iter().map(|r| r.sector).collect::<Vec<_>>(), sectors);
+    assert_eq!(list.iter().filter(|r| r.problem.is_none()).count(), 3);
+    assert!(list[1].problem.as_ref().unwrap().contains("checksum"), "{:?}", list[1]);
+    assert_eq!(list[2].header.unwrap().first_seq, 3);
+    // Another cache set's view: every record is foreign.
+    let other = Journal::inspect(dev.as_ref(), REGION, Uuid::random()).unwrap();
+    assert!(other.iter().all(|r| r.problem.is_some()));
+}
