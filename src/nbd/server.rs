@@ -472,6 +472,9 @@ enum ConnError {
     Refused(&'static str),
 }
 
+/// Longest option payload the server skips to keep the handshake going; longer ones end it.
+const MAX_OPTION_DISCARD: u32 = 1 << 20;
+
 const READ_BUFFER: usize = 256 << 10;
 const WRITE_BUFFER: usize = 256 << 10;
 
@@ -550,13 +553,17 @@ where
             if option == opt::EXPORT_NAME {
                 return Err(ConnError::Refused("EXPORT_NAME payload too long"));
             }
-            // Skip the payload without storing it, then say why. The copy is bounded by the
-            // declared length, and the handshake timeout bounds how long a client can make us read.
-            discard(reader, u64::from(header.len)).await?;
+            // Say why, then skip the payload without storing it. A payload no real option could
+            // need is not worth reading at all: the connection ends (the spec allows a hard
+            // disconnect for a client that looks like a denial of service).
             out.clear();
             proto::encode_option_reply(&mut out, option, rep::ERR_TOO_BIG, b"option payload too large");
             writer.write_all(&out).await?;
             writer.flush().await?;
+            if header.len > MAX_OPTION_DISCARD {
+                return Err(ConnError::Refused("option payload of gigantic length"));
+            }
+            discard(reader, u64::from(header.len)).await?;
             continue;
         }
         payload.clear();
