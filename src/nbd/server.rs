@@ -765,7 +765,11 @@ async fn transmission(
     let bytes = Arc::new(Semaphore::new(shared.max_buffer_bytes));
     let params =
         ExportParams { size: export.size, read_only: export.read_only, structured_replies: structured };
-    let result = read_requests(
+    // The reader checks for shutdown between requests. A client that stops reading replies
+    // can keep it waiting for an in-flight slot or in the middle of a payload, so shutdown also
+    // gets a hard deadline here.
+    let mut stop_deadline = stop.clone();
+    let reading = read_requests(
         &mut reader,
         &export,
         &params,
@@ -775,8 +779,14 @@ async fn transmission(
         &pool,
         &mut stop,
         shared.device_calls,
-    )
-    .await;
+    );
+    let result = tokio::select! {
+        r = reading => r,
+        () = async {
+            let _ = stop_deadline.wait_for(|s| *s).await;
+            tokio::time::sleep(shared.shutdown_drain_timeout).await;
+        } => Err(ConnError::Refused("shutdown deadline passed while reading a request")),
+    };
     // Replies still being produced hold clones of `tx`; the writer ends once they are all sent.
     drop(tx);
     let mut writer_task = writer_task;
