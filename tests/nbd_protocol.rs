@@ -409,7 +409,7 @@ async fn unix_socket_listener_serves_and_uri_connects() {
     let uri = format!("nbd+unix:///?socket={}", server.unix.display());
     let c2 = timed(NbdClient::connect_uri(&uri, &ClientOptions::default())).await.unwrap();
     assert_eq!(timed(c2.read(4096, 4096)).await.unwrap(), vec![9u8; 4096]);
-    let tcp_uri = format!("nbd://{}/", server.addr);
+    let tcp_uri = format!("nbd://{}", server.addr);
     let c3 = timed(NbdClient::connect_uri(&tcp_uri, &ClientOptions::default())).await.unwrap();
     assert_eq!(timed(c3.read(4096, 4096)).await.unwrap(), vec![9u8; 4096]);
     server.stop().await;
@@ -996,4 +996,26 @@ async fn shutdown_is_bounded_when_a_client_never_reads_replies() {
     server.stop().await;
     assert!(started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
     flood.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uris_carry_the_real_port_and_escaped_export_names() {
+    let (default, _) = mem_export("", 4096);
+    let (named, named_dev) = mem_export("my disk", 8192);
+    let config = ServerConfig { exports: vec![default, named], ..Default::default() };
+    let server = Server::bind(config, &[ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())]).await.unwrap();
+    let ListenAddr::Tcp(addr) = server.local_addrs()[0].clone() else { panic!("not tcp") };
+    assert_ne!(addr.port(), 0);
+    let uris = server.uris();
+    assert_eq!(uris, vec![format!("nbd://{addr}"), format!("nbd://{addr}/my%20disk")]);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let c = timed(NbdClient::connect_uri(&uris[1], &ClientOptions::default())).await.unwrap();
+    assert_eq!(c.size(), 8192);
+    timed(c.write(0, b"named", true)).await.unwrap();
+    assert_eq!(&named_dev.snapshot()[..5], b"named");
+    let _ = stop.send(());
+    timed(task).await.unwrap().unwrap();
 }

@@ -320,7 +320,8 @@ impl Server {
     }
 
     /// One URI per listener and export (`nbd://127.0.0.1:10809/name`,
-    /// `nbd+unix:///name?socket=/path`); the default export `""` has an empty path.
+    /// `nbd+unix:///name?socket=/path`); the default export `""` has an empty path
+    /// (`nbd://127.0.0.1:10809`, `nbd+unix:///?socket=/path`).
     #[must_use]
     pub fn uris(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -328,6 +329,7 @@ impl Server {
             for e in &self.shared.exports {
                 let name = uri_escape(&e.export.name);
                 out.push(match &addr {
+                    ListenAddr::Tcp(sa) if name.is_empty() => format!("nbd://{sa}"),
                     ListenAddr::Tcp(sa) => format!("nbd://{sa}/{name}"),
                     ListenAddr::Unix(p) => {
                         format!("nbd+unix:///{name}?socket={}", uri_escape(&p.to_string_lossy()))
