@@ -1019,3 +1019,26 @@ async fn uris_carry_the_real_port_and_escaped_export_names() {
     let _ = stop.send(());
     timed(task).await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_lists_exports_and_queries_info() {
+    let (a, _) = mem_export("a", 4096);
+    let (b, _) = mem_export("b", 8192);
+    let b = Export { description: "bee".into(), read_only: true, ..b };
+    let server = TestServer::start(vec![a, b]).await;
+    let names = timed(client::list_exports(server.raw().await)).await.unwrap();
+    assert_eq!(names, ["a", "b"]);
+    let info = timed(client::query_info(server.raw().await, "b")).await.unwrap();
+    assert_eq!(
+        (info.size, info.name.as_deref(), info.description.as_deref()),
+        (8192, Some("b"), Some("bee"))
+    );
+    assert_ne!(info.flags & tf::READ_ONLY, 0);
+    let err = timed(client::query_info(server.raw().await, "zz")).await.unwrap_err();
+    assert!(
+        matches!(err, client::ClientError::OptionRefused { reply_type: rep::ERR_UNKNOWN, .. }),
+        "{err:?}"
+    );
+    server.assert_still_serving_export("a").await;
+    server.stop().await;
+}

@@ -42,8 +42,8 @@
 //! every export's device.
 
 use super::proto::{
-    self, ExportParams, OptionHeader, Request, RequestHeader, cmd_flags, errno, handshake_flags, info, opt,
-    rep, transmission_flags as tf,
+    self, ExportParams, OptionHeader, Request, RequestHeader, errno, handshake_flags, info, opt, rep,
+    transmission_flags as tf,
 };
 use crate::dev::{BlockDev, DevError};
 use std::fmt;
@@ -1121,10 +1121,6 @@ async fn write_structured_read<W: AsyncWrite + Unpin>(
     }
     Ok(())
 }
-
-/// Command flags this server honours, for documentation and tests.
-pub const SUPPORTED_CMD_FLAGS: u16 =
-    cmd_flags::FUA | cmd_flags::NO_HOLE | cmd_flags::DF | cmd_flags::FAST_ZERO;
 
 #[cfg(test)]
 mod tests {
