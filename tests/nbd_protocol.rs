@@ -1042,3 +1042,21 @@ async fn client_lists_exports_and_queries_info() {
     server.assert_still_serving_export("a").await;
     server.stop().await;
 }
+
+/// CAN_MULTI_CONN promises that a FLUSH on one connection covers writes acknowledged on
+/// another: all connections share the export's one device, whose sync covers every completed write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_share_one_device_so_flush_covers_all_of_them() {
+    let dev = Arc::new(TestDev::new(1 << 20));
+    let server = TestServer::start(vec![Export::new("", dev.clone())]).await;
+    let a = server.client().await;
+    let b = server.client().await;
+    assert_ne!(a.flags() & tf::CAN_MULTI_CONN, 0);
+    timed(a.write(4096, &[0x11u8; 4096], false)).await.unwrap();
+    // Visible at once on the other connection.
+    assert_eq!(timed(b.read(4096, 4096)).await.unwrap(), vec![0x11u8; 4096]);
+    let syncs = dev.syncs.load(Ordering::SeqCst);
+    timed(b.flush()).await.unwrap();
+    assert_eq!(dev.syncs.load(Ordering::SeqCst), syncs + 1, "FLUSH on B must sync the shared device");
+    server.stop().await;
+}
