@@ -18,6 +18,7 @@
 #   WORKDIR    where the backing file and sockets live (default: a fresh temporary directory,
 #              removed at exit; pass one to keep the filled backing file between runs)
 #   UBCACHE_ARGS  extra flags for `ubcache serve` (like "--threads 2")
+#   UBCACHE_BIN   an already built ubcache binary to use instead of building with --release
 #
 # CPU per I/O: utime+stime of the server process (all its threads) from /proc/PID/stat, read
 # before and after each job, divided by the job's reads+writes (flushes are not counted as
@@ -62,10 +63,14 @@ else
   jobs=("${ALL_JOBS[@]}")
 fi
 
-echo "building ubcache (release)..." >&2
-cargo build --release --locked --bin ubcache >&2
-target_dir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-UBCACHE="$target_dir/release/ubcache"
+if [ -n "${UBCACHE_BIN:-}" ]; then
+  UBCACHE=$UBCACHE_BIN
+else
+  echo "building ubcache (release)..." >&2
+  cargo build --release --locked --bin ubcache >&2
+  target_dir=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+  UBCACHE="$target_dir/release/ubcache"
+fi
 
 if [ -n "${WORKDIR:-}" ]; then
   mkdir -p "$WORKDIR"
@@ -178,8 +183,8 @@ for job in "${jobs[@]}"; do
     iops_med[$s]=$(printf '%s' "${results[$name|$s]}" | awk '{ print $1 }' | median)
     cpu_med[$s]=$(printf '%s' "${results[$name|$s]}" | awk '{ print $2 }' | median)
   done
-  ratio1=$(awk -v a="${iops_med[ubcache]}" -v b="${iops_med[nbdkit]}" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')
-  ratio2=$(awk -v a="${iops_med[ubcache]}" -v b="${iops_med[nbdkit-t2]}" 'BEGIN { printf "%.2f", b > 0 ? a / b : 0 }')
+  ratio1=$(awk -v a="${iops_med[ubcache]}" -v b="${iops_med[nbdkit]}" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+  ratio2=$(awk -v a="${iops_med[ubcache]}" -v b="${iops_med[nbdkit-t2]}" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
   printf '%-24s %11.0f %11.0f %11.0f %9s %9s   %7.1f %6.1f %9.1f\n' "$name" \
     "${iops_med[ubcache]}" "${iops_med[nbdkit]}" "${iops_med[nbdkit-t2]}" "$ratio1" "$ratio2" \
     "${cpu_med[ubcache]}" "${cpu_med[nbdkit]}" "${cpu_med[nbdkit-t2]}"
