@@ -1,6 +1,119 @@
-//! The `ubcache` command line.
+//! The `ubcache` command line. Flags are parsed here; the work is done by library modules
+//! (`ubcache::serve`, ...) so tests drive the same code.
+//!
+//! Exit codes: 0 success, 1 run-time error (a file, a port, an I/O failure), 2 usage error (bad
+//! flag or value, or a feature not built yet).
 
-fn main() {
-    eprintln!("ubcache: no commands yet");
-    std::process::exit(2);
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use ubcache::serve::{self, CacheMode, ServeOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "ubcache", version, about = "A userspace bcache-style caching block device served over NBD")]
+struct Cli {
+    /// Log level: error, warn, info, debug or trace (or a RUST_LOG-style filter). Overrides
+    /// RUST_LOG; the default is info.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+// More subcommands (format, show, check, stats, set-mode, detach) join this enum as the cache
+// engine grows; each one maps its flags onto a library call.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve a backing file (later: cached by a cache set) as an NBD export.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Backing file or block device [default: <DATA_DIR>/backing.img, created sparse if missing].
+    /// Repeat with --export for several exports (paired in order).
+    #[arg(long, value_name = "PATH")]
+    backing: Vec<PathBuf>,
+
+    /// Cache file or device (not supported yet).
+    #[arg(long, value_name = "PATH")]
+    cache: Option<PathBuf>,
+
+    /// TCP address to listen on; repeat for several [default: 127.0.0.1:10809 unless --socket is
+    /// given]. Port 0 picks a free port (the printed URI has the real one).
+    #[arg(long, value_name = "HOST:PORT", value_parser = serve::parse_listen_addr)]
+    listen: Vec<std::net::SocketAddr>,
+
+    /// Unix socket to listen on (alone, or in addition to --listen).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Export name clients ask for [default: "", the default export]. With several --backing,
+    /// one --export per backing file, in the same order.
+    #[arg(long = "export", value_name = "NAME")]
+    export_names: Vec<String>,
+
+    /// Cache mode. Only `none` (passthrough) works until the cache exists.
+    #[arg(long, value_enum, value_name = "MODE")]
+    mode: Option<CacheMode>,
+
+    /// Serve read-only: every write is refused.
+    #[arg(long)]
+    read_only: bool,
+
+    /// Directory for default files.
+    #[arg(long, value_name = "DIR", default_value = serve::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+
+    /// Size of the backing file when it is created (like 1G, 512M) [default: 1G for the default
+    /// file]. With --backing, creates the file if missing. An existing file must already have
+    /// this size.
+    #[arg(long, value_name = "SIZE", value_parser = serve::parse_size)]
+    size: Option<u64>,
+
+    /// Worker threads of the server [default: one per CPU].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+}
+
+impl From<ServeArgs> for ServeOptions {
+    fn from(args: ServeArgs) -> Self {
+        ServeOptions {
+            backing: args.backing,
+            cache: args.cache,
+            listen: args.listen,
+            socket: args.socket,
+            export_names: args.export_names,
+            mode: args.mode,
+            read_only: args.read_only,
+            data_dir: args.data_dir,
+            size: args.size,
+            threads: args.threads,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_level.as_deref());
+    let result = match cli.command {
+        Command::Serve(args) => serve::run(&args.into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // Not through the logger: the reason must reach the user even with RUST_LOG=off.
+            eprintln!("ubcache: error: {err}");
+            ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(1))
+        }
+    }
+}
+
+fn init_logging(level: Option<&str>) {
+    let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if let Some(level) = level {
+        builder.parse_filters(level);
+    }
+    builder.init();
 }

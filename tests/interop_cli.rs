@@ -169,10 +169,50 @@ fn caching_modes_and_cache_are_not_yet_supported() {
 }
 
 #[test]
-fn mode_none_is_accepted() {
+fn mode_none_threads_and_quiet_logging_are_accepted() {
     let dir = tempfile::tempdir().unwrap();
     let backing = make_file(dir.path(), "b.img", 1 << 20);
-    let mut server =
-        UbcacheServer::start(&["--backing", s(&backing), "--listen", "127.0.0.1:0", "--mode", "none"]);
+    let mut server = UbcacheServer::start(&[
+        "--backing",
+        s(&backing),
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        "none",
+        "--threads",
+        "1",
+        "--log-level",
+        "error",
+    ]);
     assert!(server.stop().success());
+    // The ready line is on stdout whatever the log level; the info logs are gone.
+    assert!(server.stdout.text().contains("ubcache: serving export \"\" at nbd://127.0.0.1:"));
+    assert!(!server.stderr.text().contains("INFO"), "{}", server.stderr.text());
+}
+
+#[test]
+fn zero_threads_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = make_file(dir.path(), "b.img", 1 << 20);
+    let (code, stderr) = serve_expect_failure(&["--backing", s(&backing), "--threads", "0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--threads must be at least 1"), "{stderr}");
+}
+
+#[test]
+fn several_backing_files_need_one_distinct_name_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = make_file(dir.path(), "a.img", 1 << 20);
+    let b = make_file(dir.path(), "b.img", 1 << 20);
+    let (code, stderr) = serve_expect_failure(&["--backing", s(&a), "--backing", s(&b), "--export", "a"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("name each export"), "{stderr}");
+    let (code, stderr) =
+        serve_expect_failure(&["--backing", s(&a), "--export", "x", "--backing", s(&b), "--export", "x"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("used twice"), "{stderr}");
+    let (code, stderr) =
+        serve_expect_failure(&["--backing", s(&a), "--export", "x", "--backing", s(&a), "--export", "y"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("share the backing file"), "{stderr}");
 }

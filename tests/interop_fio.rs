@@ -23,6 +23,8 @@ fn fio_verify(uri: &str, extra: &[&str]) -> String {
         "--do_verify=1",
         "--verify_fatal=1",
         "--randseed=1234",
+        // fio saves a verify state file in its working directory when a job fails.
+        "--verify_state_save=0",
     ]);
     cmd.args(extra);
     let output = run_bounded(&mut cmd, common::TOOL_TIMEOUT);
@@ -87,7 +89,58 @@ fn verify_detects_corruption_in_the_backing_file() {
         "--verify_only",
         "--verify_fatal=1",
         "--randseed=1234",
+        "--verify_state_save=0",
     ]);
+    cmd.current_dir(dir.path());
     let output = run_bounded(&mut cmd, common::TOOL_TIMEOUT);
     assert!(!output.status.success(), "fio verify missed a zeroed block: {output:?}");
+}
+
+#[test]
+fn sigterm_under_load_with_an_idle_connection_exits_cleanly() {
+    if !require_tool("fio") {
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let backing = make_file(dir.path(), "b.img", 64 << 20);
+    let socket = dir.path().join("s.sock");
+    let mut server = UbcacheServer::start(&["--backing", s(&backing), "--socket", s(&socket)]);
+    // A client that connects and never finishes the handshake must not hold shutdown up.
+    let _idle = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let mut fio = Command::new("fio")
+        .args([
+            "--name=load",
+            "--ioengine=nbd",
+            &format!("--uri={}", server.uri()),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--time_based",
+            "--runtime=60",
+        ])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until writes land, so the signal arrives with requests in flight.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&backing).unwrap().blocks() == 0 {
+        assert!(Instant::now() < deadline, "fio wrote nothing within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // `stop` fails the test if the server has not exited 60 s after SIGTERM.
+    let status = server.stop();
+    assert!(status.success(), "{}", server.stderr.text());
+    assert!(server.stderr.text().contains("stopped cleanly"), "{}", server.stderr.text());
+    assert!(!socket.exists(), "the Unix socket is removed at shutdown");
+    let fio_status = common::wait_bounded(&mut fio, Duration::from_secs(30));
+    if fio_status.is_none() {
+        let _ = fio.kill();
+        let _ = fio.wait();
+        panic!("fio kept running after the server stopped");
+    }
 }

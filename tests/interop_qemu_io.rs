@@ -44,7 +44,7 @@ fn pattern_writes_with_fua_read_back_and_reach_the_backing_file() {
         "write -P 0xcd 64k 4k",      // plain
         "write -P 0x11 -f 1M 1M",    // large FUA
         "write -P 0x22 3584 1024",   // sector-aligned, straddles a 4k boundary
-        "write -P 0x33 16773120 8k", // the last 8 KiB of the device
+        "write -P 0x33 16769024 8k", // the last 8 KiB of the device
         "write -z 2M 128k",          // zeroes over data written just before
         "flush",
     ];
@@ -63,7 +63,7 @@ fn pattern_writes_with_fua_read_back_and_reach_the_backing_file() {
         "read -P 0x11 1M 1M",
         "read -P 0 2M 128k",
         "read -P 0x44 2176k 128k",
-        "read -P 0x33 16773120 8k",
+        "read -P 0x33 16769024 8k",
         "read -P 0 68k 956k",
     ];
     let output = qemu_io(&uri, &[], &reads);
