@@ -493,11 +493,15 @@ async fn serve_until_signal(exports: Vec<Export>, listen: &[ListenAddr]) -> Resu
     Ok(())
 }
 
-#[expect(clippy::print_stdout, reason = "the ready line is the stable interface scripts wait for")]
 fn print_ready_line(line: &str) {
-    // `println!` goes through a line-buffered stdout, so the line is flushed at once even
-    // when stdout is a pipe.
-    println!("{line}");
+    use std::io::Write;
+    // Not `println!`: it panics when stdout is a closed pipe (`ubcache serve | head -1`), and a
+    // reader that went away must not take the server down. Stdout is line-buffered, so the line
+    // is flushed at once even into a pipe; the explicit flush makes that independent of it.
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        log::debug!("cannot print the ready line on stdout: {e}");
+    }
 }
 
 #[cfg(test)]
