@@ -2,8 +2,12 @@
 //! ([`client`]) used by the tests and, later, for remote backing devices.
 
 pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proto;
 pub mod server;
 
 pub use client::{ClientError, ClientOptions, NbdClient};
-pub use server::{Export, ListenAddr, Server, ServerConfig, ServerError, build_runtime};
+pub use server::{
+    DeviceCalls, Export, ListenAddr, Server, ServerConfig, ServerError, build_runtime, serve_stream,
+};

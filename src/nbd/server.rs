@@ -101,6 +101,21 @@ pub struct ServerConfig {
     /// On shutdown, how long to wait for a connection's replies to drain to a client that does
     /// not read them before dropping the connection.
     pub shutdown_drain_timeout: Duration,
+    /// Where the synchronous device calls run.
+    pub device_calls: DeviceCalls,
+}
+
+/// Where a request's synchronous [`BlockDev`] call runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceCalls {
+    /// On the runtime worker, in the request's own task: cheapest when calls are short (page
+    /// cache hits, memory), because there is no thread hand-off. A call that blocks for long
+    /// holds a worker, so slow devices want more workers or [`DeviceCalls::BlockingPool`].
+    #[default]
+    OnWorkers,
+    /// On tokio's blocking pool (`spawn_blocking`): costs a thread hand-off per request, but a
+    /// slow device (disk misses) never stalls the runtime's workers.
+    BlockingPool,
 }
 
 impl Default for ServerConfig {
@@ -112,6 +127,7 @@ impl Default for ServerConfig {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(30),
             shutdown_drain_timeout: Duration::from_secs(30),
+            device_calls: DeviceCalls::OnWorkers,
         }
     }
 }
@@ -185,41 +201,14 @@ struct Shared {
     max_buffer_bytes: usize,
     handshake_timeout: Duration,
     shutdown_drain_timeout: Duration,
+    device_calls: DeviceCalls,
     connections: Arc<Semaphore>,
 }
 
 impl Shared {
-    /// The export a name selects. `""` selects the export named `""`, or else the first export,
-    /// so a client that names nothing gets something useful.
-    fn find(&self, name: &str) -> Option<&Arc<ExportState>> {
-        self.exports
-            .iter()
-            .find(|e| e.export.name == name)
-            .or_else(|| if name.is_empty() { self.exports.first() } else { None })
-    }
-}
-
-#[derive(Debug)]
-enum Listener {
-    Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
-}
-
-/// A bound NBD server; [`Server::run`] serves it.
-#[derive(Debug)]
-pub struct Server {
-    shared: Arc<Shared>,
-    listeners: Vec<Listener>,
-}
-
-impl Server {
-    /// Validates the configuration and binds every listener.
-    pub async fn bind(config: ServerConfig, listen: &[ListenAddr]) -> Result<Server, ServerError> {
+    fn new(config: ServerConfig) -> Result<Self, ServerError> {
         if config.exports.is_empty() {
             return Err(ServerError::NoExports);
-        }
-        if listen.is_empty() {
-            return Err(ServerError::NoListeners);
         }
         if config.max_in_flight_per_conn == 0 || config.max_in_flight_per_conn > Semaphore::MAX_PERMITS {
             return Err(ServerError::Config("max_in_flight_per_conn must be at least 1".into()));
@@ -249,6 +238,47 @@ impl Server {
             let read_only = export.read_only || export.dev.is_read_only();
             exports.push(Arc::new(ExportState { export, size, read_only }));
         }
+        Ok(Self {
+            exports,
+            max_in_flight: config.max_in_flight_per_conn,
+            max_buffer_bytes: config.max_buffer_bytes_per_conn,
+            handshake_timeout: config.handshake_timeout,
+            shutdown_drain_timeout: config.shutdown_drain_timeout,
+            device_calls: config.device_calls,
+            connections: Arc::new(Semaphore::new(config.max_connections.min(Semaphore::MAX_PERMITS))),
+        })
+    }
+
+    /// The export a name selects. `""` selects the export named `""`, or else the first export,
+    /// so a client that names nothing gets something useful.
+    fn find(&self, name: &str) -> Option<&Arc<ExportState>> {
+        self.exports
+            .iter()
+            .find(|e| e.export.name == name)
+            .or_else(|| if name.is_empty() { self.exports.first() } else { None })
+    }
+}
+
+#[derive(Debug)]
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A bound NBD server; [`Server::run`] serves it.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+    listeners: Vec<Listener>,
+}
+
+impl Server {
+    /// Validates the configuration and binds every listener.
+    pub async fn bind(config: ServerConfig, listen: &[ListenAddr]) -> Result<Server, ServerError> {
+        let shared = Arc::new(Shared::new(config)?);
+        if listen.is_empty() {
+            return Err(ServerError::NoListeners);
+        }
         let mut listeners = Vec::new();
         for addr in listen {
             let bind_err = |source| ServerError::Bind { addr: addr.clone(), source };
@@ -261,14 +291,6 @@ impl Server {
             };
             listeners.push(listener);
         }
-        let shared = Arc::new(Shared {
-            exports,
-            max_in_flight: config.max_in_flight_per_conn,
-            max_buffer_bytes: config.max_buffer_bytes_per_conn,
-            handshake_timeout: config.handshake_timeout,
-            shutdown_drain_timeout: config.shutdown_drain_timeout,
-            connections: Arc::new(Semaphore::new(config.max_connections.min(Semaphore::MAX_PERMITS))),
-        });
         Ok(Server { shared, listeners })
     }
 
@@ -330,6 +352,35 @@ impl Server {
         }
         first_err.map_or(Ok(()), Err)
     }
+}
+
+/// Serves one already connected stream (socket activation, tests, fuzzing) until the client
+/// leaves; `shutdown` ends it like [`Server::run`]'s. Devices are not synced at the end.
+pub async fn serve_stream<S>(
+    config: ServerConfig,
+    stream: S,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let shared = Arc::new(Shared::new(config)?);
+    let permit = shared
+        .connections
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ServerError::Config("no connection slot".into()))?;
+    let (r, w) = tokio::io::split(stream);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let conn = serve_connection(Box::new(r), Box::new(w), shared, stop_rx, permit, "stream".into());
+    tokio::pin!(conn);
+    tokio::select! {
+        () = &mut conn => return Ok(()),
+        () = shutdown => {}
+    }
+    let _ = stop_tx.send(true);
+    conn.await;
+    Ok(())
 }
 
 /// Removes a leftover socket file of a dead server, so a restart can bind; refuses to touch a
@@ -421,6 +472,9 @@ enum ConnError {
     Refused(&'static str),
 }
 
+/// Longest option payload the server skips to keep the handshake going; longer ones end it.
+const MAX_OPTION_DISCARD: u32 = 1 << 20;
+
 const READ_BUFFER: usize = 256 << 10;
 const WRITE_BUFFER: usize = 256 << 10;
 
@@ -499,13 +553,17 @@ where
             if option == opt::EXPORT_NAME {
                 return Err(ConnError::Refused("EXPORT_NAME payload too long"));
             }
-            // Skip the payload without storing it, then say why. The copy is bounded by the
-            // declared length, and the handshake timeout bounds how long a client can make us read.
-            discard(reader, u64::from(header.len)).await?;
+            // Say why, then skip the payload without storing it. A payload no real option could
+            // need is not worth reading at all: the connection ends (the spec allows a hard
+            // disconnect for a client that looks like a denial of service).
             out.clear();
             proto::encode_option_reply(&mut out, option, rep::ERR_TOO_BIG, b"option payload too large");
             writer.write_all(&out).await?;
             writer.flush().await?;
+            if header.len > MAX_OPTION_DISCARD {
+                return Err(ConnError::Refused("option payload of gigantic length"));
+            }
+            discard(reader, u64::from(header.len)).await?;
             continue;
         }
         payload.clear();
@@ -707,7 +765,18 @@ async fn transmission(
     let bytes = Arc::new(Semaphore::new(shared.max_buffer_bytes));
     let params =
         ExportParams { size: export.size, read_only: export.read_only, structured_replies: structured };
-    let result = read_requests(&mut reader, &export, &params, &tx, &slots, &bytes, &pool, &mut stop).await;
+    let result = read_requests(
+        &mut reader,
+        &export,
+        &params,
+        &tx,
+        &slots,
+        &bytes,
+        &pool,
+        &mut stop,
+        shared.device_calls,
+    )
+    .await;
     // Replies still being produced hold clones of `tx`; the writer ends once they are all sent.
     drop(tx);
     let mut writer_task = writer_task;
@@ -733,6 +802,7 @@ async fn read_requests(
     bytes: &Arc<Semaphore>,
     pool: &Arc<BufPool>,
     stop: &mut watch::Receiver<bool>,
+    device_calls: DeviceCalls,
 ) -> Result<(), ConnError> {
     let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
     loop {
@@ -797,11 +867,15 @@ async fn read_requests(
             pool: pool.clone(),
         };
         let tx = tx.clone();
-        tokio::spawn(async move {
-            let reply = job.run();
-            // A send error means the writer is gone (client vanished): nothing to answer.
-            let _ = tx.send(reply);
-        });
+        // A send error means the writer is gone (client vanished): nothing to answer.
+        match device_calls {
+            DeviceCalls::OnWorkers => drop(tokio::spawn(async move {
+                let _ = tx.send(job.run());
+            })),
+            DeviceCalls::BlockingPool => drop(tokio::task::spawn_blocking(move || {
+                let _ = tx.send(job.run());
+            })),
+        }
     }
 }
 
