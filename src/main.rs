@@ -7,6 +7,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use ubcache::nbd::server::DeviceCalls;
 use ubcache::serve::{self, CacheMode, ServeOptions};
 
 #[derive(Debug, Parser)]
@@ -75,6 +76,18 @@ struct ServeArgs {
     /// Worker threads of the server [default: one per CPU].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+
+    /// Where device I/O runs: `workers` (on the server's worker threads; cheapest while data is
+    /// in the page cache) or `pool` (on a pool of blocking threads, so a slow read or an fsync
+    /// does not stall other requests).
+    #[arg(long, value_enum, value_name = "WHERE", default_value = "workers")]
+    device_calls: DeviceCallsArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DeviceCallsArg {
+    Workers,
+    Pool,
 }
 
 impl From<ServeArgs> for ServeOptions {
@@ -90,6 +103,10 @@ impl From<ServeArgs> for ServeOptions {
             data_dir: args.data_dir,
             size: args.size,
             threads: args.threads,
+            device_calls: match args.device_calls {
+                DeviceCallsArg::Workers => DeviceCalls::OnWorkers,
+                DeviceCallsArg::Pool => DeviceCalls::BlockingPool,
+            },
         }
     }
 }

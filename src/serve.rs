@@ -9,6 +9,7 @@
 //! the server) so it can be unit-tested without spawning a process; `main.rs` only parses flags.
 
 use crate::dev::{BlockDev, DevError, FileDev, FileDevOptions, SECTOR_SIZE};
+use crate::nbd::server::DeviceCalls;
 use crate::nbd::{Export, ListenAddr, Server, ServerConfig, ServerError, build_runtime};
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -77,8 +78,11 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     /// Size of the backing file when it is created; checked against an existing file.
     pub size: Option<u64>,
-    /// Tokio worker threads; `None` keeps tokio's default (one per CPU).
+    /// Server worker threads; `None` means one per CPU.
     pub threads: Option<usize>,
+    /// Where device calls run: on the workers (cheap for page-cache hits) or on a blocking pool
+    /// (a slow call, like an fsync, does not hold a worker).
+    pub device_calls: DeviceCalls,
 }
 
 impl Default for ServeOptions {
@@ -94,6 +98,7 @@ impl Default for ServeOptions {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             size: None,
             threads: None,
+            device_calls: DeviceCalls::default(),
         }
     }
 }
@@ -447,18 +452,18 @@ pub fn run(opts: &ServeOptions) -> Result<(), ServeError> {
     let exports = build_exports(opts)?;
     let listen = listen_addrs(opts);
     let runtime = build_runtime(opts.threads).map_err(ServeError::Runtime)?;
-    runtime.block_on(serve_until_signal(exports, &listen))
+    let config = ServerConfig { exports, device_calls: opts.device_calls, ..ServerConfig::default() };
+    runtime.block_on(serve_until_signal(config, &listen))
 }
 
-async fn serve_until_signal(exports: Vec<Export>, listen: &[ListenAddr]) -> Result<(), ServeError> {
+async fn serve_until_signal(config: ServerConfig, listen: &[ListenAddr]) -> Result<(), ServeError> {
     use tokio::signal::unix::{SignalKind, signal};
     // Install the handlers before binding, so a signal that arrives as soon as the URI is
     // printed is a clean shutdown rather than the default (immediate) termination.
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ServeError::Runtime)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(ServeError::Runtime)?;
 
-    let names: Vec<String> = exports.iter().map(|e| e.name.clone()).collect();
-    let config = ServerConfig { exports, ..ServerConfig::default() };
+    let names: Vec<String> = config.exports.iter().map(|e| e.name.clone()).collect();
     let server = Server::bind(config, listen).await?;
     for addr in server.local_addrs() {
         for name in &names {

@@ -48,14 +48,22 @@ fn random_file_round_trips_over_a_unix_socket() {
 }
 
 #[test]
-fn round_trip_over_tcp_with_a_named_export() {
+fn round_trip_over_tcp_with_a_named_export_and_device_calls_on_a_pool() {
     if !require_tool("nbdcopy") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let backing = make_file(dir.path(), "b.img", 4 << 20);
-    let server =
-        UbcacheServer::start(&["--backing", s(&backing), "--listen", "127.0.0.1:0", "--export", "data"]);
+    let server = UbcacheServer::start(&[
+        "--backing",
+        s(&backing),
+        "--listen",
+        "127.0.0.1:0",
+        "--export",
+        "data",
+        "--device-calls",
+        "pool",
+    ]);
     assert!(server.uri().ends_with("/data"), "{}", server.uri());
     let input = pseudo_random_bytes(4 << 20, 42);
     let input_path = dir.path().join("in.bin");
