@@ -383,14 +383,66 @@ pub fn open_backing(spec: &ExportSpec, opts: &ServeOptions) -> Result<FileDev, S
     }
 }
 
+/// The exports to serve, with the locks that keep other ubcache processes off their backing
+/// files for as long as this value lives.
+#[derive(Debug)]
+pub struct PreparedExports {
+    pub exports: Vec<Export>,
+    locks: Vec<BackingLock>,
+}
+
+impl PreparedExports {
+    /// Hands the exports to the server; the returned locks must outlive serving.
+    #[must_use]
+    pub fn into_parts(self) -> (Vec<Export>, Vec<BackingLock>) {
+        (self.exports, self.locks)
+    }
+}
+
+/// An advisory `flock` on a backing file: exclusive for a writable export, shared for a
+/// read-only one. Two ubcache processes writing one disk would each trust their own view of it
+/// (and, once cached, each its own cache), so the second one is refused at start-up. Released
+/// when dropped (the descriptor is closed).
+#[derive(Debug)]
+pub struct BackingLock {
+    _file: std::fs::File,
+}
+
+impl BackingLock {
+    /// Takes the lock without waiting.
+    pub fn acquire(path: &Path, read_only: bool) -> Result<Self, ServeError> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(path).map_err(|source| ServeError::Backing {
+            path: path.to_path_buf(),
+            source: DevError::Io { op: "open for locking", offset: 0, len: 0, source },
+        })?;
+        let mode = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
+        // SAFETY: flock only takes an integer fd and flags; the fd is owned by `file`, which is
+        // open for the whole call.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(Self { _file: file });
+        }
+        let err = std::io::Error::last_os_error();
+        let reason = if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            "it is in use by another ubcache process (locked)".to_string()
+        } else {
+            format!("cannot lock it: {err}")
+        };
+        Err(ServeError::BackingUnusable { path: path.to_path_buf(), reason })
+    }
+}
+
 /// Builds the exports the options describe: a passthrough export per backing file. Everything
 /// is checked before the first file is created, so a usage error leaves nothing behind.
-pub fn build_exports(opts: &ServeOptions) -> Result<Vec<Export>, ServeError> {
+pub fn build_exports(opts: &ServeOptions) -> Result<PreparedExports, ServeError> {
     validate(opts)?;
     let specs = export_specs(opts)?;
     let mut exports = Vec::with_capacity(specs.len());
+    let mut locks = Vec::with_capacity(specs.len());
     for spec in &specs {
         let dev = open_backing(spec, opts)?;
+        locks.push(BackingLock::acquire(dev.path(), opts.read_only)?);
         let description = format!("ubcache passthrough of {}", dev.path().display());
         log::info!(
             "export {:?}: {} ({} bytes, mode none{})",
@@ -406,7 +458,7 @@ pub fn build_exports(opts: &ServeOptions) -> Result<Vec<Export>, ServeError> {
             read_only: opts.read_only,
         });
     }
-    Ok(exports)
+    Ok(PreparedExports { exports, locks })
 }
 
 /// The URI a client uses to reach `export_name` through `addr` (the NBD URI specification:
@@ -449,7 +501,7 @@ pub fn ready_line(export_name: &str, uri: &str) -> String {
 /// until SIGINT or SIGTERM. On the first signal the server stops accepting, finishes in-flight
 /// requests and syncs every export; a second signal exits at once.
 pub fn run(opts: &ServeOptions) -> Result<(), ServeError> {
-    let exports = build_exports(opts)?;
+    let (exports, _locks) = build_exports(opts)?.into_parts();
     let listen = listen_addrs(opts);
     let runtime = build_runtime(opts.threads).map_err(ServeError::Runtime)?;
     let config = ServerConfig { exports, device_calls: opts.device_calls, ..ServerConfig::default() };
@@ -582,7 +634,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("nested").join("data");
         let opts = ServeOptions { data_dir: data_dir.clone(), ..Default::default() };
-        let exports = build_exports(&opts).unwrap();
+        let exports = build_exports(&opts).unwrap().exports;
         assert_eq!(exports.len(), 1);
         assert_eq!(exports[0].name, "");
         assert_eq!(exports[0].dev.len(), DEFAULT_BACKING_SIZE);
@@ -596,7 +648,7 @@ mod tests {
         exports[0].dev.write_at(&[0x5a; 512], 4096).unwrap();
         exports[0].dev.sync().unwrap();
         drop(exports);
-        let again = build_exports(&opts).unwrap();
+        let again = build_exports(&opts).unwrap().exports;
         let mut buf = [0; 512];
         again[0].dev.read_at(&mut buf, 4096).unwrap();
         assert_eq!(buf, [0x5a; 512]);
@@ -613,7 +665,7 @@ mod tests {
         assert!(!path.exists());
 
         let opts = ServeOptions { backing: vec![path.clone()], size: Some(1 << 20), ..Default::default() };
-        assert_eq!(build_exports(&opts).unwrap()[0].dev.len(), 1 << 20);
+        assert_eq!(build_exports(&opts).unwrap().exports[0].dev.len(), 1 << 20);
         let opts = ServeOptions { backing: vec![path], size: Some(2 << 20), ..Default::default() };
         let err = build_exports(&opts).unwrap_err();
         assert!(err.to_string().contains("refusing to resize"), "{err}");
@@ -631,7 +683,7 @@ mod tests {
             export_names: vec!["first".into(), "second".into()],
             ..Default::default()
         };
-        let exports = build_exports(&opts).unwrap();
+        let exports = build_exports(&opts).unwrap().exports;
         let summary: Vec<(&str, u64)> = exports.iter().map(|e| (e.name.as_str(), e.dev.len())).collect();
         assert_eq!(summary, [("first", 4096), ("second", 8192)]);
 
@@ -659,6 +711,27 @@ mod tests {
     }
 
     #[test]
+    fn a_backing_file_is_served_by_one_writer_or_several_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.img");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let writer = ServeOptions { backing: vec![path], ..Default::default() };
+        let reader = ServeOptions { read_only: true, ..writer.clone() };
+
+        let first = build_exports(&writer).unwrap();
+        let err = build_exports(&writer).unwrap_err();
+        assert!(err.to_string().contains("in use by another ubcache process"), "{err}");
+        assert!(build_exports(&reader).is_err(), "no reader next to a writer");
+        drop(first);
+
+        let read_a = build_exports(&reader).unwrap();
+        let read_b = build_exports(&reader).unwrap();
+        assert!(build_exports(&writer).is_err(), "no writer next to readers");
+        drop((read_a, read_b));
+        assert!(build_exports(&writer).is_ok(), "the locks are released on drop");
+    }
+
+    #[test]
     fn refuses_directories_and_empty_files() {
         let dir = tempfile::tempdir().unwrap();
         let opts = ServeOptions { backing: vec![dir.path().to_path_buf()], ..Default::default() };
@@ -675,7 +748,7 @@ mod tests {
         let path = dir.path().join("ro.img");
         std::fs::write(&path, vec![7u8; 4096]).unwrap();
         let opts = ServeOptions { backing: vec![path], read_only: true, ..Default::default() };
-        let exports = build_exports(&opts).unwrap();
+        let exports = build_exports(&opts).unwrap().exports;
         assert!(exports[0].read_only);
         assert!(matches!(exports[0].dev.write_at(&[0; 512], 0), Err(DevError::ReadOnly)));
     }

@@ -216,3 +216,46 @@ fn several_backing_files_need_one_distinct_name_each() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("share the backing file"), "{stderr}");
 }
+
+#[test]
+fn unusable_socket_paths_are_clear_errors_and_nothing_is_clobbered() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = make_file(dir.path(), "b.img", 1 << 20);
+    let missing_dir = dir.path().join("no").join("such").join("s.sock");
+    let (code, stderr) = serve_expect_failure(&["--backing", s(&backing), "--socket", s(&missing_dir)]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("cannot listen on") && stderr.contains("s.sock"), "{stderr}");
+
+    let regular = dir.path().join("not-a-socket");
+    std::fs::write(&regular, b"keep me").unwrap();
+    let (code, stderr) = serve_expect_failure(&["--backing", s(&backing), "--socket", s(&regular)]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&regular).unwrap(), b"keep me");
+
+    // A live server's socket is not stolen by a second server.
+    let socket = dir.path().join("live.sock");
+    let server = UbcacheServer::start(&["--backing", s(&backing), "--socket", s(&socket)]);
+    let other = make_file(dir.path(), "other.img", 1 << 20);
+    let (code, stderr) = serve_expect_failure(&["--backing", s(&other), "--socket", s(&socket)]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("another server is listening"), "{stderr}");
+    let stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(&greeting(stream), b"NBDMAGIC", "the first server still serves");
+    drop(server);
+}
+
+#[test]
+fn a_second_writer_on_the_same_backing_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = make_file(dir.path(), "b.img", 1 << 20);
+    let mut server = UbcacheServer::start(&["--backing", s(&backing), "--listen", "127.0.0.1:0"]);
+    let (code, stderr) = serve_expect_failure(&["--backing", s(&backing), "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("in use by another ubcache process"), "{stderr}");
+    assert!(server.stop().success());
+    // Released at exit: the next server starts.
+    let mut again = UbcacheServer::start(&["--backing", s(&backing), "--listen", "127.0.0.1:0"]);
+    assert!(again.stop().success());
+}
