@@ -443,7 +443,10 @@ pub fn build_exports(opts: &ServeOptions) -> Result<PreparedExports, ServeError>
     for spec in &specs {
         let dev = open_backing(spec, opts)?;
         locks.push(BackingLock::acquire(dev.path(), opts.read_only)?);
-        let description = format!("ubcache passthrough of {}", dev.path().display());
+        // The file name only: the description goes to every client, the server's directory
+        // layout need not.
+        let file_name = dev.path().file_name().unwrap_or(dev.path().as_os_str()).to_string_lossy();
+        let description = format!("ubcache passthrough of {file_name} (mode none)");
         log::info!(
             "export {:?}: {} ({} bytes, mode none{})",
             spec.name,

@@ -35,6 +35,8 @@ fn size_flags_and_block_sizes_over_tcp() {
     assert_eq!(export["is_read_only"], false);
     assert_eq!(export["can_flush"], true, "a writable export must offer FLUSH: {export}");
     assert_eq!(export["can_fua"], true, "a writable export must offer FUA: {export}");
+    let description = export["description"].as_str().unwrap_or_default();
+    assert_eq!(description, "ubcache passthrough of b.img (mode none)", "{export}");
 
     // NBD_INFO_BLOCK_SIZE: min <= preferred <= max, powers of two, preferred at least a sector.
     let block = |key: &str| {
