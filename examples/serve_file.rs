@@ -1,12 +1,12 @@
 //! Serves one file over NBD, for benchmarking the request path with fio or nbdkit-style tools.
 //!
-//! Usage: `serve_file FILE [tcp:HOST:PORT | unix:PATH]... [--workers N] [--read-only]`
+//! Usage: `serve_file FILE [tcp:HOST:PORT | unix:PATH]... [--workers N] [--read-only] [--blocking-pool]`
 //! (default `tcp:127.0.0.1:10809`). Stops on Ctrl-C, after syncing.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use ubcache::dev::{FileDev, FileDevOptions};
-use ubcache::nbd::{Export, ListenAddr, Server, ServerConfig, build_runtime};
+use ubcache::nbd::{DeviceCalls, Export, ListenAddr, Server, ServerConfig, build_runtime};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
@@ -15,9 +15,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut listen = Vec::new();
     let mut workers = None;
     let mut read_only = false;
+    let mut device_calls = DeviceCalls::OnWorkers;
     while let Some(arg) = args.next() {
         if arg == "--workers" {
             workers = Some(args.next().ok_or("--workers needs a number")?.parse()?);
+        } else if arg == "--blocking-pool" {
+            device_calls = DeviceCalls::BlockingPool;
         } else if arg == "--read-only" {
             read_only = true;
         } else if let Some(addr) = arg.strip_prefix("tcp:") {
@@ -35,7 +38,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let export = Export { read_only, ..Export::new("", Arc::new(dev)) };
     let runtime = build_runtime(workers)?;
     runtime.block_on(async {
-        let config = ServerConfig { exports: vec![export], ..Default::default() };
+        let config = ServerConfig { exports: vec![export], device_calls, ..Default::default() };
         let server = Server::bind(config, &listen).await?;
         for uri in server.uris() {
             eprintln!("serving {uri}");

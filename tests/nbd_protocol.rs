@@ -966,3 +966,34 @@ async fn bind_reports_clear_errors() {
     let server = Server::bind(config, &[ListenAddr::Unix(stale.clone())]).await.unwrap();
     assert_eq!(server.uris(), vec![format!("nbd+unix:///?socket={}", stale.display())]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_when_a_client_never_reads_replies() {
+    let (export, _) = mem_export("", 1 << 20);
+    let config = ServerConfig {
+        exports: vec![export],
+        max_in_flight_per_conn: 4,
+        shutdown_drain_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let server = TestServer::start_with(config).await;
+    let mut s = server.raw().await;
+    raw_go(&mut s, "", false).await;
+    // Far more replies than the socket buffers hold; the server ends up blocked writing them and
+    // its reader blocked waiting for in-flight slots.
+    let (_rd, mut wr) = s.into_split();
+    let flood = tokio::spawn(async move {
+        for h in 0..4096u64 {
+            let hdr = proto::RequestHeader { flags: 0, cmd_type: 0, handle: h, offset: 0, length: 1 << 20 };
+            if wr.write_all(&hdr.encode()).await.is_err() {
+                break;
+            }
+        }
+        wr
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    server.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
+    flood.abort();
+}

@@ -397,7 +397,8 @@ impl NbdClient {
     }
 
     /// Sends any request (even one the server will reject) and waits for its reply. For READ the
-    /// reply data is returned. `payload` is sent after the header as given (WRITE data).
+    /// reply data is returned (READ longer than `MAX_PAYLOAD` is refused here). `payload` is sent
+    /// after the header as given (WRITE data).
     pub async fn request(
         &self,
         cmd_type: u16,
@@ -406,6 +407,10 @@ impl NbdClient {
         length: u32,
         payload: &[u8],
     ) -> Result<Vec<u8>, ClientError> {
+        if cmd_type == Command::Read.to_wire() && length > proto::MAX_PAYLOAD {
+            // The reply buffer is allocated up front; never allocate an unchecked size.
+            return Err(ClientError::TooLarge(length as usize));
+        }
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let (done, rx) = oneshot::channel();
         let read = (cmd_type == Command::Read.to_wire()).then(|| (offset, vec![0u8; length as usize]));
@@ -608,4 +613,30 @@ async fn read_chunk(
         pending.lock().map.insert(h.handle, p);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse_into_targets_and_export_names() {
+        assert_eq!(
+            parse_uri("nbd://127.0.0.1:10809/disk").unwrap(),
+            (UriTarget::Tcp("127.0.0.1:10809".into()), "disk".into())
+        );
+        assert_eq!(
+            parse_uri("nbd://localhost").unwrap(),
+            (UriTarget::Tcp("localhost:10809".into()), String::new())
+        );
+        assert_eq!(parse_uri("nbd://[::1]:99/").unwrap(), (UriTarget::Tcp("[::1]:99".into()), String::new()));
+        assert_eq!(parse_uri("nbd://[::1]/a").unwrap(), (UriTarget::Tcp("[::1]:10809".into()), "a".into()));
+        assert_eq!(
+            parse_uri("nbd+unix:///my%20disk?socket=/tmp/a%20b.sock").unwrap(),
+            (UriTarget::Unix("/tmp/a b.sock".into()), "my disk".into())
+        );
+        for bad in ["http://x", "nbd://", "nbd+unix:///disk", "nbd+unix://x?socket=/s", "nbd://h/%zz"] {
+            assert!(parse_uri(bad).is_err(), "{bad} accepted");
+        }
+    }
 }

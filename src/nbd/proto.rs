@@ -749,3 +749,211 @@ impl fmt::Display for Errno {
         f.write_str(name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(size: u64) -> ExportParams {
+        ExportParams { size, read_only: false, structured_replies: false }
+    }
+
+    fn header(cmd: Command, flags: u16, offset: u64, length: u32) -> RequestHeader {
+        RequestHeader { flags, cmd_type: cmd.to_wire(), handle: 0x0102_0304_0506_0708, offset, length }
+    }
+
+    #[test]
+    fn magics_spell_what_the_spec_says() {
+        assert_eq!(&NBD_MAGIC.to_be_bytes(), b"NBDMAGIC");
+        assert_eq!(&IHAVEOPT.to_be_bytes(), b"IHAVEOPT");
+        assert_eq!(encode_greeting(3)[..16], *b"NBDMAGICIHAVEOPT");
+        assert_eq!(decode_greeting(&encode_greeting(3)), Ok(3));
+        let mut bad = encode_greeting(3);
+        bad[0] = b'X';
+        assert_eq!(decode_greeting(&bad), Err(ProtoError::BadGreeting));
+    }
+
+    #[test]
+    fn request_header_layout_is_big_endian_and_round_trips() {
+        let h = header(Command::Write, cmd_flags::FUA, 0x1122_3344_5566_7788, 0x99aa_bbcc);
+        let b = h.encode();
+        assert_eq!(b[..4], [0x25, 0x60, 0x95, 0x13]);
+        assert_eq!(b[4..6], [0, 1]);
+        assert_eq!(b[6..8], [0, 1]);
+        assert_eq!(b[8..16], [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(b[16..24], [0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88]);
+        assert_eq!(b[24..28], [0x99, 0xaa, 0xbb, 0xcc]);
+        assert_eq!(RequestHeader::decode(&b), Ok(h));
+        assert_eq!(h.payload_len(), 0x99aa_bbcc);
+        assert_eq!(header(Command::Read, 0, 0, 4096).payload_len(), 0);
+        let mut bad = b;
+        bad[3] ^= 1;
+        assert_eq!(RequestHeader::decode(&bad), Err(ProtoError::BadRequestMagic(0x2560_9512)));
+    }
+
+    #[test]
+    fn replies_encode_to_the_spec_layout() {
+        let r = SimpleReply { errno: errno::EIO, handle: 9 }.encode();
+        assert_eq!(r[..4], SIMPLE_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(r[4..8], [0, 0, 0, 5]);
+        assert_eq!(decode_reply_start(&r), Ok(ReplyStart::Simple(SimpleReply { errno: 5, handle: 9 })));
+        let c =
+            ChunkHeader { flags: chunk::FLAG_DONE, chunk_type: chunk::TYPE_OFFSET_HOLE, handle: 3, len: 12 };
+        let b = c.encode();
+        let mut start = [0u8; 16];
+        start.copy_from_slice(&b[..16]);
+        assert_eq!(
+            decode_reply_start(&start),
+            Ok(ReplyStart::Chunk { flags: chunk::FLAG_DONE, chunk_type: chunk::TYPE_OFFSET_HOLE, handle: 3 })
+        );
+        assert_eq!(b[16..20], [0, 0, 0, 12]);
+        start[0] = 0;
+        assert!(matches!(decode_reply_start(&start), Err(ProtoError::BadReplyMagic(_))));
+        let mut out = Vec::new();
+        encode_option_reply(&mut out, opt::GO, rep::ERR_UNKNOWN, b"no");
+        assert_eq!(out.len(), OPTION_REPLY_HEADER_LEN + 2);
+        let mut hdr = [0u8; OPTION_REPLY_HEADER_LEN];
+        hdr.copy_from_slice(&out[..OPTION_REPLY_HEADER_LEN]);
+        let decoded = OptionReplyHeader::decode(&hdr).unwrap();
+        assert_eq!(decoded, OptionReplyHeader { option: opt::GO, reply_type: rep::ERR_UNKNOWN, len: 2 });
+        assert!(rep::is_error(decoded.reply_type) && !rep::is_error(rep::ACK));
+        assert_eq!(rep::ERR_UNSUP, 0x8000_0001);
+    }
+
+    #[test]
+    fn error_chunk_payload_round_trips_and_rejects_bad_lengths() {
+        let p = encode_error_chunk_payload(errno::ENOSPC, "full");
+        assert_eq!(decode_error_chunk_payload(&p), Ok((errno::ENOSPC, "full".to_owned())));
+        assert!(decode_error_chunk_payload(&p[..5]).is_err());
+        let mut long = p;
+        long[5] = 200; // message length beyond the chunk
+        assert!(decode_error_chunk_payload(&long).is_err());
+    }
+
+    #[test]
+    fn info_request_parses_exactly_and_refuses_inconsistent_lengths() {
+        let req = InfoRequest { name: "disk".into(), requests: vec![info::NAME, info::BLOCK_SIZE] };
+        let enc = req.encode();
+        assert_eq!(enc, [0, 0, 0, 4, b'd', b'i', b's', b'k', 0, 2, 0, 1, 0, 3]);
+        assert_eq!(InfoRequest::parse(&enc), Ok(req));
+        assert!(InfoRequest::parse(&enc[..enc.len() - 1]).is_err(), "truncated request list");
+        let mut extra = enc;
+        extra.push(0);
+        assert!(InfoRequest::parse(&extra).is_err(), "trailing byte");
+        assert!(InfoRequest::parse(&[0xff, 0xff, 0xff, 0xff, 0, 0]).is_err(), "huge name length");
+        assert!(InfoRequest::parse(&[0, 0, 0, 1, b'x', 0]).is_err(), "name eats the count");
+        assert!(InfoRequest::parse(&[0, 0, 0, 1, 0, 0, 0]).is_err(), "NUL in name");
+        assert!(InfoRequest::parse(&[0, 0, 0, 1, 0xff, 0, 0]).is_err(), "invalid UTF-8");
+        assert_eq!(
+            InfoRequest::parse(&[0, 0, 0, 0, 0, 0]),
+            Ok(InfoRequest { name: String::new(), requests: vec![] })
+        );
+        let long = "x".repeat(MAX_STRING_LEN + 1);
+        assert!(InfoRequest::parse(&InfoRequest { name: long, requests: vec![] }.encode()).is_err());
+    }
+
+    #[test]
+    fn info_replies_fold_into_export_info() {
+        let mut info = ExportInfo::default();
+        info.apply_info_reply(&encode_info_export(1 << 30, 0x1234)).unwrap();
+        info.apply_info_reply(&encode_info_block_size(512, 4096, 1 << 25)).unwrap();
+        info.apply_info_reply(&encode_info_string(info::NAME, "n")).unwrap();
+        info.apply_info_reply(&encode_info_string(info::DESCRIPTION, "d")).unwrap();
+        info.apply_info_reply(&[0, 99, 1, 2, 3]).unwrap(); // unknown types are ignored
+        assert_eq!((info.size, info.flags), (1 << 30, 0x1234));
+        assert_eq!(info.block_size, Some((512, 4096, 1 << 25)));
+        assert_eq!((info.name.as_deref(), info.description.as_deref()), (Some("n"), Some("d")));
+        assert!(info.apply_info_reply(&encode_info_export(1, 1)[..11]).is_err());
+        assert!(info.apply_info_reply(&[0]).is_err());
+    }
+
+    #[test]
+    fn client_flags_outside_the_known_set_are_refused() {
+        assert_eq!(decode_client_flags([0, 0, 0, 3]), Ok(3));
+        assert_eq!(decode_client_flags([0, 0, 0, 4]), Err(ProtoError::UnknownClientFlags(4)));
+        assert_eq!(decode_client_flags([0x80, 0, 0, 1]), Err(ProtoError::UnknownClientFlags(0x8000_0001)));
+    }
+
+    #[test]
+    fn check_request_accepts_valid_requests() {
+        let p = params(1 << 20);
+        assert_eq!(
+            check_request(&header(Command::Read, 0, 0, 4096), &p),
+            Ok(Request::Read { offset: 0, len: 4096, df: false })
+        );
+        assert_eq!(
+            check_request(&header(Command::Write, cmd_flags::FUA, (1 << 20) - 1, 1), &p),
+            Ok(Request::Write { offset: (1 << 20) - 1, len: 1, fua: true })
+        );
+        assert_eq!(check_request(&header(Command::Flush, cmd_flags::FUA, 0, 0), &p), Ok(Request::Flush));
+        assert_eq!(check_request(&header(Command::Disc, 0, 123, 456), &p), Ok(Request::Disc));
+        let all = cmd_flags::FUA | cmd_flags::NO_HOLE | cmd_flags::FAST_ZERO;
+        assert_eq!(
+            check_request(&header(Command::WriteZeroes, all, 0, 512), &p),
+            Ok(Request::WriteZeroes { offset: 0, len: 512, fua: true, no_hole: true, fast_zero: true })
+        );
+        // Trim, cache and zeroes are not bounded by the payload limit: nothing is transferred.
+        let big = params(u64::MAX);
+        assert!(matches!(
+            check_request(&header(Command::Trim, 0, 0, u32::MAX), &big),
+            Ok(Request::Trim { .. })
+        ));
+        assert!(matches!(
+            check_request(&header(Command::Cache, 0, 0, u32::MAX), &big),
+            Ok(Request::Cache { .. })
+        ));
+        let structured = ExportParams { structured_replies: true, ..p };
+        assert_eq!(
+            check_request(&header(Command::Read, cmd_flags::DF, 0, 1), &structured),
+            Ok(Request::Read { offset: 0, len: 1, df: true })
+        );
+        let ro = ExportParams { read_only: true, ..p };
+        assert!(matches!(check_request(&header(Command::Read, 0, 0, 1), &ro), Ok(Request::Read { .. })));
+        assert!(matches!(check_request(&header(Command::Cache, 0, 0, 1), &ro), Ok(Request::Cache { .. })));
+    }
+
+    #[test]
+    fn check_request_answers_each_violation_with_its_errno() {
+        let p = params(1 << 20);
+        let ro = ExportParams { read_only: true, ..p };
+        let errno_of = |h: RequestHeader, p: &ExportParams| check_request(&h, p).err().map(|r| r.errno);
+        let raw = |cmd_type: u16| RequestHeader { flags: 0, cmd_type, handle: 1, offset: 0, length: 1 };
+        assert_eq!(errno_of(raw(8), &p), Some(errno::EINVAL), "RESIZE is unknown here");
+        assert_eq!(errno_of(raw(0xffff), &p), Some(errno::EINVAL));
+        assert_eq!(errno_of(header(Command::BlockStatus, 0, 0, 1), &p), Some(errno::EINVAL));
+        assert_eq!(errno_of(header(Command::Read, 1 << 15, 0, 1), &p), Some(errno::EINVAL), "unknown flag");
+        assert_eq!(
+            errno_of(header(Command::Read, cmd_flags::DF, 0, 1), &p),
+            Some(errno::EINVAL),
+            "DF unnegotiated"
+        );
+        assert_eq!(errno_of(header(Command::Write, cmd_flags::NO_HOLE, 0, 1), &p), Some(errno::EINVAL));
+        assert_eq!(errno_of(header(Command::Trim, cmd_flags::FAST_ZERO, 0, 1), &p), Some(errno::EINVAL));
+        assert_eq!(errno_of(header(Command::Read, cmd_flags::REQ_ONE, 0, 1), &p), Some(errno::EINVAL));
+        assert_eq!(errno_of(header(Command::Write, cmd_flags::PAYLOAD_LEN, 0, 1), &p), Some(errno::EINVAL));
+        assert_eq!(errno_of(header(Command::Flush, 0, 1, 0), &p), Some(errno::EINVAL));
+        assert_eq!(errno_of(header(Command::Read, 0, 0, MAX_PAYLOAD + 1), &p), Some(errno::EOVERFLOW));
+        assert_eq!(errno_of(header(Command::Write, 0, 0, u32::MAX), &p), Some(errno::EOVERFLOW));
+        for cmd in [Command::Read, Command::Write, Command::Trim, Command::Cache, Command::WriteZeroes] {
+            assert_eq!(errno_of(header(cmd, 0, 0, 0), &p), Some(errno::EINVAL), "{cmd:?} of length 0");
+        }
+        assert_eq!(errno_of(header(Command::Read, 0, 1 << 20, 1), &p), Some(errno::EINVAL));
+        assert_eq!(errno_of(header(Command::Read, 0, u64::MAX, 1), &p), Some(errno::EINVAL));
+        assert_eq!(errno_of(header(Command::Cache, 0, (1 << 20) - 1, 2), &p), Some(errno::EINVAL));
+        assert_eq!(errno_of(header(Command::Trim, 0, (1 << 20) - 1, 2), &p), Some(errno::EINVAL));
+        assert_eq!(errno_of(header(Command::Write, 0, (1 << 20) - 1, 2), &p), Some(errno::ENOSPC));
+        assert_eq!(errno_of(header(Command::Write, 0, u64::MAX - 1, 2), &p), Some(errno::ENOSPC));
+        assert_eq!(errno_of(header(Command::WriteZeroes, 0, 1 << 20, 1), &p), Some(errno::ENOSPC));
+        for cmd in [Command::Write, Command::Trim, Command::WriteZeroes] {
+            assert_eq!(errno_of(header(cmd, 0, 0, 1), &ro), Some(errno::EPERM), "{cmd:?} on read-only");
+        }
+    }
+
+    #[test]
+    fn command_wire_values_round_trip() {
+        for v in 0..=7u16 {
+            assert_eq!(Command::from_wire(v).map(Command::to_wire), Some(v));
+        }
+        assert_eq!(Command::from_wire(8), None);
+    }
+}

@@ -765,7 +765,11 @@ async fn transmission(
     let bytes = Arc::new(Semaphore::new(shared.max_buffer_bytes));
     let params =
         ExportParams { size: export.size, read_only: export.read_only, structured_replies: structured };
-    let result = read_requests(
+    // The reader checks for shutdown between requests. A client that stops reading replies
+    // can keep it waiting for an in-flight slot or in the middle of a payload, so shutdown also
+    // gets a hard deadline here.
+    let mut stop_deadline = stop.clone();
+    let reading = read_requests(
         &mut reader,
         &export,
         &params,
@@ -775,8 +779,14 @@ async fn transmission(
         &pool,
         &mut stop,
         shared.device_calls,
-    )
-    .await;
+    );
+    let result = tokio::select! {
+        r = reading => r,
+        () = async {
+            let _ = stop_deadline.wait_for(|s| *s).await;
+            tokio::time::sleep(shared.shutdown_drain_timeout).await;
+        } => Err(ConnError::Refused("shutdown deadline passed while reading a request")),
+    };
     // Replies still being produced hold clones of `tx`; the writer ends once they are all sent.
     drop(tx);
     let mut writer_task = writer_task;
@@ -1085,3 +1095,61 @@ async fn write_structured_read<W: AsyncWrite + Unpin>(
 /// Command flags this server honours, for documentation and tests.
 pub const SUPPORTED_CMD_FLAGS: u16 =
     cmd_flags::FUA | cmd_flags::NO_HOLE | cmd_flags::DF | cmd_flags::FAST_ZERO;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_are_clipped_and_nonsense_is_ignored() {
+        assert_eq!(sanitize_holes(vec![0..10, 20..200], 5..100), vec![5..10, 20..100]);
+        assert_eq!(sanitize_holes(vec![0..5, 100..200, 50..50], 5..100), Vec::<Range<u64>>::new());
+        // Overlapping or unsorted ranges mean the device is confused: read everything instead.
+        assert_eq!(sanitize_holes(vec![10..30, 20..40], 0..100), Vec::<Range<u64>>::new());
+        assert_eq!(sanitize_holes(vec![50..60, 10..20], 0..100), Vec::<Range<u64>>::new());
+    }
+
+    #[test]
+    fn uri_escape_keeps_unreserved_and_escapes_the_rest() {
+        assert_eq!(uri_escape("disk-1_a.b~/x"), "disk-1_a.b~/x");
+        assert_eq!(uri_escape("a b?&%"), "a%20b%3F%26%25");
+        assert_eq!(uri_escape("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn transmission_flags_follow_the_export() {
+        let dev: Arc<dyn BlockDev> = Arc::new(crate::dev::MemDev::new(4096));
+        let rw = ExportState { export: Export::new("", dev.clone()), size: 4096, read_only: false };
+        let ro = ExportState { export: Export::new("", dev), size: 4096, read_only: true };
+        let f = rw.flags(false);
+        assert_eq!(f & tf::SEND_DF, 0);
+        assert_ne!(rw.flags(true) & tf::SEND_DF, 0);
+        for flag in [tf::HAS_FLAGS, tf::SEND_FLUSH, tf::SEND_FUA, tf::SEND_TRIM, tf::SEND_WRITE_ZEROES] {
+            assert_ne!(f & flag, 0);
+        }
+        assert_ne!(f & tf::CAN_MULTI_CONN, 0);
+        assert_eq!(f & tf::READ_ONLY, 0);
+        let f = ro.flags(false);
+        assert_ne!(f & tf::READ_ONLY, 0);
+        assert_eq!(f & (tf::SEND_TRIM | tf::SEND_WRITE_ZEROES | tf::SEND_FAST_ZERO), 0);
+    }
+
+    #[test]
+    fn config_limits_are_validated() {
+        let dev: Arc<dyn BlockDev> = Arc::new(crate::dev::MemDev::new(4096));
+        let base = || ServerConfig { exports: vec![Export::new("", dev.clone())], ..Default::default() };
+        assert!(Shared::new(base()).is_ok());
+        assert!(matches!(
+            Shared::new(ServerConfig { max_in_flight_per_conn: 0, ..base() }),
+            Err(ServerError::Config(_))
+        ));
+        let small = ServerConfig { max_buffer_bytes_per_conn: 1 << 20, ..base() };
+        assert!(matches!(Shared::new(small), Err(ServerError::Config(_))));
+        assert!(matches!(
+            Shared::new(ServerConfig { max_connections: 0, ..base() }),
+            Err(ServerError::Config(_))
+        ));
+        let bad_name = ServerConfig { exports: vec![Export::new("a\0b", dev.clone())], ..base() };
+        assert!(matches!(Shared::new(bad_name), Err(ServerError::BadExportName { .. })));
+    }
+}
