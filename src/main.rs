@@ -15,7 +15,7 @@ use ubcache::serve::{self, CacheMode, ServeOptions};
 struct Cli {
     /// Log level: error, warn, info, debug or trace (or a RUST_LOG-style filter). Overrides
     /// RUST_LOG; the default is info.
-    #[arg(long, global = true, value_name = "LEVEL")]
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = parse_log_level)]
     log_level: Option<String>,
 
     #[command(subcommand)]
@@ -124,6 +124,21 @@ fn main() -> ExitCode {
             eprintln!("ubcache: error: {err}");
             ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(1))
         }
+    }
+}
+
+/// Accepts a level name, or a `RUST_LOG`-style filter with `module=level` parts. A bare word
+/// that is not a level would silently become a module filter and hide every log, so it is
+/// refused.
+fn parse_log_level(text: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    if LEVELS.contains(&text.to_ascii_lowercase().as_str()) || text.contains('=') {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "bad log level {text:?}: use one of {}, or a filter like ubcache=debug",
+            LEVELS.join(", ")
+        ))
     }
 }
 

@@ -259,3 +259,10 @@ fn a_second_writer_on_the_same_backing_file_is_refused() {
     let mut again = UbcacheServer::start(&["--backing", s(&backing), "--listen", "127.0.0.1:0"]);
     assert!(again.stop().success());
 }
+
+#[test]
+fn bad_log_level_is_a_usage_error() {
+    let (code, stderr) = serve_expect_failure(&["--log-level", "loud"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("bad log level"), "{stderr}");
+}
