@@ -175,3 +175,46 @@ fn ext4_over_nbdfuse_and_loop_survives_umount_fsck_and_remount() {
     // The file system reached the backing file itself.
     e2fsck_clean(s(&backing));
 }
+
+/// Tears down a loop device even when an assertion fails.
+struct LoopDevice(String);
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = tool("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn a_block_device_serves_as_backing() {
+    if !require_tools(&["losetup", "qemu-io"]) || !require_root("the block-device backing test (losetup)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = make_file(dir.path(), "disk.img", 8 << 20);
+    let loop_dev = LoopDevice(run_ok(tool("losetup").args(["-f", "--show", s(&image)])).trim().to_string());
+    assert!(loop_dev.0.starts_with("/dev/loop"), "losetup printed {:?}", loop_dev.0);
+
+    let mut server = UbcacheServer::start(&["--backing", &loop_dev.0, "--listen", "127.0.0.1:0"]);
+    let out = run_ok(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        server.uri(),
+        "-c",
+        "write -P 0x3c -f 7M 1M",
+        "-c",
+        "read -P 0x3c 7M 1M",
+        "-c",
+        "read -P 0 0 7M",
+    ]));
+    assert!(!out.contains("failed"), "{out}");
+    assert!(server.stop().success(), "{}", server.stderr.text());
+    assert!(
+        server.stderr.text().contains("8388608 bytes"),
+        "the size comes from the device: {}",
+        server.stderr.text()
+    );
+    drop(loop_dev);
+    let data = std::fs::read(&image).unwrap();
+    assert!(data[7 << 20..].iter().all(|&b| b == 0x3c), "the write reached the file under the loop device");
+}
