@@ -122,7 +122,10 @@ pub enum ServeError {
     /// The backing path exists but is not something we can serve.
     #[error("backing file {path}: {reason}")]
     BackingUnusable { path: PathBuf, reason: String },
-    /// Opening or creating the backing file failed.
+    /// A system call on the backing file failed while opening, creating or locking it.
+    #[error("backing file {path}: cannot {op}: {source}")]
+    BackingIo { path: PathBuf, op: &'static str, source: std::io::Error },
+    /// Opening the backing device failed for another reason.
     #[error("backing file {path}: {source}")]
     Backing { path: PathBuf, source: DevError },
     /// The data directory could not be created.
@@ -343,10 +346,7 @@ pub fn open_backing(spec: &ExportSpec, opts: &ServeOptions) -> Result<FileDev, S
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
         Err(e) => {
-            return Err(ServeError::Backing {
-                path,
-                source: DevError::Io { op: "stat", offset: 0, len: 0, source: e },
-            });
+            return Err(ServeError::BackingIo { path, op: "stat", source: e });
         }
     };
     let create_with_size = if exists {
@@ -366,8 +366,12 @@ pub fn open_backing(spec: &ExportSpec, opts: &ServeOptions) -> Result<FileDev, S
     if let Some(size) = create_with_size {
         log::info!("creating backing file {} ({size} bytes, sparse)", path.display());
     }
-    let dev = FileDev::open(&path, &FileDevOptions { read_only: opts.read_only, create_with_size })
-        .map_err(|source| ServeError::Backing { path: path.clone(), source })?;
+    let dev = FileDev::open(&path, &FileDevOptions { read_only: opts.read_only, create_with_size }).map_err(
+        |source| match source {
+            DevError::Io { op, source, .. } => ServeError::BackingIo { path: path.clone(), op, source },
+            source => ServeError::Backing { path: path.clone(), source },
+        },
+    )?;
     if dev.is_empty() {
         return Err(ServeError::BackingUnusable { path, reason: "it is empty (0 bytes)".into() });
     }
@@ -412,9 +416,10 @@ impl BackingLock {
     /// Takes the lock without waiting.
     pub fn acquire(path: &Path, read_only: bool) -> Result<Self, ServeError> {
         use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(path).map_err(|source| ServeError::Backing {
+        let file = std::fs::File::open(path).map_err(|source| ServeError::BackingIo {
             path: path.to_path_buf(),
-            source: DevError::Io { op: "open for locking", offset: 0, len: 0, source },
+            op: "open for locking",
+            source,
         })?;
         let mode = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
         // SAFETY: flock only takes an integer fd and flags; the fd is owned by `file`, which is

@@ -266,3 +266,32 @@ fn bad_log_level_is_a_usage_error() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("bad log level"), "{stderr}");
 }
+
+#[test]
+fn unreadable_backing_file_is_a_clear_error() {
+    if !common::require_tool("setpriv") || !common::require_root("the unreadable-file test (runs as nobody)")
+    {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let backing = make_file(dir.path(), "secret.img", 1 << 20);
+    std::fs::set_permissions(&backing, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A copy of the binary the unprivileged user can reach (the build directory may be under a
+    // home directory it cannot enter).
+    let bin = dir.path().join("ubcache");
+    std::fs::copy(common::ubcache_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // As an unprivileged user, so the permission bits apply.
+    let output = common::run_bounded(
+        std::process::Command::new(common::find_tool("setpriv").unwrap())
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", s(&bin), "serve"])
+            .args(["--backing", s(&backing), "--listen", "127.0.0.1:0"]),
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("secret.img: cannot open: Permission denied"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
