@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             workers = Some(args.next().ok_or("--workers needs a number")?.parse()?);
         } else if arg == "--blocking-pool" {
             device_calls = DeviceCalls::BlockingPool;
+        } else if arg == "--inline" {
+            device_calls = DeviceCalls::Inline;
         } else if arg == "--read-only" {
             read_only = true;
         } else if let Some(addr) = arg.strip_prefix("tcp:") {

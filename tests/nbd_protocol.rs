@@ -799,7 +799,7 @@ async fn slow_read_is_overtaken_by_later_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_in_flight_requests_from_one_client_keep_their_data() {
-    for mode in [DeviceCalls::OnWorkers, DeviceCalls::BlockingPool] {
+    for mode in [DeviceCalls::OnWorkers, DeviceCalls::BlockingPool, DeviceCalls::Inline] {
         many_in_flight(mode).await;
     }
 }
