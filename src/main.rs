@@ -77,9 +77,10 @@ struct ServeArgs {
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
 
-    /// Where device I/O runs: `workers` (on the server's worker threads; cheapest while data is
-    /// in the page cache) or `pool` (on a pool of blocking threads, so a slow read or an fsync
-    /// does not stall other requests).
+    /// Where device I/O runs: `workers` (a task per request on the server's worker threads;
+    /// cheap while data is in the page cache), `pool` (on a pool of blocking threads, so a slow
+    /// read or an fsync does not stall other requests) or `inline` (reads and writes run in the
+    /// connection's own task, one at a time per connection; flush, trim and zeroing as tasks).
     #[arg(long, value_enum, value_name = "WHERE", default_value = "workers")]
     device_calls: DeviceCallsArg,
 }
@@ -88,6 +89,7 @@ struct ServeArgs {
 enum DeviceCallsArg {
     Workers,
     Pool,
+    Inline,
 }
 
 impl From<ServeArgs> for ServeOptions {
@@ -106,6 +108,7 @@ impl From<ServeArgs> for ServeOptions {
             device_calls: match args.device_calls {
                 DeviceCallsArg::Workers => DeviceCalls::OnWorkers,
                 DeviceCallsArg::Pool => DeviceCalls::BlockingPool,
+                DeviceCallsArg::Inline => DeviceCalls::Inline,
             },
         }
     }

@@ -51,9 +51,11 @@ fn randwrite_qd16_verifies_and_survives_a_restart() {
     assert!(out.contains("err= 0"), "{out}");
     assert!(server.stop().success(), "{}", server.stderr.text());
 
-    // Same seed, same offsets: verify only, through a fresh server over a Unix socket.
+    // Same seed, same offsets: verify only, through a fresh server over a Unix socket, with the
+    // other way of running device calls.
     let socket = dir.path().join("s.sock");
-    let server = UbcacheServer::start(&["--backing", s(&backing), "--socket", s(&socket)]);
+    let server =
+        UbcacheServer::start(&["--backing", s(&backing), "--socket", s(&socket), "--device-calls", "inline"]);
     let out = fio_verify(server.uri(), &["--verify_only"]);
     assert!(out.contains("err= 0"), "{out}");
 }
