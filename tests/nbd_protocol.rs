@@ -409,7 +409,7 @@ async fn unix_socket_listener_serves_and_uri_connects() {
     let uri = format!("nbd+unix:///?socket={}", server.unix.display());
     let c2 = timed(NbdClient::connect_uri(&uri, &ClientOptions::default())).await.unwrap();
     assert_eq!(timed(c2.read(4096, 4096)).await.unwrap(), vec![9u8; 4096]);
-    let tcp_uri = format!("nbd://{}/", server.addr);
+    let tcp_uri = format!("nbd://{}", server.addr);
     let c3 = timed(NbdClient::connect_uri(&tcp_uri, &ClientOptions::default())).await.unwrap();
     assert_eq!(timed(c3.read(4096, 4096)).await.unwrap(), vec![9u8; 4096]);
     server.stop().await;
@@ -996,4 +996,67 @@ async fn shutdown_is_bounded_when_a_client_never_reads_replies() {
     server.stop().await;
     assert!(started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
     flood.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uris_carry_the_real_port_and_escaped_export_names() {
+    let (default, _) = mem_export("", 4096);
+    let (named, named_dev) = mem_export("my disk", 8192);
+    let config = ServerConfig { exports: vec![default, named], ..Default::default() };
+    let server = Server::bind(config, &[ListenAddr::Tcp("127.0.0.1:0".parse().unwrap())]).await.unwrap();
+    let ListenAddr::Tcp(addr) = server.local_addrs()[0].clone() else { panic!("not tcp") };
+    assert_ne!(addr.port(), 0);
+    let uris = server.uris();
+    assert_eq!(uris, vec![format!("nbd://{addr}"), format!("nbd://{addr}/my%20disk")]);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.run(async {
+        let _ = stopped.await;
+    }));
+    let c = timed(NbdClient::connect_uri(&uris[1], &ClientOptions::default())).await.unwrap();
+    assert_eq!(c.size(), 8192);
+    timed(c.write(0, b"named", true)).await.unwrap();
+    assert_eq!(&named_dev.snapshot()[..5], b"named");
+    let _ = stop.send(());
+    timed(task).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_lists_exports_and_queries_info() {
+    let (a, _) = mem_export("a", 4096);
+    let (b, _) = mem_export("b", 8192);
+    let b = Export { description: "bee".into(), read_only: true, ..b };
+    let server = TestServer::start(vec![a, b]).await;
+    let names = timed(client::list_exports(server.raw().await)).await.unwrap();
+    assert_eq!(names, ["a", "b"]);
+    let info = timed(client::query_info(server.raw().await, "b")).await.unwrap();
+    assert_eq!(
+        (info.size, info.name.as_deref(), info.description.as_deref()),
+        (8192, Some("b"), Some("bee"))
+    );
+    assert_ne!(info.flags & tf::READ_ONLY, 0);
+    let err = timed(client::query_info(server.raw().await, "zz")).await.unwrap_err();
+    assert!(
+        matches!(err, client::ClientError::OptionRefused { reply_type: rep::ERR_UNKNOWN, .. }),
+        "{err:?}"
+    );
+    server.assert_still_serving_export("a").await;
+    server.stop().await;
+}
+
+/// CAN_MULTI_CONN promises that a FLUSH on one connection covers writes acknowledged on
+/// another: all connections share the export's one device, whose sync covers every completed write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_share_one_device_so_flush_covers_all_of_them() {
+    let dev = Arc::new(TestDev::new(1 << 20));
+    let server = TestServer::start(vec![Export::new("", dev.clone())]).await;
+    let a = server.client().await;
+    let b = server.client().await;
+    assert_ne!(a.flags() & tf::CAN_MULTI_CONN, 0);
+    timed(a.write(4096, &[0x11u8; 4096], false)).await.unwrap();
+    // Visible at once on the other connection.
+    assert_eq!(timed(b.read(4096, 4096)).await.unwrap(), vec![0x11u8; 4096]);
+    let syncs = dev.syncs.load(Ordering::SeqCst);
+    timed(b.flush()).await.unwrap();
+    assert_eq!(dev.syncs.load(Ordering::SeqCst), syncs + 1, "FLUSH on B must sync the shared device");
+    server.stop().await;
 }

@@ -42,8 +42,8 @@
 //! every export's device.
 
 use super::proto::{
-    self, ExportParams, OptionHeader, Request, RequestHeader, cmd_flags, errno, handshake_flags, info, opt,
-    rep, transmission_flags as tf,
+    self, ExportParams, OptionHeader, Request, RequestHeader, errno, handshake_flags, info, opt, rep,
+    transmission_flags as tf,
 };
 use crate::dev::{BlockDev, DevError};
 use std::fmt;
@@ -320,7 +320,8 @@ impl Server {
     }
 
     /// One URI per listener and export (`nbd://127.0.0.1:10809/name`,
-    /// `nbd+unix:///name?socket=/path`); the default export `""` has an empty path.
+    /// `nbd+unix:///name?socket=/path`); the default export `""` has an empty path
+    /// (`nbd://127.0.0.1:10809`, `nbd+unix:///?socket=/path`).
     #[must_use]
     pub fn uris(&self) -> Vec<String> {
         let mut out = Vec::new();
@@ -328,6 +329,7 @@ impl Server {
             for e in &self.shared.exports {
                 let name = uri_escape(&e.export.name);
                 out.push(match &addr {
+                    ListenAddr::Tcp(sa) if name.is_empty() => format!("nbd://{sa}"),
                     ListenAddr::Tcp(sa) => format!("nbd://{sa}/{name}"),
                     ListenAddr::Unix(p) => {
                         format!("nbd+unix:///{name}?socket={}", uri_escape(&p.to_string_lossy()))
@@ -1119,10 +1121,6 @@ async fn write_structured_read<W: AsyncWrite + Unpin>(
     }
     Ok(())
 }
-
-/// Command flags this server honours, for documentation and tests.
-pub const SUPPORTED_CMD_FLAGS: u16 =
-    cmd_flags::FUA | cmd_flags::NO_HOLE | cmd_flags::DF | cmd_flags::FAST_ZERO;
 
 #[cfg(test)]
 mod tests {
