@@ -7,6 +7,7 @@
 //!   journal records, bucket table).
 //! - [`journal`]: the journal ring with group commit and replay.
 //! - [`alloc`]: buckets, generations, free lists, reclaim.
+//! - [`serve`]: `ubcache serve`: options, default files, exports, running the server.
 //!
 //! The btree of extent keys lives in its own crate, `ubcache-btree`, with no I/O of its own.
 
@@ -15,3 +16,4 @@ pub mod dev;
 pub mod format;
 pub mod journal;
 pub mod nbd;
+pub mod serve;
