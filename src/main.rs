@@ -63,6 +63,10 @@ struct ServeArgs {
     #[arg(long)]
     read_only: bool,
 
+    /// Open backing files with O_DIRECT (no page cache) where the file system allows it.
+    #[arg(long)]
+    direct: bool,
+
     /// Directory for default files.
     #[arg(long, value_name = "DIR", default_value = serve::DEFAULT_DATA_DIR)]
     data_dir: PathBuf,
@@ -102,6 +106,7 @@ impl From<ServeArgs> for ServeOptions {
             export_names: args.export_names,
             mode: args.mode,
             read_only: args.read_only,
+            direct: args.direct,
             data_dir: args.data_dir,
             size: args.size,
             threads: args.threads,

@@ -74,6 +74,9 @@ pub struct ServeOptions {
     pub mode: Option<CacheMode>,
     /// Refuse writes.
     pub read_only: bool,
+    /// Open backing files with O_DIRECT where the file system allows it (bypasses the page cache;
+    /// falls back to buffered I/O with a warning where it cannot).
+    pub direct: bool,
     /// Where default files are created.
     pub data_dir: PathBuf,
     /// Size of the backing file when it is created; checked against an existing file.
@@ -95,6 +98,7 @@ impl Default for ServeOptions {
             export_names: Vec::new(),
             mode: None,
             read_only: false,
+            direct: false,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             size: None,
             threads: None,
@@ -366,12 +370,14 @@ pub fn open_backing(spec: &ExportSpec, opts: &ServeOptions) -> Result<FileDev, S
     if let Some(size) = create_with_size {
         log::info!("creating backing file {} ({size} bytes, sparse)", path.display());
     }
-    let dev = FileDev::open(&path, &FileDevOptions { read_only: opts.read_only, create_with_size }).map_err(
-        |source| match source {
-            DevError::Io { op, source, .. } => ServeError::BackingIo { path: path.clone(), op, source },
-            source => ServeError::Backing { path: path.clone(), source },
-        },
-    )?;
+    let dev = FileDev::open(
+        &path,
+        &FileDevOptions { read_only: opts.read_only, create_with_size, direct: opts.direct },
+    )
+    .map_err(|source| match source {
+        DevError::Io { op, source, .. } => ServeError::BackingIo { path: path.clone(), op, source },
+        source => ServeError::Backing { path: path.clone(), source },
+    })?;
     if dev.is_empty() {
         return Err(ServeError::BackingUnusable { path, reason: "it is empty (0 bytes)".into() });
     }
