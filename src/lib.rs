@@ -3,8 +3,12 @@
 //! The crate is a library first: the `ubcache` binary and every test drive the same API.
 //! - [`dev`]: the [`dev::BlockDev`] trait every byte of I/O goes through, and its devices.
 //! - [`nbd`]: the NBD wire protocol, server and a small client.
+//! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics.
+//! - [`wbpolicy`]: writeback policy as pure functions (rate controller, extent coalescing).
 //!
 //! The btree of extent keys lives in its own crate, `ubcache-btree`, with no I/O of its own.
 
+pub mod ctl;
 pub mod dev;
 pub mod nbd;
+pub mod wbpolicy;
