@@ -147,8 +147,9 @@ impl FlushProgress {
     /// Fraction done in [0, 1]: done / (done + left); 1 when nothing was ever dirty.
     #[must_use]
     pub fn fraction_done(&self) -> f64 {
-        let total = self.bytes_done.saturating_add(self.dirty_bytes_left);
-        if total == 0 { 1.0 } else { self.bytes_done as f64 / total as f64 }
+        // In f64: the sum of two u64 may not fit in u64.
+        let total = self.bytes_done as f64 + self.dirty_bytes_left as f64;
+        if total == 0.0 { 1.0 } else { self.bytes_done as f64 / total }
     }
 
     /// Seconds left at the current rate; `None` when the rate is 0 and bytes remain.
