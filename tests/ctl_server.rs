@@ -340,3 +340,25 @@ fn a_slow_request_on_one_client_does_not_block_another() {
     assert_eq!(run_ctl_command(&path, &CtlArgs::Modes).unwrap(), "disk0\tnone\n");
     server.stop();
 }
+
+/// The request/reply examples in docs/control.md are exactly what the server says.
+#[test]
+fn documented_examples_match_the_server() {
+    let doc = include_str!("../docs/control.md");
+    let engine = FakeEngine::new(&["disk0"], 0);
+    let (_dir, path, server) = start(&engine, test_config());
+    let mut raw = Raw::connect(&path);
+    let mut checked = 0;
+    let mut lines = doc.lines().peekable();
+    while let Some(line) = lines.next() {
+        if let Some(request) = line.strip_prefix("> ") {
+            let want =
+                lines.next().and_then(|l| l.strip_prefix("< ")).expect("a > line is followed by a < line");
+            let got = raw.call(request);
+            assert_eq!(got, serde_json::from_str::<Value>(want).unwrap(), "for {request}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 3, "examples not found in the doc");
+    server.stop();
+}
