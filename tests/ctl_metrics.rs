@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
-use ubcache::ctl::metrics::{CONTENT_TYPE, MAX_REQUEST_BYTES};
+use ubcache::ctl::metrics::{CONTENT_TYPE, MAX_REQUEST_BYTES, MetricsConfig};
 use ubcache::ctl::stats::{Counter, Gauge};
 use ubcache::ctl::{MetricsServer, render_prometheus};
 
@@ -130,12 +130,43 @@ fn http_responder_serves_metrics_and_refuses_everything_else() {
     let (status, _, _) = http(addr, &huge);
     assert_eq!(status, "HTTP/1.1 431 Request Header Fields Too Large");
 
-    // A client that connects and sends nothing delays others by at most the request deadline.
-    let silent = TcpStream::connect(addr).unwrap();
-    let (status, _, _) = http(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
-    assert_eq!(status, "HTTP/1.1 200 OK");
-    drop(silent);
-
     server.stop();
     assert!(TcpStream::connect(addr).is_err(), "still listening after stop");
+}
+
+#[test]
+fn silent_clients_hold_at_most_the_connection_limit_and_stop_still_joins() {
+    let engine = FakeEngine::new(&["disk0"], 0);
+    // A long deadline so the silent clients surely still hold their slots below.
+    let config = MetricsConfig {
+        max_connections: 2,
+        request_deadline: Duration::from_secs(60),
+        ..MetricsConfig::default()
+    };
+    let server =
+        MetricsServer::start_with(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), engine, config).unwrap();
+    let addr = server.local_addr();
+    let silent: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let (status, _, _) = http(addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    drop(silent);
+    // The silent clients' threads see EOF and free their slots; retry for a bounded time.
+    let mut served = false;
+    for _ in 0..200 {
+        if http(addr, b"GET /metrics HTTP/1.1\r\n\r\n").0 == "HTTP/1.1 200 OK" {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(served, "slots were never freed");
+    // A client mid-request when stop is called: stop waits for its thread, bounded by the
+    // deadline; here the client hangs up first.
+    let mut half = TcpStream::connect(addr).unwrap();
+    half.write_all(b"GET /met").unwrap();
+    let stopper = std::thread::spawn(move || server.stop());
+    std::thread::sleep(Duration::from_millis(50));
+    drop(half);
+    stopper.join().unwrap();
+    assert!(TcpStream::connect(addr).is_err());
 }

@@ -1,10 +1,11 @@
 //! Prometheus metrics: a [`StatsSnapshot`] in text exposition format 0.0.4, and a tiny HTTP/1.1
 //! responder that serves it on `GET /metrics`.
 //!
-//! The responder is one thread handling one connection at a time: scrapes are rare and small,
-//! and each connection is bounded in size ([`MAX_REQUEST_BYTES`]) and time
-//! ([`REQUEST_DEADLINE`]), so a slow or hostile client delays a scrape by at most that long.
-//! It binds loopback by default; exposing it wider is the operator's explicit choice.
+//! The responder is an acceptor thread plus one short-lived thread per connection, at most
+//! [`MAX_CONNECTIONS`] at once (more get `503` at once). Each connection is bounded in size
+//! ([`MAX_REQUEST_BYTES`]) and time ([`REQUEST_DEADLINE`]), so a slow or silent client holds a
+//! slot for at most that long and does not delay other scrapes. It binds loopback by default;
+//! exposing it wider is the operator's explicit choice.
 
 use super::server::wait_readable;
 use super::stats::{Counter, CounterValues, Gauge, StatsSnapshot};
@@ -13,18 +14,42 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 /// Default listen address: loopback only.
 pub const DEFAULT_METRICS_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9477));
 
-/// Largest request head read; a longer one gets `431`.
+/// Default largest request head; a longer one gets `431`.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 
-/// Time a client has to send its request head.
+/// Default time a client has to send its request head.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Connections served at once by default.
+pub const MAX_CONNECTIONS: usize = 4;
+
+/// Limits of the metrics responder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Connections served at once; more get `503`.
+    pub max_connections: usize,
+    /// Largest request head; a longer one gets `431`.
+    pub max_request_bytes: usize,
+    /// Time a client has to send its request head (and to take the response).
+    pub request_deadline: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: MAX_CONNECTIONS,
+            max_request_bytes: MAX_REQUEST_BYTES,
+            request_deadline: REQUEST_DEADLINE,
+        }
+    }
+}
 
 /// How often the accept loop looks at the stop flag.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -96,11 +121,24 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Binds `addr` (port 0 picks a free port) and serves `target`'s statistics.
+    /// Binds `addr` (port 0 picks a free port) and serves `target`'s statistics with the
+    /// default limits.
     ///
     /// # Errors
     /// [`CtlError::Io`] when binding fails.
     pub fn start(addr: SocketAddr, target: Arc<dyn ControlTarget>) -> Result<MetricsServer, CtlError> {
+        MetricsServer::start_with(addr, target, MetricsConfig::default())
+    }
+
+    /// As [`MetricsServer::start`] with explicit limits.
+    ///
+    /// # Errors
+    /// [`CtlError::Io`] when binding fails.
+    pub fn start_with(
+        addr: SocketAddr,
+        target: Arc<dyn ControlTarget>,
+        config: MetricsConfig,
+    ) -> Result<MetricsServer, CtlError> {
         let listener =
             TcpListener::bind(addr).map_err(|e| CtlError::io(format!("bind metrics on {addr}"), e))?;
         let addr = listener.local_addr().map_err(|e| CtlError::io("metrics local address", e))?;
@@ -109,7 +147,7 @@ impl MetricsServer {
             let stop = Arc::clone(&stop);
             thread::Builder::new()
                 .name("ubcache-metrics".to_owned())
-                .spawn(move || serve(&listener, target.as_ref(), &stop))
+                .spawn(move || serve(&listener, &target, &stop, config))
                 .map_err(|e| CtlError::io("spawn metrics thread", e))?
         };
         Ok(MetricsServer { addr, stop, thread: Some(thread) })
@@ -142,7 +180,18 @@ impl Drop for MetricsServer {
     }
 }
 
-fn serve(listener: &TcpListener, target: &dyn ControlTarget, stop: &AtomicBool) {
+/// Decrements the active-connection count when a connection thread ends, however it ends.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn serve(listener: &TcpListener, target: &Arc<dyn ControlTarget>, stop: &AtomicBool, config: MetricsConfig) {
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut connections: Vec<JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         match wait_readable(listener, POLL_INTERVAL) {
             Ok(true) => {}
@@ -153,13 +202,37 @@ fn serve(listener: &TcpListener, target: &dyn ControlTarget, stop: &AtomicBool) 
                 continue;
             }
         }
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                if let Err(e) = answer(stream, target) {
-                    log::debug!("metrics client {peer}: {e}");
-                }
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                log::warn!("metrics accept failed: {e}");
+                continue;
             }
-            Err(e) => log::warn!("metrics accept failed: {e}"),
+        };
+        connections.retain(|c| !c.is_finished());
+        if active.load(Ordering::SeqCst) >= config.max_connections {
+            let _ = respond(stream, config, "503 Service Unavailable", "", "too many connections\n", false);
+            continue;
+        }
+        active.fetch_add(1, Ordering::SeqCst);
+        let slot = ConnectionSlot(Arc::clone(&active));
+        let target = Arc::clone(target);
+        let spawned = thread::Builder::new().name("ubcache-metrics-conn".to_owned()).spawn(move || {
+            let _slot = slot;
+            if let Err(e) = answer(stream, target.as_ref(), config) {
+                log::debug!("metrics client {peer}: {e}");
+            }
+        });
+        match spawned {
+            Ok(handle) => connections.push(handle),
+            // The closure (slot and stream with it) was dropped: nothing leaks.
+            Err(e) => log::error!("cannot spawn metrics connection thread: {e}"),
+        }
+    }
+    // Each connection ends within the request deadline plus one write timeout.
+    for connection in connections {
+        if connection.join().is_err() {
+            log::error!("metrics connection thread panicked");
         }
     }
 }
@@ -196,8 +269,8 @@ fn route(head: &[u8]) -> Route {
 }
 
 /// Reads the request head (bounded in bytes and time); `None` if it is too large.
-fn read_head(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
-    let deadline = Instant::now() + REQUEST_DEADLINE;
+fn read_head(stream: &mut TcpStream, config: MetricsConfig) -> io::Result<Option<Vec<u8>>> {
+    let deadline = Instant::now() + config.request_deadline;
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0_u8; 1024];
     loop {
@@ -205,7 +278,7 @@ fn read_head(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
             head.truncate(end);
             return Ok(Some(head));
         }
-        if head.len() > MAX_REQUEST_BYTES {
+        if head.len() > config.max_request_bytes {
             return Ok(None);
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -231,29 +304,54 @@ fn find_head_end(buf: &[u8]) -> Option<usize> {
     }
 }
 
-fn answer(mut stream: TcpStream, target: &dyn ControlTarget) -> io::Result<()> {
+fn answer(mut stream: TcpStream, target: &dyn ControlTarget, config: MetricsConfig) -> io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_write_timeout(Some(REQUEST_DEADLINE))?;
-    let (status, extra, body, head_only) = match read_head(&mut stream)? {
-        None => ("431 Request Header Fields Too Large", "", "request head too large\n".to_owned(), false),
+    match read_head(&mut stream, config)? {
+        None => respond(
+            stream,
+            config,
+            "431 Request Header Fields Too Large",
+            "",
+            "request head too large\n",
+            false,
+        ),
         Some(head) => match route(&head) {
-            Route::Metrics { head_only } => ("200 OK", "", render_prometheus(&target.stats()), head_only),
+            Route::Metrics { head_only } => {
+                respond(stream, config, "200 OK", "", &render_prometheus(&target.stats()), head_only)
+            }
             Route::NotFound => {
-                ("404 Not Found", "", "not found; metrics are at /metrics\n".to_owned(), false)
+                respond(stream, config, "404 Not Found", "", "not found; metrics are at /metrics\n", false)
             }
-            Route::MethodNotAllowed => {
-                ("405 Method Not Allowed", "Allow: GET, HEAD\r\n", "method not allowed\n".to_owned(), false)
-            }
-            Route::BadRequest => ("400 Bad Request", "", "bad request\n".to_owned(), false),
+            Route::MethodNotAllowed => respond(
+                stream,
+                config,
+                "405 Method Not Allowed",
+                "Allow: GET, HEAD\r\n",
+                "method not allowed\n",
+                false,
+            ),
+            Route::BadRequest => respond(stream, config, "400 Bad Request", "", "bad request\n", false),
         },
-    };
+    }
+}
+
+/// Writes one response and closes. `extra_headers` are complete `Name: value\r\n` lines.
+fn respond(
+    mut stream: TcpStream,
+    config: MetricsConfig,
+    status: &str,
+    extra_headers: &str,
+    body: &str,
+    head_only: bool,
+) -> io::Result<()> {
+    stream.set_write_timeout(Some(config.request_deadline))?;
     let content_type = if status.starts_with("200") { CONTENT_TYPE } else { "text/plain; charset=utf-8" };
     let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{extra_headers}Connection: close\r\n\r\n",
         body.len()
     );
     if !head_only {
-        response.push_str(&body);
+        response.push_str(body);
     }
     stream.write_all(response.as_bytes())?;
     stream.flush()

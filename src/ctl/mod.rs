@@ -33,6 +33,12 @@ use std::io;
 /// File name of the control socket, created next to the cache data (`<data-dir>/ubcache.ctl`).
 pub const SOCKET_FILE_NAME: &str = "ubcache.ctl";
 
+/// The control socket path for a cache whose data lives in `data_dir`.
+#[must_use]
+pub fn socket_path(data_dir: &std::path::Path) -> std::path::PathBuf {
+    data_dir.join(SOCKET_FILE_NAME)
+}
+
 /// Errors of the control plane. The kind travels over the socket (`"kind"` in an error reply),
 /// so a client can tell a refused value from a broken connection.
 #[derive(Debug, thiserror::Error)]

@@ -150,6 +150,7 @@ define_counters! {
     ReadHits => read_hits: "Read requests served entirely from the cache.",
     ReadMisses => read_misses: "Read requests that needed the backing device.",
     WriteCached => write_cached: "Write requests whose data went into the cache.",
+    BypassMode => bypass_mode: "Requests that bypassed the cache because of the cache mode (writearound or none).",
     BypassSequential => bypass_sequential: "Requests that bypassed the cache: part of a sequential stream past the cutoff.",
     BypassCongestion => bypass_congestion: "Requests that bypassed the cache: the cache device was congested.",
     BypassFull => bypass_full: "Requests that bypassed the cache: no cache space could be freed.",
