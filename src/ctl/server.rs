@@ -11,7 +11,8 @@
 //!
 //! [`CtlServer::stop`] (or drop) sets the stop flag, joins the acceptor and every client
 //! thread (each polls the flag while waiting for input), and removes the socket file if it is
-//! still the one this server created.
+//! still the one this server created. A request already inside the engine (a mode switch
+//! waiting for its flush, a detach) is finished first: stopping never abandons it half done.
 
 use super::protocol::{error_reply, handle_line};
 use super::{ControlTarget, CtlError};
