@@ -9,11 +9,13 @@
 //!   `docs/control.md`).
 //! - [`server`]: the Unix socket server (a std thread, bounded clients, stop + join).
 //! - [`client`]: one request per call, and the CLI's text renderers (flush progress bar).
+//! - [`flush`]: runs a flush on a background thread with progress and cancel.
 //! - [`knobs`]: knob and cache-mode parsing with bounds, as pure functions.
 //! - [`stats`]: atomic counters with exact rolling windows (5 min, 1 h, 1 day).
 //! - [`metrics`]: Prometheus text format 0.0.4 and a tiny HTTP responder.
 
 pub mod client;
+pub mod flush;
 pub mod knobs;
 pub mod metrics;
 pub mod protocol;
@@ -21,6 +23,7 @@ pub mod server;
 pub mod stats;
 
 pub use client::{CtlArgs, render_flush_progress, render_stats, request, run_ctl_command, wait_for_flush};
+pub use flush::FlushRunner;
 pub use knobs::{CacheMode, KnobError, KnobSetting, Knobs, ReplacementPolicy};
 pub use metrics::{MetricsServer, render_prometheus};
 pub use protocol::{Request, dispatch, handle_line, parse_request};
