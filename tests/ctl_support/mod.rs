@@ -30,6 +30,8 @@ pub struct FakeEngine {
     pub flush: Mutex<FakeFlush>,
     /// Bytes one progress query writes back.
     pub flush_step: u64,
+    /// When set, a running flush ends in this state at the next progress query.
+    pub end_flush_as: Mutex<Option<FlushState>>,
     /// Every set-mode call: (export, mode, flush_first).
     pub mode_calls: Mutex<Vec<(Option<String>, CacheMode, bool)>>,
     /// While true, set-mode blocks (holding its client thread) until `release_set_mode`.
@@ -51,6 +53,7 @@ impl FakeEngine {
             attached: Mutex::new(exports.iter().map(|e| ((*e).to_owned(), true)).collect()),
             flush: Mutex::new(FakeFlush { state: FlushState::Idle, left: dirty, done: 0 }),
             flush_step: 1 << 20,
+            end_flush_as: Mutex::new(None),
             mode_calls: Mutex::new(Vec::new()),
             hold_set_mode: Mutex::new(false),
             set_mode_released: Condvar::new(),
@@ -126,6 +129,9 @@ impl ControlTarget for FakeEngine {
 
     fn flush_progress(&self) -> FlushProgress {
         let mut f = self.flush.lock();
+        if let (FlushState::Running, Some(end)) = (f.state, *self.end_flush_as.lock()) {
+            f.state = end;
+        }
         if f.state == FlushState::Running {
             let step = f.left.min(self.flush_step);
             f.left -= step;
