@@ -197,3 +197,32 @@ fn concurrent_adds_while_the_clock_moves_are_counted_exactly() {
     assert_eq!((s.five_minute.miss_collisions, s.hour.miss_collisions, s.day.miss_collisions), (0, 0, 0));
     assert_eq!(s.total.miss_collisions, total);
 }
+
+/// Cost of one counter update on the request path, uncontended and with two threads.
+/// Prints figures only (speed is not asserted in tests). Run:
+/// `cargo test --test ctl_stats stats_add_cost -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement; run by hand"]
+fn stats_add_cost() {
+    let stats = Arc::new(Stats::new());
+    let n = 2_000_000_u64;
+    for threads in [1_u64, 2] {
+        let start = std::time::Instant::now();
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                let stats = stats.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..n {
+                        stats.incr(Counter::ReadHits);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let elapsed = start.elapsed();
+        println!("{threads} thread(s): {:.1} ns per add", elapsed.as_nanos() as f64 / n as f64);
+    }
+    assert_eq!(stats.snapshot().total.read_hits, 3 * n);
+}
