@@ -65,20 +65,22 @@ fn a_second_flush_is_refused_while_one_runs_and_cancel_stops_it() {
     let dirty = Arc::new(AtomicU64::new(100 * MIB));
     let r = runner(&dirty, &clock);
     let (go_tx, go_rx) = mpsc::channel::<()>();
-    let (did_tx, did_rx) = mpsc::channel::<()>();
+    let (entered_tx, entered_rx) = mpsc::channel::<()>();
     let mut inner = step_fn(&dirty, &clock);
-    // Each step waits for the test's go-ahead, so the flush is surely running below.
+    // Each step announces itself and waits for the test's go-ahead, so the flush is surely
+    // running below. The runner records a step's bytes before it calls the next step.
     r.start(move || {
+        entered_tx.send(()).map_err(|_| "test is gone".to_owned())?;
         go_rx.recv_timeout(Duration::from_secs(30)).map_err(|_| "test never released the step".to_owned())?;
-        let n = inner();
-        did_tx.send(()).unwrap();
-        n
+        inner()
     })
     .unwrap();
     for _ in 0..3 {
+        entered_rx.recv_timeout(Duration::from_secs(30)).unwrap();
         go_tx.send(()).unwrap();
-        did_rx.recv_timeout(Duration::from_secs(30)).unwrap();
     }
+    // The fourth step has started: the first three are fully accounted.
+    entered_rx.recv_timeout(Duration::from_secs(30)).unwrap();
     let running = r.progress();
     assert_eq!(running.state, FlushState::Running);
     assert_eq!(running.bytes_done, 3 * MIB);

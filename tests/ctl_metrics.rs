@@ -152,7 +152,7 @@ fn silent_clients_hold_at_most_the_connection_limit_and_stop_still_joins() {
     drop(silent);
     // The silent clients' threads see EOF and free their slots; retry for a bounded time.
     let mut served = false;
-    for _ in 0..200 {
+    for _ in 0..1000 {
         if http(addr, b"GET /metrics HTTP/1.1\r\n\r\n").0 == "HTTP/1.1 200 OK" {
             served = true;
             break;
