@@ -679,6 +679,32 @@ impl<S: NodeStore> Tree<S> {
         }
     }
 
+    /// When the first key after `begin` in `leaf` covers exactly the range of `key` (a rewrite of
+    /// the same block, the common case), replaces it in place with one search and returns it.
+    fn overwrite_exact(&mut self, leaf: NodeId, begin: Pos, key: &Key) -> Result<Option<Key>, BtreeError> {
+        let limit = self.leaf_cap;
+        let node = &mut self.nodes[leaf];
+        let (lo, hi, addr) = (node.lo, node.hi, node.disk.map(|d| d.addr));
+        let Body::Leaf(map) = &mut node.body else {
+            return Err(internal("descent ended on an interior node"));
+        };
+        let Some((p, v)) = map.range_mut((Excluded(begin), Unbounded)).next() else {
+            return Ok(None);
+        };
+        let old = key_of(p, v);
+        if let Err((kind, why)) = check_step(None, &old, lo, hi) {
+            return Err(iter_error(kind, why, addr, None, &old, lo, hi));
+        }
+        if old.dev != key.dev || old.end != key.end || old.size != key.size {
+            return Ok(None);
+        }
+        *v = Val::of(key);
+        node.note_change(key.dev, key.start(), key.end, limit);
+        self.account(&old, false);
+        self.account(key, true);
+        Ok(Some(old))
+    }
+
     fn insert_impl(&mut self, key: Key, displaced: &mut Vec<Key>) -> Result<(), BtreeError> {
         let (dev, start, end) = (key.dev, key.start(), key.end);
         let begin = Pos { dev, sector: start };
@@ -687,6 +713,10 @@ impl<S: NodeStore> Tree<S> {
         if key.pos() <= self.nodes[leaf].hi {
             // Fast path (one descent): the key fits this leaf, so every key it overlaps is here
             // too (keys of later leaves start at or after this leaf's high bound).
+            if let Some(old) = self.overwrite_exact(leaf, begin, &key)? {
+                displaced.push(old);
+                return Ok(());
+            }
             let mut cursor = begin;
             let mut prev = None;
             self.cut_in_leaf(leaf, dev, start, end, &mut cursor, &mut prev, displaced)?;
@@ -717,7 +747,9 @@ impl<S: NodeStore> Tree<S> {
 
     fn is_under(&self, id: NodeId) -> bool {
         let n = &self.nodes[id];
-        n.len() < if n.level == 0 { self.leaf_cap } else { self.interior_cap } / 4
+        // An interior node with a single child is always underfull (it adds a level for nothing).
+        let min = if n.level == 0 { (self.leaf_cap / 4).max(1) } else { (self.interior_cap / 4).max(2) };
+        n.len() < min
     }
 
     /// Restores the fill bounds along `path` after its leaf changed: split, merge, root
@@ -788,10 +820,10 @@ impl<S: NodeStore> Tree<S> {
         let ida = self.child_id(parent, a)?;
         let idb = self.child_id(parent, b)?;
         let (la, lb) = (self.nodes[ida].len(), self.nodes[idb].len());
-        let cap = if self.nodes[ida].level == 0 { self.leaf_cap } else { self.interior_cap };
-        if la != 0 && lb != 0 && la + lb > cap * 3 / 4 {
-            return Ok(());
-        }
+        let level = self.nodes[ida].level;
+        let cap = if level == 0 { self.leaf_cap } else { self.interior_cap };
+        // Merge b into a; if the result is over capacity it is split again at its middle below,
+        // which redistributes the entries evenly.
         let right = self.free_id(idb);
         if let Some(d) = right.disk {
             self.pending_free.push(d.addr);
@@ -813,6 +845,22 @@ impl<S: NodeStore> Tree<S> {
         children[a].hi = children[b].hi;
         children.remove(b);
         self.nodes[parent].dirty = true;
+        if level > 0 && la > 0 && lb > 0 {
+            // The seam between the two child lists may hold an underfull child that had no
+            // sibling before (an emptied only child): merge it with its new neighbour now.
+            for seam in [la, la - 1] {
+                if seam < self.nodes[ida].len() && self.nodes[ida].len() > 1 {
+                    let c = self.child_id(ida, seam)?;
+                    if self.is_under(c) {
+                        self.merge_child(ida, seam)?;
+                        break;
+                    }
+                }
+            }
+        }
+        if self.nodes[ida].len() > cap {
+            self.split_child(parent, a)?;
+        }
         Ok(())
     }
 
