@@ -196,6 +196,22 @@ fn benches(c: &mut Criterion) {
             black_box(flat.range((std::ops::Bound::Excluded(p), std::ops::Bound::Unbounded)).next());
         });
     });
+    // The alternative leaf layout: the same keys as 257 sorted Vecs (one per node) found by
+    // binary search, then a binary search in the Vec.
+    let entries: Vec<(Pos, (u32, u64))> = flat.iter().map(|(p, v)| (*p, *v)).collect();
+    let chunks: Vec<Vec<(Pos, (u32, u64))>> =
+        entries.chunks(entries.len() / 257 + 1).map(<[_]>::to_vec).collect();
+    drop(entries);
+    let maxes: Vec<Pos> = chunks.iter().map(|c| c.last().unwrap().0).collect();
+    g.bench_function("sorted_vecs_1M_first_after", |b| {
+        b.iter(|| {
+            let slot = rng.next() % SLOTS;
+            let p = Pos::new(1, slot * 8);
+            let ci = maxes.partition_point(|m| *m <= p).min(chunks.len() - 1);
+            let c = &chunks[ci];
+            black_box(c.get(c.partition_point(|e| e.0 <= p)));
+        });
+    });
     g.finish();
     drop(flat);
 
