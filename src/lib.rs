@@ -6,5 +6,6 @@
 //!
 //! The btree of extent keys lives in its own crate, `ubcache-btree`, with no I/O of its own.
 
+pub mod cache;
 pub mod dev;
 pub mod nbd;
