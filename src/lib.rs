@@ -6,6 +6,9 @@
 //!
 //! The btree of extent keys lives in its own crate, `ubcache-btree`, with no I/O of its own.
 
+pub mod alloc;
 pub mod cache;
 pub mod dev;
+pub mod format;
+pub mod journal;
 pub mod nbd;
