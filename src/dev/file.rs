@@ -1,9 +1,29 @@
 //! A device backed by a file or a block device, with positional I/O.
+//!
+//! - **Direct I/O** (`FileDevOptions::direct`): opened with `O_DIRECT`, bypassing the page cache,
+//!   so the cache does not hold every byte twice. The kernel then demands that buffer addresses,
+//!   offsets and lengths be multiples of the file's DIO alignment (probed with `statx`); callers
+//!   pass arbitrary buffers, so unaligned requests go through an aligned bounce buffer, and a
+//!   write that covers only part of an aligned block is a read-modify-write of that block under a
+//!   striped lock (two writers to different bytes of one block must not undo each other). If the
+//!   file system refuses `O_DIRECT`, or the size is not a multiple of the alignment, the device
+//!   logs a warning and stays buffered: correctness does not depend on it, and
+//!   [`FileDev::is_direct`] tells which one is in use.
+//! - **Zeroing and trim** use `fallocate` (which the kernel also implements for block devices,
+//!   issuing discard / write-zeroes there), falling back step by step to writing zeros. Only
+//!   "not supported" errors fall back; a real I/O error is returned.
+//! - **Holes** are reported with `SEEK_HOLE`/`SEEK_DATA`, with a bounded number of `lseek` calls.
+//! - **Sync failures are sticky**: after a failed `fsync` Linux may have dropped the dirty pages
+//!   and cleared the error, so a later `fsync` could succeed although data was lost. After one
+//!   failure every later write and sync fails.
 
 use super::{BlockDev, DevError, DevResult, write_zeroes_by_writing};
+use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
-use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
+use std::io::{self, Seek, SeekFrom};
+use std::ops::Range;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -14,6 +34,26 @@ pub struct FileDevOptions {
     pub read_only: bool,
     /// Create the file if it is missing, sparse, with this size in bytes.
     pub create_with_size: Option<u64>,
+    /// Use `O_DIRECT` where the file system allows it (see the module documentation).
+    pub direct: bool,
+}
+
+/// Bounce buffers are at most this big, so a huge request does not allocate its whole size.
+const BOUNCE_CHUNK: u64 = 1 << 20;
+/// Read-modify-write locks: blocks hash onto this many stripes.
+const RMW_STRIPES: usize = 64;
+/// The alignment assumed when the kernel cannot tell us (no `STATX_DIOALIGN`): the largest
+/// logical sector size in common use, so it is always sufficient.
+const FALLBACK_DIO_ALIGN: u64 = 4096;
+/// At most this many holes per `known_zero_ranges` call; the rest is reported as data, which is
+/// always correct, and keeps a badly fragmented file from costing unbounded `lseek` calls.
+const MAX_HOLES_PER_QUERY: usize = 512;
+
+#[derive(Debug)]
+struct DirectIo {
+    /// Offsets, lengths and buffer addresses must be multiples of this (a power of two).
+    align: u64,
+    rmw_locks: Box<[Mutex<()>]>,
 }
 
 /// A file or block device accessed with `pread`/`pwrite`, so concurrent requests never share a
@@ -24,15 +64,32 @@ pub struct FileDev {
     path: PathBuf,
     len: u64,
     read_only: bool,
+    is_block_device: bool,
+    direct: Option<DirectIo>,
+    /// Probed once at open: whether the file system punches holes (for a block device: whether
+    /// it has a write-zeroes command, so zeroing writes no data).
+    punch_supported: bool,
     /// Set once an `fsync` failed: Linux may already have dropped the dirty pages, so later
     /// syncs could report success for data that is gone. Every later write and sync fails.
     sync_failed: AtomicBool,
+    /// Test hook: the next sync fails as if `fsync` had returned EIO.
+    #[cfg(test)]
+    fail_next_sync: AtomicBool,
+}
+
+fn io_err(op: &'static str, source: io::Error) -> DevError {
+    DevError::Io { op, offset: 0, len: 0, source }
+}
+
+/// Errors that mean "this file system or device cannot do that", after which a slower way of
+/// doing the same thing is correct.
+fn is_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::ENOTTY))
 }
 
 impl FileDev {
     /// Opens `path` as a device.
     pub fn open(path: &Path, opts: &FileDevOptions) -> DevResult<Self> {
-        let io_err = |op, source| DevError::Io { op, offset: 0, len: 0, source };
         let exists = path.exists();
         let file = match (exists, opts.create_with_size) {
             (false, Some(size)) => {
@@ -51,14 +108,74 @@ impl FileDev {
                 .open(path)
                 .map_err(|e| io_err("open", e))?,
         };
+        let metadata = file.metadata().map_err(|e| io_err("stat", e))?;
+        let is_block_device = metadata.file_type().is_block_device();
+        // Seeking to the end works for regular files and block devices alike.
         let len = (&file).seek(SeekFrom::End(0)).map_err(|e| io_err("seek", e))?;
+        let (file, direct) = if opts.direct {
+            Self::reopen_direct(path, file, len, opts.read_only, is_block_device)?
+        } else {
+            (file, None)
+        };
+        let punch_supported = !opts.read_only
+            && if is_block_device {
+                block_device_zeroes_fast(metadata.rdev())
+            } else {
+                probe_punch(&file, len)
+            };
         Ok(Self {
             file,
             path: path.to_path_buf(),
             len,
             read_only: opts.read_only,
+            is_block_device,
+            direct,
+            punch_supported,
             sync_failed: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_next_sync: AtomicBool::new(false),
         })
+    }
+
+    /// Reopens `path` with `O_DIRECT`, or keeps the buffered `file` with a warning when direct
+    /// I/O is impossible here.
+    fn reopen_direct(
+        path: &Path,
+        file: File,
+        len: u64,
+        read_only: bool,
+        is_block_device: bool,
+    ) -> DevResult<(File, Option<DirectIo>)> {
+        let align = match dio_alignment(&file, is_block_device) {
+            Ok(Some(align)) => align,
+            Ok(None) => {
+                log::warn!(
+                    "{}: the file system does not support O_DIRECT; using buffered I/O",
+                    path.display()
+                );
+                return Ok((file, None));
+            }
+            Err(e) => return Err(io_err("statx", e)),
+        };
+        if len % align != 0 {
+            // Read-modify-write of the last block would have to write past the end.
+            log::warn!(
+                "{}: size {len} is not a multiple of the direct I/O alignment {align}; using buffered I/O",
+                path.display()
+            );
+            return Ok((file, None));
+        }
+        match OpenOptions::new().read(true).write(!read_only).custom_flags(libc::O_DIRECT).open(path) {
+            Ok(direct_file) => {
+                let rmw_locks = (0..RMW_STRIPES).map(|_| Mutex::new(())).collect();
+                Ok((direct_file, Some(DirectIo { align, rmw_locks })))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                log::warn!("{}: O_DIRECT refused ({e}); using buffered I/O", path.display());
+                Ok((file, None))
+            }
+            Err(e) => Err(io_err("open O_DIRECT", e)),
+        }
     }
 
     /// The path this device was opened from.
@@ -67,19 +184,153 @@ impl FileDev {
         &self.path
     }
 
-    fn check_writable(&self) -> DevResult<()> {
+    /// Whether I/O bypasses the page cache (`O_DIRECT` was requested and accepted).
+    #[must_use]
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// The direct I/O alignment in bytes, when direct I/O is in use.
+    #[must_use]
+    pub fn direct_alignment(&self) -> Option<u64> {
+        self.direct.as_ref().map(|d| d.align)
+    }
+
+    /// Whether the device is a block device (rather than a regular file).
+    #[must_use]
+    pub fn is_block_device(&self) -> bool {
+        self.is_block_device
+    }
+
+    fn check_writable(&self, op: &'static str) -> DevResult<()> {
         if self.read_only {
             return Err(DevError::ReadOnly);
         }
         if self.sync_failed.load(Ordering::Acquire) {
             return Err(DevError::Io {
-                op: "write",
+                op,
                 offset: 0,
                 len: 0,
-                source: std::io::Error::other("an earlier sync failed; refusing further writes"),
+                source: io::Error::other("an earlier sync failed; refusing further writes"),
             });
         }
         Ok(())
+    }
+
+    fn read_raw(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        // `read_exact_at` loops over short reads and EINTR, and turns an early end of file
+        // (the file shrank under us) into an error instead of returning stale bytes.
+        match &self.direct {
+            Some(d) if !is_aligned(buf.as_ptr(), buf.len(), offset, d.align) => {
+                self.read_bounced(d, buf, offset)
+            }
+            _ => self.file.read_exact_at(buf, offset),
+        }
+    }
+
+    fn write_raw(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        match &self.direct {
+            Some(d) if !is_aligned(buf.as_ptr(), buf.len(), offset, d.align) => {
+                self.write_bounced(d, buf, offset)
+            }
+            _ => self.file.write_all_at(buf, offset),
+        }
+    }
+
+    /// Reads through an aligned bounce buffer, one bounded chunk at a time.
+    fn read_bounced(&self, d: &DirectIo, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut bounce =
+            AlignedBuf::new(BOUNCE_CHUNK.min(align_up(end, d.align) - align_down(offset, d.align)), d.align);
+        let mut chunk_start = align_down(offset, d.align);
+        while chunk_start < end {
+            let chunk_end = (chunk_start + BOUNCE_CHUNK).min(align_up(end, d.align));
+            let chunk = bounce.slice_mut((chunk_end - chunk_start) as usize);
+            self.file.read_exact_at(chunk, chunk_start)?;
+            let (from, to) = (chunk_start.max(offset), chunk_end.min(end));
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&chunk[(from - chunk_start) as usize..(to - chunk_start) as usize]);
+            chunk_start = chunk_end;
+        }
+        Ok(())
+    }
+
+    /// Writes through an aligned bounce buffer. Blocks the request covers only partly are read
+    /// first and rewritten whole (read-modify-write), under the stripe locks of those blocks so
+    /// that a concurrent write to other bytes of the same block is not lost.
+    fn write_bounced(&self, d: &DirectIo, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let (first_block, end_aligned) = (align_down(offset, d.align), align_up(end, d.align));
+        let mut bounce = AlignedBuf::new(BOUNCE_CHUNK.min(end_aligned - first_block), d.align);
+        let mut chunk_start = first_block;
+        while chunk_start < end {
+            let chunk_end = (chunk_start + BOUNCE_CHUNK).min(end_aligned);
+            let (from, to) = (chunk_start.max(offset), chunk_end.min(end));
+            // Partial blocks: at most the first and the last block of this chunk.
+            let mut partial: Vec<u64> = Vec::with_capacity(2);
+            if from % d.align != 0 {
+                partial.push(align_down(from, d.align));
+            }
+            if to % d.align != 0 && !partial.contains(&align_down(to, d.align)) {
+                partial.push(align_down(to, d.align));
+            }
+            let mut stripes: Vec<usize> =
+                partial.iter().map(|&b| ((b / d.align) % RMW_STRIPES as u64) as usize).collect();
+            // A fixed lock order (ascending stripe) so two writers cannot deadlock.
+            stripes.sort_unstable();
+            stripes.dedup();
+            let _guards: Vec<_> = stripes.iter().map(|&s| d.rmw_locks[s].lock()).collect();
+            let chunk = bounce.slice_mut((chunk_end - chunk_start) as usize);
+            for &block in &partial {
+                let at = (block - chunk_start) as usize;
+                self.file.read_exact_at(&mut chunk[at..at + d.align as usize], block)?;
+            }
+            chunk[(from - chunk_start) as usize..(to - chunk_start) as usize]
+                .copy_from_slice(&buf[(from - offset) as usize..(to - offset) as usize]);
+            self.file.write_all_at(chunk, chunk_start)?;
+            chunk_start = chunk_end;
+        }
+        Ok(())
+    }
+
+    /// Punch → zero range → write zeros, for a caller that allows deallocation.
+    fn zero_unmapping(&self, offset: u64, len: u64) -> DevResult<()> {
+        for mode in [
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        ] {
+            match fallocate(&self.file, mode, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if is_unsupported(&e) => {}
+                Err(source) => return Err(DevError::Io { op: "write_zeroes", offset, len, source }),
+            }
+        }
+        write_zeroes_by_writing(self, offset, len)
+    }
+
+    /// Zero range → punch and reallocate → write zeros, keeping the blocks allocated (NBD
+    /// NO_HOLE: the client wants later writes there not to fail for lack of space).
+    fn zero_allocated(&self, offset: u64, len: u64) -> DevResult<()> {
+        let fail = |source| DevError::Io { op: "write_zeroes", offset, len, source };
+        match fallocate(&self.file, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if is_unsupported(&e) => {}
+            Err(e) => return Err(fail(e)),
+        }
+        match fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            Ok(()) => {
+                // The range is zero now; allocating it again keeps the NO_HOLE promise. If that
+                // fails the zeros are still correct, only the allocation is missing.
+                return match fallocate(&self.file, libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+                    Ok(()) => Ok(()),
+                    Err(e) if is_unsupported(&e) => Ok(()),
+                    Err(e) => Err(fail(e)),
+                };
+            }
+            Err(e) if is_unsupported(&e) => {}
+            Err(e) => return Err(fail(e)),
+        }
+        write_zeroes_by_writing(self, offset, len)
     }
 }
 
@@ -90,8 +341,10 @@ impl BlockDev for FileDev {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         DevError::check_range("read", offset, buf.len() as u64, self.len)?;
-        // `read_exact_at` loops over short reads and EINTR.
-        self.file.read_exact_at(buf, offset).map_err(|source| DevError::Io {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.read_raw(buf, offset).map_err(|source| DevError::Io {
             op: "read",
             offset,
             len: buf.len() as u64,
@@ -100,9 +353,12 @@ impl BlockDev for FileDev {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        self.check_writable()?;
+        self.check_writable("write")?;
         DevError::check_range("write", offset, buf.len() as u64, self.len)?;
-        self.file.write_all_at(buf, offset).map_err(|source| DevError::Io {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.write_raw(buf, offset).map_err(|source| DevError::Io {
             op: "write",
             offset,
             len: buf.len() as u64,
@@ -114,34 +370,81 @@ impl BlockDev for FileDev {
         if self.read_only {
             return Ok(());
         }
-        self.check_writable()?;
-        self.file.sync_data().map_err(|source| {
+        self.check_writable("sync")?;
+        #[cfg(test)]
+        let result = if self.fail_next_sync.swap(false, Ordering::AcqRel) {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        } else {
+            self.file.sync_data()
+        };
+        #[cfg(not(test))]
+        let result = self.file.sync_data();
+        result.map_err(|source| {
             self.sync_failed.store(true, Ordering::Release);
             DevError::Io { op: "sync", offset: 0, len: self.len, source }
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
-        self.check_writable()?;
+        self.check_writable("discard")?;
         DevError::check_range("discard", offset, len, self.len)?;
-        // Punching a hole is the natural TRIM for a file; where the file system cannot, TRIM is
-        // advisory and doing nothing is correct.
-        let _ = fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
-        Ok(())
+        if len == 0 {
+            return Ok(());
+        }
+        // Punching a hole is the natural TRIM for a file (and a discard on a block device);
+        // where it is unsupported, TRIM is advisory and doing nothing is correct.
+        match fallocate(&self.file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if is_unsupported(&e) => Ok(()),
+            Err(source) => Err(DevError::Io { op: "discard", offset, len, source }),
+        }
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> DevResult<()> {
-        self.check_writable()?;
+        self.check_writable("write_zeroes")?;
         DevError::check_range("write_zeroes", offset, len, self.len)?;
-        let mode = if may_unmap {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        } else {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        };
-        if fallocate(&self.file, mode, offset, len).is_ok() {
+        if len == 0 {
             return Ok(());
         }
-        write_zeroes_by_writing(self, offset, len)
+        if may_unmap { self.zero_unmapping(offset, len) } else { self.zero_allocated(offset, len) }
+    }
+
+    fn fast_zero(&self) -> bool {
+        self.punch_supported
+    }
+
+    fn known_zero_ranges(&self, offset: u64, len: u64) -> DevResult<Vec<Range<u64>>> {
+        DevError::check_range("known_zero_ranges", offset, len, self.len)?;
+        let end = offset + len;
+        let mut holes = Vec::new();
+        let mut pos = offset;
+        while pos < end && holes.len() < MAX_HOLES_PER_QUERY {
+            let hole = match lseek(&self.file, pos, libc::SEEK_HOLE) {
+                Ok(Some(hole)) => hole,
+                // ENXIO: `pos` is at or past the end of the file (it shrank): no more holes known.
+                Ok(None) => break,
+                // The file system cannot tell: knowing nothing is correct.
+                Err(e) if is_unsupported(&e) => return Ok(Vec::new()),
+                Err(source) => return Err(DevError::Io { op: "seek_hole", offset: pos, len, source }),
+            };
+            if hole >= end {
+                break;
+            }
+            let data = match lseek(&self.file, hole, libc::SEEK_DATA) {
+                Ok(Some(data)) => data,
+                Ok(None) => end, // No data after the hole: it runs to the end of the file.
+                Err(e) if is_unsupported(&e) => return Ok(Vec::new()),
+                Err(source) => return Err(DevError::Io { op: "seek_data", offset: hole, len, source }),
+            };
+            let hole_end = data.min(end);
+            if hole_end <= hole {
+                // A file system answering inconsistently; stop rather than loop.
+                break;
+            }
+            holes.push(hole..hole_end);
+            pos = hole_end;
+        }
+        Ok(holes)
     }
 
     fn is_read_only(&self) -> bool {
@@ -149,15 +452,125 @@ impl BlockDev for FileDev {
     }
 }
 
-fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
-        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+fn align_down(x: u64, align: u64) -> u64 {
+    x - x % align
+}
+
+fn align_up(x: u64, align: u64) -> u64 {
+    x.div_ceil(align) * align
+}
+
+fn is_aligned(ptr: *const u8, len: usize, offset: u64, align: u64) -> bool {
+    (ptr as usize as u64) % align == 0 && (len as u64) % align == 0 && offset % align == 0
+}
+
+/// A heap buffer whose usable part starts at an aligned address, without `unsafe`: it
+/// over-allocates by one alignment unit and starts at the first aligned byte.
+struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+}
+
+impl AlignedBuf {
+    fn new(len: u64, align: u64) -> Self {
+        let storage = vec![0u8; (len + align) as usize];
+        let misalignment = (storage.as_ptr() as usize as u64) % align;
+        let start = if misalignment == 0 { 0 } else { (align - misalignment) as usize };
+        Self { storage, start }
+    }
+
+    fn slice_mut(&mut self, len: usize) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + len]
+    }
+}
+
+/// The direct I/O alignment of `file`: `Ok(None)` when the file system does not support
+/// `O_DIRECT` at all.
+fn dio_alignment(file: &File, is_block_device: bool) -> io::Result<Option<u64>> {
+    // SAFETY: `statx` is a plain C struct of integers, for which all-zero bytes are valid.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is a valid NUL-terminated empty string, AT_EMPTY_PATH makes statx
+    // describe the open fd itself, and `stx` is a live, writable statx buffer.
+    let rc = unsafe {
+        libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &raw mut stx)
     };
-    // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file` and open for
-    // the duration of the call.
-    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, n) };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 {
+        if stx.stx_dio_offset_align == 0 {
+            return Ok(None);
+        }
+        let align = u64::from(stx.stx_dio_offset_align.max(stx.stx_dio_mem_align)).max(512);
+        return Ok(Some(align.next_power_of_two()));
+    }
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+            return Err(e);
+        }
+    }
+    // An older kernel: a block device knows its logical sector size; otherwise assume the
+    // largest common one, which is always enough.
+    if is_block_device {
+        let mut sector_size: libc::c_int = 0;
+        // SAFETY: BLKSSZGET writes one c_int through the pointer, which points at a live local.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &raw mut sector_size) };
+        if rc == 0 && sector_size > 0 {
+            return Ok(Some(u64::from(sector_size.unsigned_abs()).next_power_of_two()));
+        }
+    }
+    Ok(Some(FALLBACK_DIO_ALIGN))
+}
+
+/// Whether the file system punches holes, probed without changing any data: a punch past the
+/// end of the file, with the size kept, touches nothing but is still refused where unsupported.
+fn probe_punch(file: &File, len: u64) -> bool {
+    fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, len, 4096).is_ok()
+}
+
+/// Whether a block device zeroes without transferring data: its queue advertises a write-zeroes
+/// command (the kernel's fallocate on a block device then issues it; without one, punching is
+/// refused and zero range falls back to writing zero pages, which is not fast).
+fn block_device_zeroes_fast(rdev: u64) -> bool {
+    let base = format!("/sys/dev/block/{}:{}", libc::major(rdev), libc::minor(rdev));
+    // A partition has no queue of its own; its parent disk's applies.
+    ["queue/write_zeroes_max_bytes", "../queue/write_zeroes_max_bytes"].iter().any(|rel| {
+        std::fs::read_to_string(format!("{base}/{rel}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .is_some_and(|max| max > 0)
+    })
+}
+
+fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    loop {
+        // SAFETY: fallocate only reads its integer arguments; the fd is owned by `file` and open
+        // for the duration of the call.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, n) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `lseek` for SEEK_HOLE/SEEK_DATA: `Ok(None)` for ENXIO (no such region before end of file).
+/// Only the fd's cursor moves, which this device never uses (all I/O is positional).
+fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: lseek only reads its integer arguments on an fd owned by `file`.
+    let rc = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if rc >= 0 {
+        return Ok(Some(rc.unsigned_abs()));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) }
 }
 
 #[cfg(test)]
@@ -192,5 +605,36 @@ mod tests {
         let mut buf = [0; 512];
         dev.read_at(&mut buf, 0).unwrap();
         assert_eq!(buf, [1; 512]);
+    }
+
+    /// Guards the fsync-gate problem: after a failed fsync the kernel may have dropped dirty
+    /// pages and cleared the error, so a retry that "succeeds" would hide lost data.
+    #[test]
+    fn failed_sync_is_sticky() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sticky.img");
+        let opts = FileDevOptions { create_with_size: Some(1 << 16), ..Default::default() };
+        let dev = FileDev::open(&path, &opts).unwrap();
+        dev.write_at(&[1; 512], 0).unwrap();
+        dev.sync().unwrap();
+        dev.fail_next_sync.store(true, Ordering::Release);
+        assert!(matches!(dev.sync(), Err(DevError::Io { op: "sync", .. })));
+        // The hook fired once; the real fsync would now succeed, yet the device must refuse.
+        assert!(matches!(dev.sync(), Err(DevError::Io { op: "sync", .. })));
+        assert!(matches!(dev.write_at(&[2; 512], 0), Err(DevError::Io { op: "write", .. })));
+        assert!(matches!(dev.write_zeroes(0, 512, true), Err(DevError::Io { .. })));
+        // Reads still work: the data that is there can be salvaged.
+        let mut buf = [0; 512];
+        dev.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [1; 512]);
+    }
+
+    #[test]
+    fn aligned_buf_is_aligned() {
+        for align in [512u64, 4096] {
+            let mut b = AlignedBuf::new(10_000, align);
+            let s = b.slice_mut(10_000);
+            assert_eq!((s.as_ptr() as usize as u64) % align, 0);
+        }
     }
 }

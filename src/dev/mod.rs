@@ -2,8 +2,8 @@
 //!
 //! Everything that touches a cache or backing device (the NBD server, the cache engine, the
 //! journal, tests) does so through [`BlockDev`]. Tests swap in devices that keep data in memory
-//! ([`MemDev`]), simulate power loss, inject faults or return short transfers, so the same code
-//! that runs in production is the code under test.
+//! ([`MemDev`]), simulate power loss ([`SimDev`]), inject faults ([`FaultDev`]) or latency
+//! ([`SlowDev`]), so the same code that runs in production is the code under test.
 //!
 //! Semantics every implementation keeps:
 //! - `read_at`/`write_at` transfer the whole buffer or return an error; callers never see a short
@@ -13,11 +13,17 @@
 //! - Errors are sticky only where an implementation says so (a failed `fsync` on Linux may drop
 //!   dirty pages, so [`FileDev`] refuses further writes after one).
 
+mod fault;
 mod file;
 mod mem;
+mod sim;
+mod slow;
 
+pub use fault::{FaultCounts, FaultDev, FaultOp, FaultRule, OpFilter, OpInfo, RuleId};
 pub use file::{FileDev, FileDevOptions};
 pub use mem::MemDev;
+pub use sim::{CrashMode, SimDev, SimStats, WriteFate};
+pub use slow::{SlowDev, SlowDevConfig, SlowStats};
 
 use std::io;
 use std::ops::Range;
