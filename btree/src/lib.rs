@@ -1,1 +1,23 @@
-//! ubcache's btree of extent keys.
+//! ubcache's btree of extent keys: which ranges of which backing device live where in the cache,
+//! and whether they are dirty. It does no I/O of its own: nodes go through a [`NodeStore`].
+//!
+//! See `README.md` of this crate for the node byte diagram ([`format`] owns the bytes) and the
+//! persistence model.
+
+pub mod error;
+pub mod format;
+pub mod key;
+pub mod store;
+pub mod tree;
+
+#[cfg(test)]
+mod tests;
+
+/// Address of a node slot: opaque to the btree, the store maps it to bytes.
+pub type NodeAddr = u64;
+
+pub use error::{BtreeError, CorruptionKind, Problem, StoreError};
+pub use format::{MAX_DEPTH, NodePtr};
+pub use key::{Key, Pos, Ptr, Segment};
+pub use store::{MemStore, NodeStore};
+pub use tree::{Checkpoint, InsertOutcome, ReplaceOutcome, Tree, TreeConfig, TreeStats};
