@@ -7,7 +7,7 @@
 use super::error::{CacheError, CacheResult};
 use super::inflight::{DevRange, FillId};
 use super::policy::{CacheMode, WriteRoute, fill_on_read_miss, write_route};
-use super::set::{Backing, Shared};
+use super::set::{Backing, Meta, Shared};
 use super::stats::Stats;
 use crate::alloc::{AllocError, SectorAlloc};
 use crate::dev::{BlockDev, DevError, DevResult, SECTOR_SIZE};
@@ -303,8 +303,17 @@ impl CachedDev {
         let mut io = self.write_extents(allocs, data);
         let _guard;
         if !dirty && io.is_ok() {
-            // Writethrough: backing too, under the writeback range lock (rule 6).
+            // Writethrough: backing too, under the writeback range lock (rule 6), after the
+            // clean cached copy of the range is durably invalidated.
             _guard = self.shared.wb_locks.lock(self.range(start, end));
+            {
+                let mut m = self.shared.lock_meta()?;
+                if let Err(e) = self.invalidate_clean_durably(&mut m, start, end) {
+                    drop(m);
+                    self.unpin_all(allocs)?;
+                    return self.shared.fail(e);
+                }
+            }
             io = self.backing.dev.write_at(data, self.backing_offset(start)).map_err(CacheError::from);
             self.backing.unsynced.store(true, Ordering::Release);
         }
@@ -343,11 +352,11 @@ impl CachedDev {
     /// A write (or zeroing, or discard) that goes to backing, not into the cache. Holds the
     /// writeback range lock so an in-flight writeback of older data cannot land after it.
     ///
-    /// Clean cached data of the range is invalidated *before* the backing write: a crash can
-    /// then leave the old data on backing (the write was not acknowledged durable), never a
-    /// cached copy older than backing. Dirty cached data is dropped only *after* the new data is
-    /// durable on backing, otherwise a crash could resurrect the backing copy older than the
-    /// dirty one. Discard leaves dirty data alone (it is advisory) and skips those sectors.
+    /// Clean cached data of the range is invalidated *durably* before the backing write (see
+    /// [`CachedDev::invalidate_clean_durably`]). Dirty cached data is dropped only *after* the
+    /// new data is durable on backing, otherwise a crash could resurrect the backing copy older
+    /// than the dirty one. Discard leaves dirty data alone (it is advisory) and skips those
+    /// sectors.
     fn write_backing(&self, op: BackingOp<'_>, start: u64, end: u64, fua: bool) -> CacheResult<()> {
         let _guard = self.shared.wb_locks.lock(self.range(start, end));
         let dev = self.backing.dev_id;
@@ -356,28 +365,20 @@ impl CachedDev {
         let has_dirty;
         {
             let mut m = self.shared.lock_meta()?;
-            let segs = m.tree.lookup(dev, start, end)?;
-            has_dirty = segs.iter().any(|s| matches!(s, Segment::Cached(k) if k.dirty));
-            let r = if matches!(op, BackingOp::Discard) {
-                targets.clear();
-                for s in &segs {
-                    match s {
-                        Segment::Cached(k) if k.dirty => {}
-                        Segment::Cached(k) => {
-                            targets.push((k.start(), k.end));
-                        }
-                        Segment::Hole { start, end } => targets.push((*start, *end)),
-                    }
-                }
-                targets.iter().try_for_each(|&(s, e)| self.shared.invalidate_locked(&mut m, dev, s, e))
-            } else if has_dirty {
-                m.fills.collide(self.range(start, end));
-                Ok(())
-            } else {
-                self.shared.invalidate_locked(&mut m, dev, start, end)
+            let r = self.invalidate_clean_durably(&mut m, start, end);
+            has_dirty = match r {
+                Ok(d) => d,
+                Err(e) => return self.shared.fail(e),
             };
-            if let Err(e) = r {
-                return self.shared.fail(e);
+            m.fills.collide(self.range(start, end));
+            if matches!(op, BackingOp::Discard) && has_dirty {
+                // Discard is advisory: dirty sectors keep their data and are not discarded.
+                let segs = m.tree.lookup(dev, start, end)?;
+                targets = segs
+                    .iter()
+                    .filter(|s| !matches!(s, Segment::Cached(k) if k.dirty))
+                    .map(|s| (s.start(), s.end()))
+                    .collect();
             }
         }
         for &(s, e) in &targets {
@@ -406,6 +407,34 @@ impl CachedDev {
         }
         Stats::add(&self.shared.stats.write_bypassed, 1);
         if fua { self.shared.commit_locked(&mut m) } else { self.shared.maybe_commit_locked(&mut m) }
+    }
+
+    /// Invalidates every *clean* cached piece of the range and commits the invalidation before
+    /// returning, if there was any; returns whether dirty pieces remain. Called before a backing
+    /// write changes the range: a clean key claims "cache equals backing", so if the backing
+    /// write could become durable while the clean key is still durable, a crash would leave the
+    /// cache serving the old data and later (after eviction) the backing serving the new: a
+    /// value that changes with no write. Committing first closes that window; the cost is one
+    /// journal commit per backing write that overwrites cached clean data.
+    fn invalidate_clean_durably(&self, m: &mut Meta, start: u64, end: u64) -> CacheResult<bool> {
+        let dev = self.backing.dev_id;
+        let segs = m.tree.lookup(dev, start, end)?;
+        let mut has_dirty = false;
+        let mut invalidated = false;
+        for seg in segs {
+            if let Segment::Cached(k) = seg {
+                if k.dirty {
+                    has_dirty = true;
+                } else {
+                    self.shared.invalidate_locked(m, dev, k.start(), k.end)?;
+                    invalidated = true;
+                }
+            }
+        }
+        if invalidated {
+            self.shared.commit_locked(m)?;
+        }
+        Ok(has_dirty)
     }
 
     fn chunks(offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {

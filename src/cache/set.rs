@@ -827,6 +827,13 @@ impl Shared {
                 let next = m.tree.scan(Pos::MIN, &|k: &Key| k.dirty, max_keys.max(1), &mut keys)?;
                 m.wb_cursor = next.unwrap_or(Pos::MIN);
             }
+            // The dirty keys (and with them the removal of the older clean keys they replaced)
+            // must be durable before their data reaches backing: otherwise a crash could leave
+            // an older clean key durable over backing that already holds the newer data, and
+            // the sector's value would change later by itself, on eviction.
+            if !keys.is_empty() {
+                self.commit_locked(&mut m)?;
+            }
         }
         if keys.is_empty() {
             return Ok(0);
