@@ -8,6 +8,7 @@
 
 pub mod alloc;
 pub mod cache;
+pub mod check;
 pub mod dev;
 pub mod format;
 pub mod journal;

@@ -212,13 +212,9 @@ fn concurrent_committers_coalesce_into_fewer_syncs() {
     assert!(stats.coalesced_commits > 0);
     dev.sync_delay_us.store(0, Ordering::SeqCst);
     drop(j);
-    let (_, replay) = Journal::open(
-        dev,
-        Region { offset_bytes: 0, len_bytes: DEV_BYTES },
-        set,
-        JournalConfig::default(),
-    )
-    .unwrap();
+    let (_, replay) =
+        Journal::open(dev, Region { offset_bytes: 0, len_bytes: DEV_BYTES }, set, JournalConfig::default())
+            .unwrap();
     let mut ids = inserted_ids(&replay);
     assert_eq!(ids.len() as u64, total);
     ids.sort_unstable();

@@ -308,56 +308,8 @@ impl CacheSet {
             }));
         }
 
-        let (journal, replay) =
-            Journal::open(Arc::clone(&cache), geometry.journal_region(), sb.set_uuid, cfg.journal)?;
-        let Some((_, checkpoint)) = replay.checkpoint.clone() else {
-            return Err(CacheError::Corrupted(
-                "journal holds no checkpoint (not formatted by ubcache?)".into(),
-            ));
-        };
-        let mut table = format::read_bucket_table(
-            cache.as_ref(),
-            &geometry,
-            sb.set_uuid,
-            checkpoint.table_slot,
-            checkpoint.table_seq,
-        )?;
-        let root_bytes: [u8; ubcache_btree::format::NODE_PTR_LEN] =
-            checkpoint.root.as_slice().try_into().map_err(|_| {
-                CacheError::Corrupted(format!("checkpoint root pointer has {} bytes", checkpoint.root.len()))
-            })?;
-        let root = NodePtr::from_bytes(&root_bytes);
-        // The placeholder allocator is never asked for a node slot: the btree allocates only
-        // in flush(), which runs after the real allocator is rebuilt below.
-        let store = CacheStore::new(Arc::clone(&cache), geometry, Allocator::new(&geometry, cfg.alloc));
-        let mut tree = Tree::open(store, root, cfg.tree.clone())?;
-        // Node slots of the checkpointed tree: replay may merge nodes away, but their slots stay
-        // in use on disk until the next checkpoint frees them, so they are counted now.
-        let checkpoint_nodes = tree.node_addrs()?;
-        for (seq, entry) in &replay.entries {
-            let applied = match entry {
-                JournalEntry::KeyInsert(k) => tree.insert(from_jkey(k)).map(drop),
-                JournalEntry::KeyReplace { key, expected } => {
-                    tree.replace(from_jkey(key), expected.as_ref().map(from_jkey).as_ref()).map(drop)
-                }
-                JournalEntry::Invalidate { dev, start, end } => tree.invalidate(*dev, *start, *end).map(drop),
-                JournalEntry::BucketGen { bucket, generation } => {
-                    match table.gens.get_mut(*bucket as usize) {
-                        Some(g) => *g = *generation,
-                        None => {
-                            return Err(CacheError::Corrupted(format!(
-                                "journal entry {seq}: generation of bucket {bucket} outside the device"
-                            )));
-                        }
-                    }
-                    Ok(())
-                }
-                JournalEntry::Checkpoint(_) => Ok(()),
-            };
-            applied.map_err(|e| {
-                CacheError::Corrupted(format!("replaying journal entry {seq} ({entry:?}): {e}"))
-            })?;
-        }
+        let Loaded { journal, replay, table, mut tree, checkpoint, checkpoint_nodes } =
+            load(&cache, &sb, &cfg)?;
         let problems = tree.check()?;
         if !problems.is_empty() {
             let list: Vec<String> = problems.iter().take(20).map(ToString::to_string).collect();
@@ -500,16 +452,32 @@ impl CacheSet {
         self.shared.checkpoint_locked(&mut m)
     }
 
-    /// Walks the btree and returns every invariant violation (empty: healthy).
-    pub fn check_btree(&self) -> CacheResult<Vec<String>> {
+    /// Online fsck: walks the btree (invariants), checks every key and node slot, and compares
+    /// the allocator's per-bucket counts and the backing superblocks with what the btree says.
+    /// Takes the metadata lock for the whole walk.
+    pub fn check(&self) -> CacheResult<crate::check::Report> {
+        let mut report = crate::check::Report::default();
         let mut m = self.shared.lock_meta()?;
-        Ok(m.tree.check()?.iter().map(ToString::to_string).collect())
-    }
-
-    /// The allocator's own invariant violations.
-    #[must_use]
-    pub fn check_alloc(&self) -> Vec<String> {
-        self.shared.meta.lock().tree.store().alloc.check()
+        report.problems.extend(m.tree.check()?.iter().map(|p| format!("btree: {p}")));
+        let keys = all_keys(&mut m.tree)?;
+        let nodes = m.tree.node_addrs()?;
+        let alloc = &m.tree.store().alloc;
+        let gens: Vec<u8> = alloc.buckets().iter().map(|b| b.generation).collect();
+        let expected =
+            crate::check::check_keys_and_nodes(&self.shared.geometry, &gens, &keys, &nodes, &mut report);
+        crate::check::compare_allocator(&self.shared.geometry, alloc, &expected, &mut report);
+        drop(m);
+        for b in &self.shared.backings {
+            let dirty = report.dirty_sectors_by_dev.get(&b.dev_id).copied().unwrap_or(0);
+            let state = b.sb.lock().sb.state;
+            if dirty > 0 && state != BackingState::Dirty {
+                report.problems.push(format!(
+                    "backing dev {} has {dirty} dirty sectors but its superblock says {state:?}",
+                    b.dev_id
+                ));
+            }
+        }
+        Ok(report)
     }
 
     /// Stops the set cleanly: commits and checkpoints so the next open replays nothing.
@@ -518,6 +486,76 @@ impl CacheSet {
         self.shared.commit_locked(&mut m)?;
         self.shared.checkpoint_locked(&mut m)
     }
+}
+
+/// The cache state as recovery sees it, before anything is written: journal scanned, btree of
+/// the last checkpoint opened and the journal replayed onto it in memory, bucket generations
+/// from the checkpointed table plus replayed generation changes. Shared by
+/// [`CacheSet::open`] and the read-only [`crate::check::check`].
+pub(crate) struct Loaded {
+    pub(crate) journal: Journal,
+    pub(crate) replay: crate::journal::Replay,
+    pub(crate) table: format::BucketTable,
+    pub(crate) tree: Tree<CacheStore>,
+    pub(crate) checkpoint: CheckpointEntry,
+    /// Node slots of the checkpointed tree (still in use on disk until the next checkpoint).
+    pub(crate) checkpoint_nodes: Vec<u64>,
+}
+
+pub(crate) fn load(
+    cache: &Arc<dyn BlockDev>,
+    sb: &CacheSuperblock,
+    cfg: &CacheConfig,
+) -> CacheResult<Loaded> {
+    let geometry = sb.geometry;
+    let (journal, replay) =
+        Journal::open(Arc::clone(cache), geometry.journal_region(), sb.set_uuid, cfg.journal)?;
+    let Some((_, checkpoint)) = replay.checkpoint.clone() else {
+        return Err(CacheError::Corrupted("journal holds no checkpoint (not formatted by ubcache?)".into()));
+    };
+    let mut table = format::read_bucket_table(
+        cache.as_ref(),
+        &geometry,
+        sb.set_uuid,
+        checkpoint.table_slot,
+        checkpoint.table_seq,
+    )?;
+    let root_bytes: [u8; ubcache_btree::format::NODE_PTR_LEN] =
+        checkpoint.root.as_slice().try_into().map_err(|_| {
+            CacheError::Corrupted(format!("checkpoint root pointer has {} bytes", checkpoint.root.len()))
+        })?;
+    let root = NodePtr::from_bytes(&root_bytes);
+    // The placeholder allocator is never asked for a node slot: the btree allocates only
+    // in flush(), which runs after the real allocator is rebuilt below.
+    let store = CacheStore::new(Arc::clone(cache), geometry, Allocator::new(&geometry, cfg.alloc));
+    let mut tree = Tree::open(store, root, cfg.tree.clone())?;
+    // Node slots of the checkpointed tree: replay may merge nodes away, but their slots stay
+    // in use on disk until the next checkpoint frees them, so they are counted now.
+    let checkpoint_nodes = tree.node_addrs()?;
+    for (seq, entry) in &replay.entries {
+        let applied = match entry {
+            JournalEntry::KeyInsert(k) => tree.insert(from_jkey(k)).map(drop),
+            JournalEntry::KeyReplace { key, expected } => {
+                tree.replace(from_jkey(key), expected.as_ref().map(from_jkey).as_ref()).map(drop)
+            }
+            JournalEntry::Invalidate { dev, start, end } => tree.invalidate(*dev, *start, *end).map(drop),
+            JournalEntry::BucketGen { bucket, generation } => {
+                match table.gens.get_mut(*bucket as usize) {
+                    Some(g) => *g = *generation,
+                    None => {
+                        return Err(CacheError::Corrupted(format!(
+                            "journal entry {seq}: generation of bucket {bucket} outside the device"
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            JournalEntry::Checkpoint(_) => Ok(()),
+        };
+        applied
+            .map_err(|e| CacheError::Corrupted(format!("replaying journal entry {seq} ({entry:?}): {e}")))?;
+    }
+    Ok(Loaded { journal, replay, table, tree, checkpoint, checkpoint_nodes })
 }
 
 fn live_extent(k: &Key) -> LiveExtent {
