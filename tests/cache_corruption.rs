@@ -167,7 +167,7 @@ fn flipped_bit_in_the_bucket_table_is_detected() {
 #[test]
 fn one_bad_superblock_copy_is_survived_two_are_an_error() {
     let (cache, backing, model) = build(1);
-    let mut one = cache.clone();
+    let mut one = cache;
     one[format::SB_A_OFFSET_BYTES as usize + 64] ^= 0xff;
     let set = open(one.clone(), &backing).0.unwrap();
     assert!(reads_match(&set, &model));
@@ -179,7 +179,7 @@ fn one_bad_superblock_copy_is_survived_two_are_an_error() {
 fn offline_check_reports_a_damaged_node_instead_of_failing() {
     let (cache, backing, _) = build(0);
     let c: Arc<dyn BlockDev> = Arc::new(MemDev::from_bytes(cache.clone()));
-    let b: Arc<dyn BlockDev> = Arc::new(MemDev::from_bytes(backing.clone()));
+    let b: Arc<dyn BlockDev> = Arc::new(MemDev::from_bytes(backing));
     let clean = ubcache::check::check(&c, std::slice::from_ref(&b)).unwrap();
     assert!(clean.is_clean(), "{:?}", clean.problems);
     assert!(clean.dirty_sectors > 0 && clean.nodes >= 3);
