@@ -608,6 +608,9 @@ impl<S: NodeStore> Tree<S> {
         let mut cursor = Pos { dev, sector: start };
         let mut prev: Option<Key> = None;
         loop {
+            if cursor == Pos::MAX {
+                return Ok(());
+            }
             let path = self.descend_gt(cursor)?;
             let leaf = path.leaf();
             let (lo, hi, addr) = {

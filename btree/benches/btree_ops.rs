@@ -1,0 +1,180 @@
+//! criterion benches of the btree on a tree of 1M 4 KiB keys (256 KiB nodes, in a `MemStore`),
+//! with every invariant check on (they are always on): sequential and random inserts, random
+//! lookups, and a full writeback-style dirty scan. Prints the measured heap bytes per key.
+//!
+//! Run: `cargo bench -p ubcache-btree` (element/s = operations per second).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicIsize, Ordering};
+use ubcache_btree::{Key, MemStore, Pos, Ptr, Tree, TreeConfig};
+
+/// Counts live heap bytes, to report memory per key.
+struct Counting;
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only adds bookkeeping.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+const KEYS: u64 = 1_000_000;
+/// Random keys land on 4 KiB slots of a 2M-slot (8 GiB) region: about half are occupied.
+const SLOTS: u64 = 2 * KEYS;
+const NODE_SIZE: usize = 256 * 1024;
+
+struct XorShift(u64);
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn key4k(slot: u64, dirty: bool) -> Key {
+    Key::new(1, slot * 8, 8, Ptr { offset: slot * 8, generation: 1 }, dirty)
+}
+
+fn cfg() -> TreeConfig {
+    TreeConfig { max_cached_nodes: 4096, bset_align: 512 }
+}
+
+/// A tree of 1M keys at random slots (plus the measured heap bytes it uses).
+fn build_random_tree() -> (Tree<MemStore>, isize) {
+    let before = LIVE.load(Ordering::Relaxed);
+    let mut t = Tree::create(MemStore::new(NODE_SIZE), cfg()).unwrap();
+    let mut rng = XorShift(0x1234_5678);
+    let mut displaced = Vec::new();
+    while t.stats().keys < KEYS {
+        displaced.clear();
+        let slot = rng.next() % SLOTS;
+        t.insert_into(key4k(slot, slot % 2 == 0), &mut displaced).unwrap();
+    }
+    let after = LIVE.load(Ordering::Relaxed);
+    (t, after - before)
+}
+
+fn benches(c: &mut Criterion) {
+    let (mut tree, heap) = build_random_tree();
+    let stats = tree.stats();
+    eprintln!(
+        "tree: {} keys, {} nodes, depth {}, heap {} bytes = {:.1} bytes/key (estimate from structure sizes: {:.1})",
+        stats.keys,
+        stats.nodes,
+        stats.depth,
+        heap,
+        heap as f64 / stats.keys as f64,
+        stats.cached_bytes as f64 / stats.keys as f64
+    );
+    let cp = tree.flush().unwrap();
+    let store_bytes = tree.store().bytes_written();
+    eprintln!("flush of the 1M-key tree: {} bytes written, root {:?}", store_bytes, cp.root);
+
+    let mut g = c.benchmark_group("btree_1M");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20);
+    g.measurement_time(std::time::Duration::from_secs(4));
+    g.warm_up_time(std::time::Duration::from_secs(1));
+
+    let mut rng = XorShift(0xdead_beef);
+    let mut displaced = Vec::with_capacity(16);
+    g.bench_function("random_insert_4k", |b| {
+        b.iter(|| {
+            displaced.clear();
+            let slot = rng.next() % SLOTS;
+            tree.insert_into(black_box(key4k(slot, slot % 2 == 0)), &mut displaced).unwrap();
+        });
+    });
+
+    let mut segs = Vec::with_capacity(8);
+    g.bench_function("random_lookup_4k", |b| {
+        b.iter(|| {
+            let slot = rng.next() % SLOTS;
+            tree.lookup_into(1, slot * 8, slot * 8 + 8, &mut segs).unwrap();
+            black_box(segs.len());
+        });
+    });
+
+    // Sequential inserts append past the random region, as a streaming writer would.
+    let mut next = SLOTS;
+    g.bench_function("sequential_insert_4k", |b| {
+        b.iter(|| {
+            displaced.clear();
+            tree.insert_into(black_box(key4k(next, true)), &mut displaced).unwrap();
+            next += 1;
+        });
+    });
+    g.finish();
+
+    // Calibration on a loaded machine: one std BTreeMap of the same 1M keys (no tree, no checks).
+    let mut flat = std::collections::BTreeMap::new();
+    let mut all = Vec::new();
+    tree.scan(Pos::MIN, &|_| true, usize::MAX, &mut all).unwrap();
+    for k in &all {
+        flat.insert(k.pos(), (k.size, k.ptr.offset));
+    }
+    drop(all);
+    let mut g = c.benchmark_group("calibration");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20);
+    g.measurement_time(std::time::Duration::from_secs(3));
+    g.bench_function("std_btreemap_1M_range_first", |b| {
+        b.iter(|| {
+            let slot = rng.next() % SLOTS;
+            let p = Pos::new(1, slot * 8);
+            black_box(flat.range((std::ops::Bound::Excluded(p), std::ops::Bound::Unbounded)).next());
+        });
+    });
+    g.finish();
+    drop(flat);
+
+    let mut g = c.benchmark_group("btree_1M_scan");
+    let keys = tree.stats().keys;
+    g.throughput(Throughput::Elements(keys));
+    g.sample_size(10);
+    g.bench_function("full_dirty_scan", |b| {
+        b.iter_batched(
+            || Vec::with_capacity(1024),
+            |mut buf: Vec<Key>| {
+                let mut from = Pos::MIN;
+                let mut n = 0usize;
+                loop {
+                    buf.clear();
+                    let r = tree.scan(from, &|k| k.dirty, 1024, &mut buf).unwrap();
+                    n += buf.len();
+                    match r {
+                        Some(p) => from = p,
+                        None => break,
+                    }
+                }
+                black_box(n)
+            },
+            BatchSize::SmallInput,
+        );
+    });
+    g.finish();
+}
+
+criterion_group!(btree_benches, benches);
+criterion_main!(btree_benches);
