@@ -16,6 +16,7 @@
 //! alloc.release_bucket(bucket)                                          // empty btree/journal bucket -> Free
 //! alloc.gc_begin() -> GcSnapshot; alloc.gc_finish(snapshot)             // generation wrap bookkeeping
 //! alloc.table(seq) -> BucketTable; alloc.stats(); alloc.check() -> Vec<String>
+//! alloc.cross_check(&geometry, live_extents, btree_node_sectors) -> Vec<String>   // fsck
 //! ```
 //! The allocator does no I/O and takes `&mut self`: the engine keeps it behind its own lock.
 //!
@@ -190,22 +191,36 @@ pub enum ReclaimPolicy {
 pub fn pick_victims(policy: &ReclaimPolicy, buckets: &[Bucket], n: usize) -> Vec<u64> {
     let mut candidates: Vec<u64> =
         (0..buckets.len() as u64).filter(|&b| buckets[b as usize].is_reclaimable()).collect();
+    let n = n.min(candidates.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    // Selection of the best n is O(buckets); only those n are sorted.
+    let mut take_smallest = |key: &dyn Fn(u64) -> (u64, u64, u64)| {
+        if n < candidates.len() {
+            candidates.select_nth_unstable_by_key(n - 1, |&b| key(b));
+        }
+        candidates.truncate(n);
+        candidates.sort_unstable_by_key(|&b| key(b));
+    };
     match policy {
-        ReclaimPolicy::Lru => candidates.sort_by_key(|&b| {
+        ReclaimPolicy::Lru => take_smallest(&|b| {
             let k = &buckets[b as usize];
-            (u64::from(k.prio) * u64::from(k.live_sectors), k.prio, b)
+            (u64::from(k.prio) * u64::from(k.live_sectors), u64::from(k.prio), b)
         }),
-        ReclaimPolicy::Fifo => candidates.sort_by_key(|&b| (buckets[b as usize].opened_at, b)),
+        ReclaimPolicy::Fifo => take_smallest(&|b| (buckets[b as usize].opened_at, b, 0)),
         ReclaimPolicy::Random(seed) => {
+            // Partial Fisher-Yates with splitmix64: the first n are a uniform random pick,
+            // reproducible from the seed.
             let mut state = *seed;
-            // Fisher-Yates with splitmix64: deterministic for a seed.
-            for i in (1..candidates.len()).rev() {
-                let j = (format::splitmix64(&mut state) % (i as u64 + 1)) as usize;
+            let len = candidates.len();
+            for i in 0..n {
+                let j = i + (format::splitmix64(&mut state) % (len - i) as u64) as usize;
                 candidates.swap(i, j);
             }
+            candidates.truncate(n);
         }
     }
-    candidates.truncate(n);
     candidates
 }
 
@@ -236,6 +251,14 @@ pub struct SectorAlloc {
     pub sectors: u32,
     /// The bucket generation to put in the pointer.
     pub generation: u8,
+}
+
+impl SectorAlloc {
+    /// The btree pointer to the allocated sectors.
+    #[must_use]
+    pub fn ptr(&self) -> format::Ptr {
+        format::Ptr { offset: self.offset, generation: self.generation }
+    }
 }
 
 /// A generation change to journal.
@@ -413,6 +436,16 @@ impl Allocator {
             let b = locate(e.offset, e.sectors, "key")?;
             let k = &mut buckets[b];
             let dist = k.generation.wrapping_sub(e.generation);
+            if dist > GC_GEN_MAX {
+                // Either older than GC allows or newer than its bucket (a generation that was
+                // never made durable): advancing the bucket could make it valid again, so the
+                // cache must not be used until the key is removed.
+                return Err(AllocError::Invalid(format!(
+                    "key at sector {} has generation {}, bucket {b} is at {}: more than {GC_GEN_MAX} apart \
+                     (stale pointer GC missed, or a generation from the future)",
+                    e.offset, e.generation, k.generation
+                )));
+            }
             max_dist[b] = max_dist[b].max(dist);
             if dist != 0 {
                 continue; // stale pointer: does not count, but holds oldest_gen back
@@ -795,6 +828,53 @@ impl Allocator {
             gens: self.buckets.iter().map(|k| k.generation).collect(),
             prios: self.buckets.iter().map(|k| k.prio).collect(),
         }
+    }
+
+    /// Cross-checks the in-memory counts against the btree (for fsck): rebuilds an allocator
+    /// from this one's generations and the given keys and node slots (as [`Allocator::rebuild`]
+    /// takes them) and returns every bucket whose live or dirty count, or kind, disagrees.
+    /// Open and free-pending buckets are compared by their counts only.
+    #[must_use]
+    pub fn cross_check(
+        &self,
+        geometry: &Geometry,
+        live: impl IntoIterator<Item = LiveExtent>,
+        btree_node_sectors: impl IntoIterator<Item = u64>,
+    ) -> Vec<String> {
+        let rebuilt = match Allocator::rebuild(geometry, &self.table(0), live, btree_node_sectors, self.cfg) {
+            Ok(a) => a,
+            Err(e) => return vec![format!("the btree does not fit the bucket table: {e}")],
+        };
+        let mut problems = Vec::new();
+        for (b, (mine, theirs)) in self.buckets.iter().zip(&rebuilt.buckets).enumerate() {
+            if (mine.live_sectors, mine.dirty_sectors) != (theirs.live_sectors, theirs.dirty_sectors) {
+                problems.push(format!(
+                    "bucket {b} ({:?}): counted live {} dirty {}, the btree has live {} dirty {}",
+                    mine.state,
+                    mine.live_sectors,
+                    mine.dirty_sectors,
+                    theirs.live_sectors,
+                    theirs.dirty_sectors
+                ));
+            }
+            let kinds_differ = matches!(
+                (mine.state, theirs.state),
+                (
+                    BucketState::Data | BucketState::Open(OpenKind::Data) | BucketState::Free,
+                    BucketState::Btree
+                ) | (
+                    BucketState::Btree | BucketState::Open(OpenKind::Btree) | BucketState::Free,
+                    BucketState::Data
+                )
+            );
+            if kinds_differ {
+                problems.push(format!(
+                    "bucket {b} is {:?} but the btree uses it as {:?}",
+                    mine.state, theirs.state
+                ));
+            }
+        }
+        problems
     }
 
     /// Counts by state.

@@ -287,6 +287,15 @@ fn need(buf: &[u8], len: usize) -> FormatResult<()> {
     Ok(())
 }
 
+/// Version 1 defines reserved and unused bytes as zero; anything else is not a structure this
+/// build wrote (a later format that uses them sets a feature bit or a new version).
+fn check_zero(bytes: &[u8], what: &str) -> FormatResult<()> {
+    if bytes.iter().any(|&b| b != 0) {
+        return Err(FormatError::Invalid(format!("{what} must be zero")));
+    }
+    Ok(())
+}
+
 fn check_crc(stored: u32, bytes: &[u8]) -> FormatResult<()> {
     let got = crc32c::crc32c(bytes);
     if got != stored {
@@ -700,9 +709,13 @@ impl CacheSuperblock {
         if count > MAX_BACKING_DEVS {
             return Err(FormatError::Invalid(format!("backing device count {count} > {MAX_BACKING_DEVS}")));
         }
+        check_zero(&b[SB_RESERVED0_OFF..SB_RESERVED0_OFF + 4], "superblock reserved field at 12")?;
+        check_zero(&b[SB_RESERVED1_OFF..SB_RESERVED1_OFF + 4], "superblock reserved field at 148")?;
+        check_zero(&b[SB_BACKING_OFF + count * BACKING_ENTRY_LEN..SB_CRC_OFF], "unused superblock space")?;
         let mut backing = Vec::with_capacity(count);
         for i in 0..count {
             let off = SB_BACKING_OFF + i * BACKING_ENTRY_LEN;
+            check_zero(&b[off + 20..off + 24], "backing entry reserved field")?;
             let e = BackingEntry {
                 uuid: Uuid(get_16(b, off)),
                 dev_id: get_u32(b, off + 16),
@@ -782,16 +795,10 @@ pub fn read_cache_superblock(dev: &dyn BlockDev) -> FormatResult<SuperblockRead>
     let a = read_copy(SbCopy::A);
     let b = read_copy(SbCopy::B);
     // An I/O error is not corruption: report it rather than silently using the other copy.
-    for r in [&a, &b] {
-        if let Err(FormatError::Dev(e)) = r {
-            return Err(FormatError::Dev(DevError::Io {
-                op: "read superblock",
-                offset: 0,
-                len: SB_BYTES as u64,
-                source: std::io::Error::other(e.to_string()),
-            }));
-        }
-    }
+    let (a, b) = match (a, b) {
+        (Err(FormatError::Dev(e)), _) | (_, Err(FormatError::Dev(e))) => return Err(FormatError::Dev(e)),
+        other => other,
+    };
     let (sb, copy, other_copy_error) = match (a, b) {
         (Ok(a), Ok(b)) => {
             if b.seq > a.seq {
@@ -984,6 +991,8 @@ impl BackingSuperblock {
         if recorded != BACKING_SB_OFFSET_BYTES {
             return Err(FormatError::WrongAddress { recorded, actual: BACKING_SB_OFFSET_BYTES });
         }
+        check_zero(&b[BSB_RESERVED0_OFF..BSB_RESERVED0_OFF + 2], "backing superblock reserved field")?;
+        check_zero(&b[BSB_END..BSB_CRC_OFF], "unused backing superblock space")?;
         let sb = BackingSuperblock {
             version,
             features: Features {
@@ -1055,27 +1064,10 @@ pub fn read_backing_superblock(dev: &dyn BlockDev) -> FormatResult<Option<Backin
 // Journal entries
 // ---------------------------------------------------------------------------------------------
 
-/// Where a key's data lives in the cache (mirrors `ubcache_btree::Ptr`): absolute cache-device
-/// sector of the data for the key's start, and the bucket generation it was made with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Ptr {
-    pub offset: u64,
-    pub generation: u8,
-}
+pub use ubcache_btree::{Key, NodePtr, Ptr};
 
-/// An extent key (mirrors `ubcache_btree::Key`): sectors [end - size, end) of backing device
-/// `dev` are cached at `ptr`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Key {
-    pub dev: u32,
-    pub end: u64,
-    pub size: u32,
-    pub ptr: Ptr,
-    pub dirty: bool,
-}
-
-/// Most bytes of an encoded btree root pointer a checkpoint may carry.
-pub const MAX_ROOT_PTR_BYTES: usize = 256;
+/// Encoded length of a btree root pointer ([`NodePtr::to_bytes`]).
+pub const ROOT_PTR_LEN: usize = ubcache_btree::format::NODE_PTR_LEN;
 
 /// Which bucket-table region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1112,8 +1104,8 @@ impl TryFrom<u8> for TableSlot {
 /// journal seq `replay_from - 1`. Replay applies entries with seq >= `replay_from`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointEntry {
-    /// The btree root pointer, encoded by the btree crate (opaque here, bounded length).
-    pub root: Vec<u8>,
+    /// The btree root (encoded by the btree crate: `{ addr u64 | seq u64 | len u32 | crc32c u32 }`).
+    pub root: NodePtr,
     /// Region holding the bucket table written for this checkpoint.
     pub table_slot: TableSlot,
     /// Seq of that bucket table (must match what the region holds).
@@ -1166,13 +1158,9 @@ fn decode_key(r: &mut Reader<'_>) -> FormatResult<Key> {
     if flags > 1 {
         return Err(FormatError::Invalid(format!("key flags {flags:#x}")));
     }
-    if u64::from(size) > end || size == 0 {
-        return Err(FormatError::Invalid(format!("key size {size} with end {end}")));
-    }
-    if offset.checked_add(u64::from(size)).is_none() {
-        return Err(FormatError::Invalid(format!("key ptr {offset} + size {size} overflows")));
-    }
-    Ok(Key { dev, end, size, ptr: Ptr { offset, generation }, dirty: flags == 1 })
+    let key = Key { dev, end, size, ptr: Ptr { offset, generation }, dirty: flags == 1 };
+    key.validate().map_err(|why| FormatError::Invalid(format!("journalled key {key:?}: {why}")))?;
+    Ok(key)
 }
 
 impl JournalEntry {
@@ -1182,7 +1170,7 @@ impl JournalEntry {
     /// - KeyReplace  { key | has expected u8 | expected key (if has) }
     /// - Invalidate  { dev u32 | start u64 | end u64 }
     /// - BucketGen   { bucket u64 | generation u8 }
-    /// - Checkpoint  { replay_from u64 | table slot u8 | table seq u64 | root len u16 | root }
+    /// - Checkpoint  { replay_from u64 | table slot u8 | table seq u64 | root NodePtr (24 bytes) }
     pub fn encode(&self, out: &mut Vec<u8>) -> FormatResult<()> {
         let start = out.len();
         out.extend_from_slice(&[0, 0, 0]);
@@ -1218,24 +1206,16 @@ impl JournalEntry {
                 ENTRY_BUCKET_GEN
             }
             JournalEntry::Checkpoint(c) => {
-                if c.root.len() > MAX_ROOT_PTR_BYTES {
-                    out.truncate(start);
-                    return Err(FormatError::Invalid(format!(
-                        "root pointer of {} bytes, at most {MAX_ROOT_PTR_BYTES}",
-                        c.root.len()
-                    )));
-                }
                 out.extend_from_slice(&c.replay_from.to_le_bytes());
                 out.push(c.table_slot as u8);
                 out.extend_from_slice(&c.table_seq.to_le_bytes());
-                out.extend_from_slice(&(c.root.len() as u16).to_le_bytes());
-                out.extend_from_slice(&c.root);
+                out.extend_from_slice(&c.root.to_bytes());
                 ENTRY_CHECKPOINT
             }
         };
         let payload_len = out.len() - start - ENTRY_HEADER_LEN;
         out[start] = kind;
-        // Every payload is bounded well below u16::MAX (largest: checkpoint, < 300 bytes).
+        // Every payload is bounded well below u16::MAX (largest: replace, 57 bytes).
         put_u16(out, start + 1, payload_len as u16);
         Ok(())
     }
@@ -1249,7 +1229,7 @@ impl JournalEntry {
                 JournalEntry::KeyReplace { expected, .. } => KEY_LEN + 1 + expected.map_or(0, |_| KEY_LEN),
                 JournalEntry::Invalidate { .. } => 20,
                 JournalEntry::BucketGen { .. } => 9,
-                JournalEntry::Checkpoint(c) => 8 + 1 + 8 + 2 + c.root.len(),
+                JournalEntry::Checkpoint(_) => 8 + 1 + 8 + ROOT_PTR_LEN,
             }
     }
 
@@ -1283,11 +1263,9 @@ impl JournalEntry {
                 let replay_from = p.u64()?;
                 let table_slot = TableSlot::try_from(p.u8()?)?;
                 let table_seq = p.u64()?;
-                let root_len = p.u16()? as usize;
-                if root_len > MAX_ROOT_PTR_BYTES {
-                    return Err(FormatError::Invalid(format!("root pointer length {root_len}")));
-                }
-                let root = p.take(root_len)?.to_vec();
+                let mut root = [0u8; ROOT_PTR_LEN];
+                root.copy_from_slice(p.take(ROOT_PTR_LEN)?);
+                let root = NodePtr::from_bytes(&root);
                 JournalEntry::Checkpoint(CheckpointEntry { root, table_slot, table_seq, replay_from })
             }
             other => return Err(FormatError::Invalid(format!("unknown journal entry kind {other}"))),

@@ -33,6 +33,15 @@
 //! pending. Each record links to its predecessor (seq and sector), see
 //! [`crate::format::RecordHeader`].
 //!
+//! Space: 1/8 of the ring is held back for commits that carry a checkpoint, and pending entries
+//! are bounded to 1/32 of the ring (`append` returns `Full`: commit first), so when a commit
+//! fails with `Full` the engine can always checkpoint (append a checkpoint, commit: it fits in
+//! the reserve), release, and go on. [`Journal::needs_checkpoint`] turns true at half full
+//! (configurable) so that this is rare.
+//!
+//! Failure: if a write or sync fails, the journal fails for good ([`JournalError::Failed`]):
+//! entries that were taken for the failed commit cannot be promised durable. Reopen to recover.
+//!
 //! **At most one record is ever unsynced**: a commit larger than the maximum record size writes
 //! several records, each followed by its own sync. So after a crash only the last record can be
 //! torn, and a bad record followed by valid newer ones is corruption, not a torn write.
@@ -61,8 +70,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// Errors of the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    /// No room for the pending entries without overwriting records still needed. Checkpoint and
-    /// [`Journal::release_before`], then commit again; nothing was lost.
+    /// No room. From [`Journal::append`]: too many entries pending, commit first. From
+    /// [`Journal::commit`]: the ring has no room without overwriting records still needed;
+    /// checkpoint (a commit carrying a checkpoint may use the reserve) and
+    /// [`Journal::release_before`], then commit again. Nothing was lost either way.
     #[error(
         "journal full: {needed_sectors} sectors needed, {free_sectors} free of {total_sectors}; checkpoint and release first"
     )]
@@ -112,7 +123,9 @@ pub enum RecoveryMode {
     /// A torn last record (a crash during its write) is dropped: its commit never returned.
     #[default]
     TolerateTailCorruption,
-    /// Any damaged record is an error, including a torn tail.
+    /// A torn tail is an error too (as is any damage inside the needed chain, in both modes).
+    /// Damaged leftovers of released records are ignored in both modes: records partially
+    /// overwritten by later laps of the ring are normal.
     AbsoluteConsistency,
 }
 
@@ -261,6 +274,8 @@ pub struct Journal {
     /// their seq already durable when they get it.
     ring: Mutex<Ring>,
     durable_seq: AtomicU64,
+    /// Copy of the ring's used sectors, so fill checks never wait for a commit's I/O.
+    used_sectors_hint: AtomicU64,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
 }
@@ -279,6 +294,9 @@ const SCAN_CHUNK_BYTES: u64 = 1 << 20;
 /// 1/8 of the ring is kept for commits that carry a checkpoint: when the journal is nearly full,
 /// the checkpoint that lets it release space must still fit.
 const CHECKPOINT_RESERVE_DIVISOR: u64 = 8;
+/// Pending entries are bounded to 1/32 of the ring, so that the largest pending batch plus a
+/// checkpoint, plus the gap a wrap can waste in front of it, fits in the checkpoint reserve.
+const PENDING_LIMIT_DIVISOR: u64 = 32;
 
 impl Journal {
     fn new_empty(
@@ -320,6 +338,7 @@ impl Journal {
                 stats: JournalStats { total_sectors: region_sectors, ..JournalStats::default() },
             }),
             durable_seq: AtomicU64::new(0),
+            used_sectors_hint: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
         })
@@ -364,11 +383,14 @@ impl Journal {
 
     /// Appends entries to the pending buffer and returns the seq of the last one (or the last
     /// seq appended so far, if `entries` is empty). Nothing is written: call [`Journal::commit`].
-    /// Fails with `Full` when the pending entries alone would fill half the journal (commit
-    /// first), and with `Failed` after an earlier I/O failure.
+    /// Fails with `Full` when the pending entries would exceed 1/32 of the ring (commit first:
+    /// this bound keeps any pending batch plus a checkpoint inside the checkpoint reserve), and
+    /// with `Failed` after an earlier I/O failure. A refused append leaves nothing pending. A
+    /// batch with a checkpoint entry, or one appended when nothing is pending, is never refused
+    /// for size.
     pub fn append(&self, entries: &[JournalEntry]) -> JournalResult<u64> {
         self.check_failed()?;
-        let limit = (self.region.len_bytes / 2) as usize;
+        let limit = (self.region.len_bytes / PENDING_LIMIT_DIVISOR) as usize;
         let mut p = self.pending.lock();
         let before_len = p.bytes.len();
         let before_ends = p.ends.len();
@@ -396,7 +418,12 @@ impl Journal {
                 p.checkpoints.push((seq, c.replay_from));
             }
         }
-        if p.bytes.len() > limit {
+        // A batch carrying a checkpoint is always accepted: it is what lets the journal free
+        // space, and the reserve leaves room for it (one entry beyond the limit).
+        // A batch appended to an empty buffer is accepted whatever its size (commit splits it
+        // into records), so a caller that commits and retries always makes progress.
+        let has_checkpoint = p.checkpoints.len() > before_cps;
+        if p.bytes.len() > limit && !has_checkpoint && before_len > 0 {
             let needed = p.bytes.len() as u64;
             p.bytes.truncate(before_len);
             p.ends.truncate(before_ends);
@@ -499,27 +526,32 @@ impl Journal {
                 entries_len: entries_bytes.len() as u32,
                 record_sectors: Self::record_sectors(entries_bytes.len()) as u32,
             };
-            let record = format::encode_record(&header, entries_bytes)?;
-            let write = self
-                .dev
-                .write_at(&record, self.region.offset_bytes + pos * SECTOR_SIZE)
-                .and_then(|()| self.dev.sync());
-            if let Err(e) = write {
-                // The entries of this and later records are lost from memory and their
-                // durability is unknown: fail the journal so nobody is told they are durable.
-                let err = JournalError::Dev(e);
-                self.fail(&err);
-                return Err(err);
-            }
+            let written = format::encode_record(&header, entries_bytes).map_err(JournalError::from).and_then(
+                |record| {
+                    self.dev.write_at(&record, self.region.offset_bytes + pos * SECTOR_SIZE)?;
+                    self.dev.sync()?;
+                    Ok(record.len())
+                },
+            );
+            let record_len = match written {
+                Ok(len) => len,
+                Err(err) => {
+                    // The entries of this and later records are gone from memory and their
+                    // durability is unknown: fail the journal so nobody is told they are durable.
+                    self.fail(&err);
+                    return Err(err);
+                }
+            };
             let sectors = u64::from(header.record_sectors);
             let waste_before = if ring.records.is_empty() { 0 } else { waste };
             ring.records.push_back(RecordLoc { last_seq: rec_last, sector: pos, sectors, waste_before });
             ring.used_sectors += sectors + waste_before;
+            self.used_sectors_hint.store(ring.used_sectors, Ordering::Release);
             ring.tail = (pos + sectors) % ring.region_sectors;
             ring.prev = (rec_last, pos);
             ring.stats.records_written += 1;
             ring.stats.syncs += 1;
-            ring.stats.bytes_written += record.len() as u64;
+            ring.stats.bytes_written += record_len as u64;
             if let Some(&(cp_seq, replay_from)) =
                 checkpoints.iter().rev().find(|(s, _)| *s >= rec_first && *s <= rec_last)
             {
@@ -602,14 +634,15 @@ impl Journal {
             front.waste_before = 0;
             ring.used_sectors -= waste;
         }
+        self.used_sectors_hint.store(ring.used_sectors, Ordering::Release);
         Ok(())
     }
 
     /// Fraction of the ring holding retained records.
     #[must_use]
     pub fn fill_fraction(&self) -> f64 {
-        let ring = self.ring.lock();
-        ring.used_sectors as f64 / ring.region_sectors as f64
+        let region_sectors = self.region.len_bytes / SECTOR_SIZE;
+        self.used_sectors_hint.load(Ordering::Acquire) as f64 / region_sectors as f64
     }
 
     /// Whether the engine should checkpoint now (the ring is past the configured fill).
@@ -816,6 +849,7 @@ impl Journal {
         ring.tail = newest_end % region_sectors;
         ring.prev = (newest.last_seq(), newest.sector);
         ring.durable_checkpoint = checkpoint.as_ref().map(|(s, c)| (*s, c.replay_from));
+        self.used_sectors_hint.store(ring.used_sectors, Ordering::Release);
         drop(ring);
         // New seqs continue after every seq seen in any valid record, so even a stale record can
         // never share a seq with a new one.

@@ -3,6 +3,10 @@
 //! The crate is a library first: the `ubcache` binary and every test drive the same API.
 //! - [`dev`]: the [`dev::BlockDev`] trait every byte of I/O goes through, and its devices.
 //! - [`nbd`]: the NBD wire protocol, server and a small client.
+//! - [`mod@format`]: every on-disk byte of a cache set outside the btree (superblocks, layout,
+//!   journal records, bucket table).
+//! - [`journal`]: the journal ring with group commit and replay.
+//! - [`alloc`]: buckets, generations, free lists, reclaim.
 //!
 //! The btree of extent keys lives in its own crate, `ubcache-btree`, with no I/O of its own.
 

@@ -289,3 +289,43 @@ fn uuids_are_random_and_print_as_uuids() {
     assert_eq!(s.len(), 36);
     assert_eq!(s.matches('-').count(), 4);
 }
+
+/// A crash in the middle of writing copy A (only its first sector reached the disk) must leave
+/// the old superblock readable from copy B.
+#[test]
+fn torn_write_of_copy_a_falls_back_to_the_previous_superblock_in_copy_b() {
+    let dev = MemDev::new(DEV_BYTES);
+    let old = superblock();
+    format::write_cache_superblock(&dev, &old).unwrap();
+    let mut new = old.clone();
+    new.seq += 1;
+    new.backing.clear();
+    let bytes = new.encode(SbCopy::A).unwrap();
+    dev.write_at(&bytes[..512], SB_A_OFFSET_BYTES).unwrap();
+    let read = format::read_cache_superblock(&dev).unwrap();
+    assert_eq!(read.copy, SbCopy::B);
+    assert_eq!(read.sb, old);
+    assert!(matches!(read.other_copy_error, Some(FormatError::ChecksumMismatch { .. })));
+    // Rewriting both copies repairs it.
+    format::write_cache_superblock(&dev, &new).unwrap();
+    let read = format::read_cache_superblock(&dev).unwrap();
+    assert_eq!(read.sb, new);
+    assert!(read.other_copy_error.is_none());
+}
+
+#[test]
+fn production_sized_geometry_is_laid_out_without_touching_the_device() {
+    // 1 TiB with default 512 KiB buckets and 256 KiB nodes.
+    let g = Geometry::compute(1 << 40, format::DEFAULT_BUCKET_BYTES, 256 * 1024).unwrap();
+    assert_eq!(g.nbuckets, 2 * 1024 * 1024);
+    assert_eq!(g.journal.count, format::MAX_JOURNAL_BUCKETS);
+    assert_eq!(g.journal.first, 1, "the 72 KiB superblock area fits in bucket 0");
+    assert_eq!(g.table_a.count, (48 + 3 * g.nbuckets + 4).div_ceil(format::DEFAULT_BUCKET_BYTES));
+    assert_eq!(g.journal_region().len_bytes, 256 * format::DEFAULT_BUCKET_BYTES);
+    let sb = CacheSuperblock::new(g, Uuid::random(), Uuid::random());
+    let bytes = sb.encode(SbCopy::B).unwrap();
+    assert_eq!(CacheSuperblock::decode(&bytes, SB_B_OFFSET_BYTES).unwrap(), sb);
+    // Small devices get the minimum journal.
+    let small = Geometry::compute(16 << 20, 64 * 1024, 4096).unwrap();
+    assert_eq!(small.journal.count, format::MIN_JOURNAL_BUCKETS);
+}
