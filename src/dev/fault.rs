@@ -21,6 +21,7 @@ pub enum FaultOp {
     Read,
     /// Plain and FUA writes.
     Write,
+    /// Syncs only: a FUA write is a [`FaultOp::Write`] (with [`OpInfo::fua`] set).
     Sync,
     Discard,
     WriteZeroes,

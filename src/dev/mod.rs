@@ -22,7 +22,7 @@ mod slow;
 pub use fault::{FaultCounts, FaultDev, FaultOp, FaultRule, OpFilter, OpInfo, RuleId};
 pub use file::{FileDev, FileDevOptions};
 pub use mem::MemDev;
-pub use sim::{CrashMode, SimDev, SimStats, WriteFate};
+pub use sim::{CrashMode, SimDev, SimStats, UnsyncedWrite, WriteFate};
 pub use slow::{SlowDev, SlowDevConfig, SlowStats};
 
 use std::io;

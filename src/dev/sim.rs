@@ -1,39 +1,5 @@
 //! A crash-simulating device: a durable image plus the writes the "disk" has not yet made durable.
-//!
-//! # The model
-//!
-//! A real disk (and the page cache of a file in front of it) acknowledges a write long before the
-//! data is on stable media: the bytes sit in a volatile cache that the disk drains in whatever
-//! order suits it. Only a completed flush (`fsync`, NBD FLUSH, a SCSI SYNCHRONIZE CACHE) promises
-//! that every write acknowledged before it has reached the media. If power fails first, each
-//! unsynced write may independently be
-//! - **dropped**: never reached the media, the old contents remain;
-//! - **kept**: fully persisted;
-//! - **torn**: partly persisted. Disks guarantee atomicity only per sector (the unit the drive
-//!   writes with one ECC block), so a torn write is a *subset of its sectors*, each of which holds
-//!   either its complete old or its complete new contents. A sector never holds half of each.
-//!
-//! The one ordering a disk does keep is per address: a later write to a sector supersedes an
-//! earlier one in its cache, so the earlier write can never land *after* the later one. [`SimDev`]
-//! therefore replays surviving unsynced writes in their original order onto the durable image.
-//! A FUA write ([`BlockDev::write_at_fua`]) is durable by itself when it returns, without
-//! flushing anything else: it is recorded in order but always kept.
-//!
-//! # Using it in a crash harness
-//!
-//! - Run a workload on a `SimDev`; reads see the *live* state (durable image + unsynced writes),
-//!   as a running system would.
-//! - Arm a trigger to cut the power at a chosen point: [`SimDev::set_crash_after_writes`] or
-//!   [`SimDev::set_crash_at_sync`] (or [`SimDev::crash_now`]). From then on every I/O fails and the
-//!   state is frozen, so the code under test sees a dead device, as after a real power loss.
-//! - Take [`SimDev::crash_image`] with a [`CrashMode`] (deterministic, seeded), and restart the
-//!   system under test on [`SimDev::from_image`] (or a [`MemDev`]) of that image. Check the
-//!   durability contract against what was acknowledged.
-//! - [`SimDev::set_lying_sync`] makes `sync` report success without persisting anything: a
-//!   deliberately broken FLUSH, so a harness can prove that it would catch one.
-//!
-//! Sector boundaries are absolute device offsets (multiples of [`SECTOR_SIZE`]), so a write at an
-//! unaligned offset tears only at those boundaries, as on a real disk.
+//! The model is documented on [`SimDev`].
 
 use super::{BlockDev, DevError, DevResult, MemDev, SECTOR_SIZE};
 use parking_lot::Mutex;
@@ -67,6 +33,17 @@ pub enum WriteFate {
     Keep,
     /// Only the first `n` sectors the write touches were persisted.
     KeepSectors(u64),
+}
+
+/// Where one unsynced write went, for a harness choosing [`CrashMode::Explicit`] fates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnsyncedWrite {
+    pub offset: u64,
+    pub len: u64,
+    /// Sectors it touches: the range of `n` in [`WriteFate::KeepSectors`] that tears it.
+    pub sectors: u64,
+    /// A FUA write: every crash keeps it, whatever its fate says.
+    pub fua: bool,
 }
 
 /// Counters of the operations a [`SimDev`] has completed since it was created.
@@ -165,7 +142,44 @@ struct SimState {
     lying_sync: bool,
 }
 
-/// The crash-simulating device; see the [module documentation](self) for the model.
+/// A crash-simulating device: a durable image plus the writes the "disk" has not yet made durable.
+///
+/// # The model
+///
+/// A real disk (and the page cache of a file in front of it) acknowledges a write long before the
+/// data is on stable media: the bytes sit in a volatile cache that the disk drains in whatever
+/// order suits it. Only a completed flush (`fsync`, NBD FLUSH, a SCSI SYNCHRONIZE CACHE) promises
+/// that every write acknowledged before it has reached the media. If power fails first, each
+/// unsynced write may independently be
+/// - **dropped**: never reached the media, the old contents remain;
+/// - **kept**: fully persisted;
+/// - **torn**: partly persisted. Disks guarantee atomicity only per sector (the unit the drive
+///   writes with one ECC block), so a torn write is a *subset of its sectors*, each of which holds
+///   either its complete old or its complete new contents. A sector never holds half of each.
+///
+/// The one ordering a disk does keep is per address: a later write to a sector supersedes an
+/// earlier one in its cache, so the earlier write can never land *after* the later one. [`SimDev`]
+/// therefore replays surviving unsynced writes in their original order onto the durable image.
+/// A FUA write ([`BlockDev::write_at_fua`]) is durable by itself when it returns, without
+/// flushing anything else: it is recorded in order but always kept.
+///
+/// # Using it in a crash harness
+///
+/// - Run a workload on a `SimDev`; reads see the *live* state (durable image + unsynced writes),
+///   as a running system would.
+/// - Arm a trigger to cut the power at a chosen point: [`SimDev::set_crash_after_writes`] or
+///   [`SimDev::set_crash_at_sync`] (or [`SimDev::crash_now`]). From then on every I/O fails and the
+///   state is frozen, so the code under test sees a dead device, as after a real power loss.
+/// - Take [`SimDev::crash_image`] with a [`CrashMode`] (deterministic, seeded), and restart the
+///   system under test on [`SimDev::from_image`] (or a [`MemDev`]) of that image. Check the
+///   durability contract against what was acknowledged.
+/// - [`SimDev::set_lying_sync`] makes `sync` report success without persisting anything: a
+///   deliberately broken FLUSH, so a harness can prove that it would catch one.
+///
+/// Sector boundaries are absolute device offsets (multiples of [`SECTOR_SIZE`]), so a write at an
+/// unaligned offset tears only at those boundaries, as on a real disk.
+///
+/// # Cost
 ///
 /// Thread-safe (one internal lock); reads copy from a live image, so they are as fast as
 /// [`MemDev`]'s, and a sync costs only the bytes written since the previous one.
@@ -256,6 +270,21 @@ impl SimDev {
     #[must_use]
     pub fn unsynced_write_count(&self) -> usize {
         self.state.lock().unsynced.len()
+    }
+
+    /// The unsynced writes in order (index `i` is the `i`-th fate of [`CrashMode::Explicit`]).
+    #[must_use]
+    pub fn unsynced_writes(&self) -> Vec<UnsyncedWrite> {
+        let st = self.state.lock();
+        st.unsynced
+            .iter()
+            .map(|w| UnsyncedWrite {
+                offset: w.offset,
+                len: w.len(),
+                sectors: w.sector_count(),
+                fua: w.forced,
+            })
+            .collect()
     }
 
     /// A copy of what reads currently see.
@@ -494,6 +523,10 @@ mod tests {
         let dev = SimDev::new(4096);
         // Bytes 300..1300 touch sectors 0 (300..512), 1 (512..1024) and 2 (1024..1300).
         dev.write_at(&[9; 1000], 300).unwrap();
+        assert_eq!(
+            dev.unsynced_writes(),
+            vec![UnsyncedWrite { offset: 300, len: 1000, sectors: 3, fua: false }]
+        );
         let image = dev.crash_image(&CrashMode::Explicit(vec![WriteFate::KeepSectors(2)]));
         assert!(image[..300].iter().all(|&b| b == 0));
         assert!(image[300..1024].iter().all(|&b| b == 9));
