@@ -38,7 +38,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use ubcache_btree::{Key, NodePtr, Pos, Ptr, Tree, TreeConfig};
+use ubcache_btree::{Key, Pos, Tree, TreeConfig};
 
 /// Test-only switches that break one crash-ordering rule on purpose, so the crash harness can
 /// prove it catches the breakage. Never set outside tests.
@@ -180,26 +180,6 @@ pub struct CacheSet {
     pub(crate) shared: Arc<Shared>,
 }
 
-pub(crate) fn to_jkey(k: &Key) -> format::Key {
-    format::Key {
-        dev: k.dev,
-        end: k.end,
-        size: k.size,
-        ptr: format::Ptr { offset: k.ptr.offset, generation: k.ptr.generation },
-        dirty: k.dirty,
-    }
-}
-
-pub(crate) fn from_jkey(k: &format::Key) -> Key {
-    Key {
-        dev: k.dev,
-        end: k.end,
-        size: k.size,
-        ptr: Ptr { offset: k.ptr.offset, generation: k.ptr.generation },
-        dirty: k.dirty,
-    }
-}
-
 fn stored_mode(m: CacheMode) -> StoredCacheMode {
     match m {
         CacheMode::Writethrough => StoredCacheMode::Writethrough,
@@ -250,7 +230,7 @@ pub fn format(
     let table = tree.store().alloc.table(1);
     format::write_bucket_table(cache.as_ref(), &geometry, set_uuid, TableSlot::A, &table)?;
     journal.append(&[JournalEntry::Checkpoint(CheckpointEntry {
-        root: cp.root.to_bytes().to_vec(),
+        root: cp.root,
         table_slot: TableSlot::A,
         table_seq: 1,
         replay_from: 1,
@@ -520,11 +500,7 @@ pub(crate) fn load(
         checkpoint.table_slot,
         checkpoint.table_seq,
     )?;
-    let root_bytes: [u8; ubcache_btree::format::NODE_PTR_LEN] =
-        checkpoint.root.as_slice().try_into().map_err(|_| {
-            CacheError::Corrupted(format!("checkpoint root pointer has {} bytes", checkpoint.root.len()))
-        })?;
-    let root = NodePtr::from_bytes(&root_bytes);
+    let root = checkpoint.root;
     // The placeholder allocator is never asked for a node slot: the btree allocates only
     // in flush(), which runs after the real allocator is rebuilt below.
     let store = CacheStore::new(Arc::clone(cache), geometry, Allocator::new(&geometry, cfg.alloc));
@@ -534,10 +510,8 @@ pub(crate) fn load(
     let checkpoint_nodes = tree.node_addrs()?;
     for (seq, entry) in &replay.entries {
         let applied = match entry {
-            JournalEntry::KeyInsert(k) => tree.insert(from_jkey(k)).map(drop),
-            JournalEntry::KeyReplace { key, expected } => {
-                tree.replace(from_jkey(key), expected.as_ref().map(from_jkey).as_ref()).map(drop)
-            }
+            JournalEntry::KeyInsert(k) => tree.insert(*k).map(drop),
+            JournalEntry::KeyReplace { key, expected } => tree.replace(*key, expected.as_ref()).map(drop),
             JournalEntry::Invalidate { dev, start, end } => tree.invalidate(*dev, *start, *end).map(drop),
             JournalEntry::BucketGen { bucket, generation } => {
                 match table.gens.get_mut(*bucket as usize) {
@@ -619,7 +593,7 @@ impl Shared {
         let out = m.tree.insert(key)?;
         Self::uncount(m, &out.displaced)?;
         m.tree.store_mut().alloc.add_live(key.ptr.offset, key.size, key.ptr.generation, key.dirty)?;
-        self.append_locked(m, &[JournalEntry::KeyInsert(to_jkey(&key))])?;
+        self.append_locked(m, &[JournalEntry::KeyInsert(key)])?;
         Ok(())
     }
 
@@ -634,10 +608,7 @@ impl Shared {
                 key.ptr.generation,
                 key.dirty,
             )?;
-            self.append_locked(
-                m,
-                &[JournalEntry::KeyReplace { key: to_jkey(&key), expected: expected.map(to_jkey) }],
-            )?;
+            self.append_locked(m, &[JournalEntry::KeyReplace { key, expected: expected.copied() }])?;
         }
         Ok(out.collision_sectors)
     }
@@ -716,7 +687,7 @@ impl Shared {
         format::write_bucket_table(self.cache.as_ref(), &self.geometry, self.sb.set_uuid, slot, &table)?;
         let replay_from = self.journal.last_appended_seq() + 1;
         self.journal.append(&[JournalEntry::Checkpoint(CheckpointEntry {
-            root: cp.root.to_bytes().to_vec(),
+            root: cp.root,
             table_slot: slot,
             table_seq,
             replay_from,
