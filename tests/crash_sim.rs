@@ -84,15 +84,33 @@ fn decode(sector: u64, data: &[u8]) -> Option<u64> {
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
-    Write { sector: u64, sectors: u64, fua: bool },
-    Zeroes { sector: u64, sectors: u64 },
-    Trim { sector: u64, sectors: u64 },
-    Read { sector: u64, sectors: u64 },
+    Write {
+        sector: u64,
+        sectors: u64,
+        fua: bool,
+    },
+    Zeroes {
+        sector: u64,
+        sectors: u64,
+    },
+    Trim {
+        sector: u64,
+        sectors: u64,
+    },
+    Read {
+        sector: u64,
+        sectors: u64,
+    },
     Flush,
     WritebackStep,
+    /// Switch the cache mode (leaving writeback with or without writing dirty data home).
+    SetMode {
+        mode: CacheMode,
+        flush_first: bool,
+    },
 }
 
-fn workload(seed: u64, len: usize) -> Vec<Op> {
+fn workload(seed: u64, len: usize, mode_switches: bool) -> Vec<Op> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..len)
         .map(|_| {
@@ -104,7 +122,11 @@ fn workload(seed: u64, len: usize) -> Vec<Op> {
                 55..60 => Op::Zeroes { sector, sectors },
                 60..65 => Op::Trim { sector, sectors },
                 65..77 => Op::Read { sector, sectors },
-                77..92 => Op::Flush,
+                77..91 => Op::Flush,
+                91..94 => Op::WritebackStep,
+                _ if mode_switches => {
+                    Op::SetMode { mode: CacheMode::ALL[rng.gen_range(0..4)], flush_first: rng.gen_bool(0.5) }
+                }
                 _ => Op::WritebackStep,
             }
         })
@@ -278,6 +300,7 @@ fn run_workload(ops: &[Op], mode: CacheMode, debug: DebugKnobs, cut: Cut) -> Run
                 r.is_ok()
             }
             Op::WritebackStep => set.writeback_step(4).is_ok(),
+            Op::SetMode { mode, flush_first } => dev.set_mode(mode, flush_first).is_ok(),
         };
         if !ok {
             break;
@@ -409,11 +432,12 @@ fn campaign(
     seeds: std::ops::Range<u64>,
     ops_len: usize,
     images_per_cut: usize,
+    mode_switches: bool,
 ) -> Tally {
     let mut tally = Tally::default();
     let mut rng = StdRng::seed_from_u64(seeds.start ^ 0xC0FFEE);
     for seed in seeds {
-        let ops = workload(seed, ops_len);
+        let ops = workload(seed, ops_len, mode_switches);
         for cut in cut_points(&ops, mode, debug, 3) {
             let run = run_workload(&ops, mode, debug, cut);
             for k in 0..images_per_cut {
@@ -444,7 +468,7 @@ fn report(name: &str, t: &Tally, started: Instant) {
 #[test]
 fn crash_states_keep_the_durability_contract_in_writeback_mode() {
     let started = Instant::now();
-    let t = campaign(CacheMode::Writeback, DebugKnobs::default(), 0..6, 70, 3);
+    let t = campaign(CacheMode::Writeback, DebugKnobs::default(), 0..6, 70, 3, false);
     report("writeback", &t, started);
     assert!(t.states > 500, "too few crash states: {}", t.states);
     assert_eq!(t.violations, 0, "{:#?}", t.first);
@@ -453,8 +477,8 @@ fn crash_states_keep_the_durability_contract_in_writeback_mode() {
 #[test]
 fn crash_states_keep_the_durability_contract_in_writethrough_and_writearound() {
     let started = Instant::now();
-    let mut t = campaign(CacheMode::Writethrough, DebugKnobs::default(), 100..104, 70, 2);
-    let t2 = campaign(CacheMode::Writearound, DebugKnobs::default(), 200..203, 70, 2);
+    let mut t = campaign(CacheMode::Writethrough, DebugKnobs::default(), 100..104, 70, 2, false);
+    let t2 = campaign(CacheMode::Writearound, DebugKnobs::default(), 200..203, 70, 2, false);
     t.states += t2.states;
     t.violations += t2.violations;
     t.recovery_crashes += t2.recovery_crashes;
@@ -470,7 +494,7 @@ fn crash_states_keep_the_durability_contract_in_writethrough_and_writearound() {
 fn mutation_flush_without_cache_sync_is_detected() {
     let started = Instant::now();
     let debug = DebugKnobs { commit_skips_cache_sync: true, ..DebugKnobs::default() };
-    let t = campaign(CacheMode::Writeback, debug, 0..3, 70, 3);
+    let t = campaign(CacheMode::Writeback, debug, 0..3, 70, 3, false);
     report("mutation: flush skips cache sync", &t, started);
     assert!(t.violations > 0, "the crash harness did not detect a FLUSH that skips the cache sync");
 }
@@ -480,10 +504,40 @@ fn mutation_flush_without_cache_sync_is_detected() {
 fn mutation_bucket_reuse_before_generation_durable_is_detected() {
     let started = Instant::now();
     let debug = DebugKnobs { reuse_bucket_before_gen_durable: true, ..DebugKnobs::default() };
-    let t = campaign(CacheMode::Writeback, debug, 0..3, 70, 3);
+    let t = campaign(CacheMode::Writeback, debug, 0..3, 70, 3, false);
     report("mutation: bucket reuse before generation durable", &t, started);
     assert!(
         t.violations > 0,
         "the crash harness did not detect bucket reuse before the generation was durable"
     );
+}
+
+/// Mode switches in the middle of the workload: writes over dirty data in writethrough,
+/// writearound and none, leaving writeback with and without writing dirty data home.
+#[test]
+fn crash_states_keep_the_durability_contract_across_mode_switches() {
+    let started = Instant::now();
+    let t = campaign(CacheMode::Writeback, DebugKnobs::default(), 300..304, 80, 2, true);
+    report("mode switches", &t, started);
+    assert!(t.states > 300, "too few crash states: {}", t.states);
+    assert_eq!(t.violations, 0, "{:#?}", t.first);
+}
+
+/// Soak: many more seeds and longer workloads. Run with
+/// `cargo test --release --test crash_sim -- --ignored --nocapture` (CRASH_SEEDS sets the count).
+#[test]
+#[ignore = "soak run, minutes; see the doc comment"]
+fn crash_soak() {
+    let seeds: u64 = std::env::var("CRASH_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
+    let started = Instant::now();
+    let mut total = Tally::default();
+    for (i, mode) in CacheMode::ALL.into_iter().enumerate() {
+        let base = 10_000 * (i as u64 + 1);
+        let t = campaign(mode, DebugKnobs::default(), base..base + seeds, 120, 3, true);
+        report(&format!("soak {mode}"), &t, started);
+        total.states += t.states;
+        total.violations += t.violations;
+        total.first.extend(t.first);
+    }
+    assert_eq!(total.violations, 0, "{:#?}", total.first);
 }

@@ -308,7 +308,7 @@ impl CachedDev {
             _guard = self.shared.wb_locks.lock(self.range(start, end));
             {
                 let mut m = self.shared.lock_meta()?;
-                if let Err(e) = self.invalidate_clean_durably(&mut m, start, end) {
+                if let Err(e) = self.prepare_backing_write(&mut m, start, end) {
                     drop(m);
                     self.unpin_all(allocs)?;
                     return self.shared.fail(e);
@@ -353,7 +353,7 @@ impl CachedDev {
     /// writeback range lock so an in-flight writeback of older data cannot land after it.
     ///
     /// Clean cached data of the range is invalidated *durably* before the backing write (see
-    /// [`CachedDev::invalidate_clean_durably`]). Dirty cached data is dropped only *after* the
+    /// [`CachedDev::prepare_backing_write`]). Dirty cached data is dropped only *after* the
     /// new data is durable on backing, otherwise a crash could resurrect the backing copy older
     /// than the dirty one. Discard leaves dirty data alone (it is advisory) and skips those
     /// sectors.
@@ -365,7 +365,7 @@ impl CachedDev {
         let has_dirty;
         {
             let mut m = self.shared.lock_meta()?;
-            let r = self.invalidate_clean_durably(&mut m, start, end);
+            let r = self.prepare_backing_write(&mut m, start, end);
             has_dirty = match r {
                 Ok(d) => d,
                 Err(e) => return self.shared.fail(e),
@@ -409,29 +409,34 @@ impl CachedDev {
         if fua { self.shared.commit_locked(&mut m) } else { self.shared.maybe_commit_locked(&mut m) }
     }
 
-    /// Invalidates every *clean* cached piece of the range and commits the invalidation before
-    /// returning, if there was any; returns whether dirty pieces remain. Called before a backing
-    /// write changes the range: a clean key claims "cache equals backing", so if the backing
-    /// write could become durable while the clean key is still durable, a crash would leave the
-    /// cache serving the old data and later (after eviction) the backing serving the new: a
-    /// value that changes with no write. Committing first closes that window; the cost is one
-    /// journal commit per backing write that overwrites cached clean data.
-    fn invalidate_clean_durably(&self, m: &mut Meta, start: u64, end: u64) -> CacheResult<bool> {
+    /// Prepares a range for a write to backing: invalidates every *clean* cached piece of it
+    /// and, if any piece was cached at all, commits the journal before returning. Returns
+    /// whether dirty pieces remain.
+    ///
+    /// Why commit: a clean key claims "cache equals backing". If the backing write could become
+    /// durable while a clean key over the range is still durable, a crash would leave the cache
+    /// serving the old data and later (after eviction) backing serving the new one: a value that
+    /// changes with no write. The durable clean key may also hide under a newer key that is not
+    /// yet durable (a dirty write over an older fill), so every pending entry is committed, not
+    /// only the invalidation. A durable *dirty* key over the range is harmless: after a crash it
+    /// wins and is written back over whatever backing holds. Cost: one journal commit per backing
+    /// write over cached data with entries pending.
+    fn prepare_backing_write(&self, m: &mut Meta, start: u64, end: u64) -> CacheResult<bool> {
         let dev = self.backing.dev_id;
         let segs = m.tree.lookup(dev, start, end)?;
         let mut has_dirty = false;
-        let mut invalidated = false;
+        let mut cached = false;
         for seg in segs {
             if let Segment::Cached(k) = seg {
+                cached = true;
                 if k.dirty {
                     has_dirty = true;
                 } else {
                     self.shared.invalidate_locked(m, dev, k.start(), k.end)?;
-                    invalidated = true;
                 }
             }
         }
-        if invalidated {
+        if cached {
             self.shared.commit_locked(m)?;
         }
         Ok(has_dirty)
