@@ -107,7 +107,7 @@ impl CachedDev {
                                     fill: id,
                                 });
                             }
-                            Err(e) => return Err(e.into()),
+                            Err(e) => return self.shared.fail(e.into()),
                         }
                     }
                     Segment::Hole { start, end } => {
@@ -159,10 +159,15 @@ impl CachedDev {
         if !fill {
             Stats::add(&self.shared.stats.read_bypassed, 1);
         }
+        // The data read is right whatever happens to the fills: a failed fill is logged, not
+        // returned, and every registered fill is finished.
         for p in pieces {
             if let Piece::Miss { start: s, end: e, expected, fill: Some(id) } = p {
                 let data = &buf[((s - start) * SECTOR_SIZE) as usize..((e - start) * SECTOR_SIZE) as usize];
-                self.fill(id, s, e, expected, data)?;
+                if let Err(err) = self.fill(id, s, e, expected, data) {
+                    self.shared.meta.lock().fills.finish(id);
+                    log::warn!("cache fill of dev {} sectors {s}..{e} failed: {err}", self.backing.dev_id);
+                }
             }
         }
         Ok(())

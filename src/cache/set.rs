@@ -153,6 +153,10 @@ pub(crate) struct Meta {
     table_seq: u64,
     /// Where the next writeback scan starts.
     wb_cursor: Pos,
+    /// A checkpoint is running: commits inside it must not start another one.
+    in_checkpoint: bool,
+    /// `replay_from` of the last checkpoint: entries since then bound how many nodes changed.
+    checkpoint_from: u64,
 }
 
 #[derive(Debug)]
@@ -344,6 +348,8 @@ impl CacheSet {
                 table_slot: checkpoint.table_slot,
                 table_seq: checkpoint.table_seq,
                 wb_cursor: Pos::MIN,
+                in_checkpoint: false,
+                checkpoint_from: 0,
             }),
             wb_locks: RangeLocks::default(),
             stats: Stats::default(),
@@ -647,7 +653,7 @@ impl Shared {
         }
         self.last_commit_seq.store(last, Ordering::Release);
         Stats::add(&self.stats.journal_commits, 1);
-        if self.journal.needs_checkpoint() {
+        if self.journal.needs_checkpoint() && !m.in_checkpoint {
             self.checkpoint_locked(m)?;
         }
         Ok(())
@@ -674,8 +680,34 @@ impl Shared {
     }
 
     fn checkpoint_inner(&self, m: &mut Meta) -> CacheResult<()> {
+        m.in_checkpoint = true;
+        let r = self.checkpoint_steps(m);
+        m.in_checkpoint = false;
+        r
+    }
+
+    fn checkpoint_steps(&self, m: &mut Meta) -> CacheResult<()> {
         if m.tree.store().alloc.wants_gc() {
             self.gc_locked(m)?;
+        }
+        // The flush writes every changed node to a fresh slot: make sure free buckets for them
+        // exist (reclaiming clean data if needed), or the checkpoint - the very thing that frees
+        // space - would fail for lack of space.
+        //
+        // How many nodes the flush allocates is not known in advance (the btree reports no
+        // count of changed nodes): every journal entry since the last checkpoint changed at most
+        // one leaf plus a split up the tree, and no more nodes than are cached can change.
+        let stats = m.tree.stats();
+        let entries = self.journal.last_appended_seq().saturating_sub(m.checkpoint_from) + 1;
+        let changed = (stats.cached_nodes as u64).min(entries.saturating_mul(u64::from(stats.depth.max(1))));
+        let needed = (changed * self.geometry.node_bytes())
+            .div_ceil(self.geometry.bucket_bytes())
+            .min(self.geometry.nbuckets / 4)
+            + 2;
+        while m.tree.store().alloc.free_buckets() < needed {
+            if self.reclaim_locked(m)? == 0 {
+                break;
+            }
         }
         let cp = m.tree.flush()?;
         // The new nodes (and every data write they reference) durable before the checkpoint
@@ -700,6 +732,7 @@ impl Shared {
         self.journal.commit_all()?;
         m.table_slot = slot;
         m.table_seq = table_seq;
+        m.checkpoint_from = replay_from;
         self.journal.release_before(replay_from)?;
         m.tree.store_mut().free_slots(&cp.freed)?;
         Stats::add(&self.stats.checkpoints, 1);
