@@ -305,3 +305,30 @@ fn io_errors_fail_requests_without_panicking() {
     }
     assert!(dirty_cases >= 2, "too few cases with dirty data under a failing backing device");
 }
+
+#[test]
+fn detach_writes_dirty_data_home_and_releases_the_backing_device() {
+    let (cache, backing, set) = setup(CacheMode::Writeback);
+    let dev = set.device(0).unwrap();
+    for i in 0..10u64 {
+        dev.write_at(&[i as u8 + 1; 4096], i * 16384).unwrap();
+    }
+    set.detach(0).unwrap();
+    for i in 0..10u64 {
+        assert_eq!(backing_bytes(&backing, i * 16384, 4096), vec![i as u8 + 1; 4096]);
+    }
+    let bsb = read_backing_superblock(backing.as_ref()).unwrap().unwrap();
+    assert_eq!(bsb.state, BackingState::Detached);
+    assert!(dev.write_at(&[0u8; 512], 0).is_err(), "a detached device must refuse requests");
+    assert!(set.detach(0).is_err(), "detaching twice is an error");
+    drop(dev);
+    set.close().unwrap();
+    // The cache set no longer knows the device, and the device no longer names the set.
+    let set = CacheSet::open(Arc::clone(&cache), &[], tiny_config(CacheMode::Writeback)).unwrap();
+    assert!(set.devices().is_empty());
+    assert_eq!(set.stats().dirty_bytes, 0);
+    drop(set);
+    assert!(
+        CacheSet::open(cache, std::slice::from_ref(&backing), tiny_config(CacheMode::Writeback)).is_err()
+    );
+}

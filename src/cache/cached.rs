@@ -61,6 +61,12 @@ impl CachedDev {
     }
 
     fn sectors(&self, op: &'static str, offset: u64, len: u64) -> DevResult<(u64, u64)> {
+        if self.backing.detached.load(Ordering::Acquire) {
+            return Err(DevError::Invalid(format!(
+                "{op}: backing device {} is detached",
+                self.backing.dev_id
+            )));
+        }
         DevError::check_range(op, offset, len, self.backing.export_len)?;
         if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
             return Err(DevError::Invalid(format!(

@@ -129,6 +129,8 @@ pub(crate) struct Backing {
     /// The backing superblock, and the dirty-write gate: writers that add dirty keys hold
     /// `dirty_writers` > 0 so writeback never marks the device Clean under them.
     pub(crate) sb: Mutex<BackingSb>,
+    /// Detached from the set: every request fails.
+    pub(crate) detached: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -163,6 +165,8 @@ pub(crate) struct Meta {
 pub(crate) struct Shared {
     pub(crate) cache: Arc<dyn BlockDev>,
     pub(crate) sb: CacheSuperblock,
+    /// The superblock as last written (its backing list and seq change on detach).
+    sb_current: Mutex<CacheSuperblock>,
     pub(crate) geometry: Geometry,
     pub(crate) cfg: CacheConfig,
     pub(crate) journal: Journal,
@@ -289,6 +293,7 @@ impl CacheSet {
                 mode: AtomicU8::new(cfg.mode.to_u8()),
                 unsynced: AtomicBool::new(false),
                 sb: Mutex::new(BackingSb { sb: bsb, dirty_writers: 0 }),
+                detached: AtomicBool::new(false),
             }));
         }
 
@@ -339,6 +344,7 @@ impl CacheSet {
         let seq = SequentialDetector::new(cfg.sequential_cutoff);
         let shared = Arc::new(Shared {
             cache,
+            sb_current: Mutex::new(sb.clone()),
             sb,
             geometry,
             journal,
@@ -464,6 +470,46 @@ impl CacheSet {
             }
         }
         Ok(report)
+    }
+
+    /// Detaches a backing device: writes all its dirty data home, drops its keys, marks its
+    /// superblock Detached (it can then be used alone) and removes it from the cache
+    /// superblock. The device's [`super::CachedDev`] handles fail every request afterwards.
+    pub fn detach(&self, dev_id: u32) -> CacheResult<()> {
+        let sh = &self.shared;
+        let Some(b) = sh.backings.iter().find(|b| b.dev_id == dev_id) else {
+            return Err(CacheError::Invalid(format!("no attached backing device with id {dev_id}")));
+        };
+        // Stop new requests first, then write everything home.
+        if b.detached.swap(true, Ordering::AcqRel) {
+            return Err(CacheError::Invalid(format!("backing device {dev_id} is already detached")));
+        }
+        sh.flush_dirty()?;
+        {
+            let mut m = sh.lock_meta()?;
+            let dirty = m.tree.stats().dirty_sectors_by_dev.get(&dev_id).copied().unwrap_or(0);
+            if dirty > 0 {
+                return Err(CacheError::Invalid(format!("{dirty} dirty sectors of dev {dev_id} remain")));
+            }
+            sh.invalidate_locked(&mut m, dev_id, 0, u64::MAX)?;
+            sh.commit_locked(&mut m)?;
+        }
+        {
+            let mut g = b.sb.lock();
+            let mut next = g.sb.clone();
+            next.state = BackingState::Detached;
+            next.set_uuid = Uuid::NIL;
+            next.seq += 1;
+            format::write_backing_superblock(b.dev.as_ref(), &next)?;
+            g.sb = next;
+        }
+        let mut sb = sh.sb_current.lock();
+        let mut next = sb.clone();
+        next.backing.retain(|e| e.dev_id != dev_id);
+        next.seq += 1;
+        format::write_cache_superblock(sh.cache.as_ref(), &next)?;
+        *sb = next;
+        Ok(())
     }
 
     /// Stops the set cleanly: commits and checkpoints so the next open replays nothing.
