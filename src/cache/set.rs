@@ -10,12 +10,12 @@
 //! synced yet can slip into a record (crash rule 1).
 //!
 //! # Crash ordering (CACHE_DESIGN.md rules 1-6), where each is kept
-//! 1. Data before metadata: [`Shared::commit_locked`] syncs the backing devices that took writes
+//! 1. Data before metadata: `Shared::commit_locked` syncs the backing devices that took writes
 //!    and the cache device *before* `Journal::commit`. Entries are appended only after their
 //!    data writes completed.
-//! 2. Bucket reuse: [`Shared::reclaim_locked`] journals the generation bumps and commits before
+//! 2. Bucket reuse: `Shared::reclaim_locked` journals the generation bumps and commits before
 //!    `mark_gens_durable` makes the buckets allocatable.
-//! 3. Btree nodes: [`Shared::checkpoint_locked`] flushes the tree, syncs, writes the bucket table
+//! 3. Btree nodes: `Shared::checkpoint_locked` flushes the tree, syncs, writes the bucket table
 //!    (synced) to the slot the last checkpoint does not use, journals the checkpoint, commits,
 //!    and only then releases journal space and frees the old node slots.
 //! 4. Writeback: read cache, write backing, sync backing, then journal the key clean (replace).
