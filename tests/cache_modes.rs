@@ -332,3 +332,20 @@ fn detach_writes_dirty_data_home_and_releases_the_backing_device() {
         CacheSet::open(cache, std::slice::from_ref(&backing), tiny_config(CacheMode::Writeback)).is_err()
     );
 }
+
+#[test]
+fn prefetch_warms_the_cache_except_in_mode_none() {
+    let (_, backing, set) = setup(CacheMode::Writearound);
+    backing.write_at(&[4u8; 65536], 8192 + 131_072).unwrap();
+    let dev = set.device(0).unwrap();
+    dev.prefetch(131_072, 65536).unwrap();
+    let after_prefetch = set.stats();
+    assert_eq!(after_prefetch.read_misses, 128);
+    let mut buf = vec![0u8; 65536];
+    dev.read_at(&mut buf, 131_072).unwrap();
+    assert_eq!(buf, vec![4u8; 65536]);
+    assert_eq!(set.stats().read_hits - after_prefetch.read_hits, 128, "prefetched data must hit");
+    dev.set_mode(CacheMode::None, false).unwrap();
+    dev.prefetch(262_144, 4096).unwrap();
+    assert_eq!(set.stats().read_misses, 128, "mode none does not prefetch");
+}
