@@ -349,3 +349,43 @@ fn prefetch_warms_the_cache_except_in_mode_none() {
     dev.prefetch(262_144, 4096).unwrap();
     assert_eq!(set.stats().read_misses, 128, "mode none does not prefetch");
 }
+
+/// Two backing devices share one cache; opening with only one of them keeps the other's dirty
+/// data cached (it is never written to the wrong device) and writeback of the present one works.
+#[test]
+fn two_backing_devices_share_a_cache_and_a_missing_one_keeps_its_dirty_data() {
+    let cache = arc(MemDev::new(1 << 20));
+    let b0 = arc(MemDev::new(EXPORT + 8192));
+    let b1 = arc(MemDev::new(EXPORT + 8192));
+    ubcache::cache::format(&cache, &[Arc::clone(&b0), Arc::clone(&b1)], cache_support::TINY).unwrap();
+    let set = CacheSet::open(
+        Arc::clone(&cache),
+        &[Arc::clone(&b0), Arc::clone(&b1)],
+        tiny_config(CacheMode::Writeback),
+    )
+    .unwrap();
+    let (d0, d1) = (set.device(0).unwrap(), set.device(1).unwrap());
+    d0.write_at(&[1u8; 4096], 0).unwrap();
+    d1.write_at(&[2u8; 4096], 0).unwrap();
+    let mut buf = vec![0u8; 4096];
+    d0.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, vec![1u8; 4096]);
+    d1.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, vec![2u8; 4096]);
+    drop((d0, d1));
+    set.close().unwrap();
+    // Only device 1 present (in the other order, to check matching by uuid).
+    let set =
+        CacheSet::open(Arc::clone(&cache), std::slice::from_ref(&b1), tiny_config(CacheMode::Writeback))
+            .unwrap();
+    assert!(set.device(0).is_none());
+    set.flush_dirty().unwrap();
+    assert_eq!(backing_bytes(&b1, 0, 4096), vec![2u8; 4096]);
+    assert_eq!(backing_bytes(&b0, 0, 4096), vec![0u8; 4096], "device 0's dirty data must stay in the cache");
+    assert_eq!(set.stats().dirty_bytes, 4096);
+    assert!(set.check().unwrap().is_clean());
+    set.close().unwrap();
+    let set = CacheSet::open(cache, &[b0.clone(), b1], tiny_config(CacheMode::Writeback)).unwrap();
+    set.flush_dirty().unwrap();
+    assert_eq!(backing_bytes(&b0, 0, 4096), vec![1u8; 4096]);
+}

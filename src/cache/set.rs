@@ -909,10 +909,13 @@ impl Shared {
         {
             let mut m = self.lock_meta()?;
             let from = m.wb_cursor;
-            let next = m.tree.scan(from, &|k: &Key| k.dirty, max_keys.max(1), &mut keys)?;
+            // Only keys of attached devices: dirty data of a device that is not here stays cached.
+            let attached: Vec<u32> = self.backings.iter().map(|b| b.dev_id).collect();
+            let wanted = |k: &Key| k.dirty && attached.contains(&k.dev);
+            let next = m.tree.scan(from, &wanted, max_keys.max(1), &mut keys)?;
             m.wb_cursor = next.unwrap_or(Pos::MIN);
             if keys.is_empty() && from != Pos::MIN {
-                let next = m.tree.scan(Pos::MIN, &|k: &Key| k.dirty, max_keys.max(1), &mut keys)?;
+                let next = m.tree.scan(Pos::MIN, &wanted, max_keys.max(1), &mut keys)?;
                 m.wb_cursor = next.unwrap_or(Pos::MIN);
             }
             // The dirty keys (and with them the removal of the older clean keys they replaced)
