@@ -67,12 +67,70 @@ fn build_random_tree() -> (Tree<MemStore>, isize) {
     let mut rng = XorShift(0x1234_5678);
     let mut displaced = Vec::new();
     while t.stats().keys < KEYS {
-        displaced.clear();
-        let slot = rng.next() % SLOTS;
-        t.insert_into(key4k(slot, slot % 2 == 0), &mut displaced).unwrap();
+        for _ in 0..1024 {
+            displaced.clear();
+            let slot = rng.next() % SLOTS;
+            t.insert_into(key4k(slot, slot % 2 == 0), &mut displaced).unwrap();
+        }
     }
     let after = LIVE.load(Ordering::Relaxed);
     (t, after - before)
+}
+
+/// CPU time this thread has run, in ns (first field of `/proc/thread-self/schedstat`), so the
+/// report can separate the cost of an operation from the share of a loaded machine it got.
+fn cpu_ns() -> Option<u64> {
+    std::fs::read_to_string("/proc/thread-self/schedstat").ok()?.split_whitespace().next()?.parse().ok()
+}
+
+/// Runs `op` `n` times and prints operations per wall second and per CPU second.
+fn report(name: &str, n: u64, mut op: impl FnMut()) {
+    let (wall, cpu) = (std::time::Instant::now(), cpu_ns());
+    for _ in 0..n {
+        op();
+    }
+    let wall = wall.elapsed().as_secs_f64();
+    let per_cpu = match (cpu, cpu_ns()) {
+        (Some(a), Some(b)) if b > a => format!("{:.0}", n as f64 / ((b - a) as f64 / 1e9)),
+        _ => "?".into(),
+    };
+    eprintln!("{name}: {:.0} ops/s wall, {per_cpu} ops/s of CPU time ({n} ops)", n as f64 / wall);
+}
+
+fn cpu_reports(tree: &mut Tree<MemStore>) {
+    let mut rng = XorShift(0x0bad_cafe);
+    let mut displaced = Vec::with_capacity(16);
+    report("random_insert_4k", 500_000, || {
+        displaced.clear();
+        let slot = rng.next() % SLOTS;
+        tree.insert_into(key4k(slot, slot % 2 == 0), &mut displaced).unwrap();
+    });
+    let mut segs = Vec::with_capacity(8);
+    report("random_lookup_4k", 1_000_000, || {
+        let slot = rng.next() % SLOTS;
+        tree.lookup_into(1, slot * 8, slot * 8 + 8, &mut segs).unwrap();
+        black_box(segs.len());
+    });
+    let mut buf = Vec::with_capacity(1024);
+    let keys = tree.stats().keys;
+    report(&format!("full_dirty_scan (x{keys} keys)"), 1, || {
+        let mut from = Pos::MIN;
+        loop {
+            buf.clear();
+            match tree.scan(from, &|k| k.dirty, 1024, &mut buf).unwrap() {
+                Some(p) => from = p,
+                None => break,
+            }
+        }
+    });
+    let mut next = 4 * SLOTS;
+    report("sequential_insert_4k", 500_000, || {
+        displaced.clear();
+        tree.insert_into(key4k(next, true), &mut displaced).unwrap();
+        next += 1;
+    });
+    tree.invalidate(1, 4 * SLOTS * 8, u64::MAX).unwrap();
+    tree.flush().unwrap();
 }
 
 fn benches(c: &mut Criterion) {
@@ -90,6 +148,7 @@ fn benches(c: &mut Criterion) {
     let cp = tree.flush().unwrap();
     let store_bytes = tree.store().bytes_written();
     eprintln!("flush of the 1M-key tree: {} bytes written, root {:?}", store_bytes, cp.root);
+    cpu_reports(&mut tree);
 
     let mut g = c.benchmark_group("btree_1M");
     g.throughput(Throughput::Elements(1));
@@ -116,15 +175,6 @@ fn benches(c: &mut Criterion) {
         });
     });
 
-    // Sequential inserts append past the random region, as a streaming writer would.
-    let mut next = SLOTS;
-    g.bench_function("sequential_insert_4k", |b| {
-        b.iter(|| {
-            displaced.clear();
-            tree.insert_into(black_box(key4k(next, true)), &mut displaced).unwrap();
-            next += 1;
-        });
-    });
     g.finish();
 
     // Calibration on a loaded machine: one std BTreeMap of the same 1M keys (no tree, no checks).
@@ -144,6 +194,22 @@ fn benches(c: &mut Criterion) {
             let slot = rng.next() % SLOTS;
             let p = Pos::new(1, slot * 8);
             black_box(flat.range((std::ops::Bound::Excluded(p), std::ops::Bound::Unbounded)).next());
+        });
+    });
+    // The alternative leaf layout: the same keys as 257 sorted Vecs (one per node) found by
+    // binary search, then a binary search in the Vec.
+    let entries: Vec<(Pos, (u32, u64))> = flat.iter().map(|(p, v)| (*p, *v)).collect();
+    let chunks: Vec<Vec<(Pos, (u32, u64))>> =
+        entries.chunks(entries.len() / 257 + 1).map(<[_]>::to_vec).collect();
+    drop(entries);
+    let maxes: Vec<Pos> = chunks.iter().map(|c| c.last().unwrap().0).collect();
+    g.bench_function("sorted_vecs_1M_first_after", |b| {
+        b.iter(|| {
+            let slot = rng.next() % SLOTS;
+            let p = Pos::new(1, slot * 8);
+            let ci = maxes.partition_point(|m| *m <= p).min(chunks.len() - 1);
+            let c = &chunks[ci];
+            black_box(c.get(c.partition_point(|e| e.0 <= p)));
         });
     });
     g.finish();
@@ -172,6 +238,23 @@ fn benches(c: &mut Criterion) {
             },
             BatchSize::SmallInput,
         );
+    });
+    g.finish();
+
+    // Last, because it grows the tree: sequential inserts append past the random region, as a
+    // streaming writer would.
+    let mut g = c.benchmark_group("btree_1M_seq");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(20);
+    g.measurement_time(std::time::Duration::from_secs(3));
+    g.warm_up_time(std::time::Duration::from_secs(1));
+    let mut next = SLOTS;
+    g.bench_function("sequential_insert_4k", |b| {
+        b.iter(|| {
+            displaced.clear();
+            tree.insert_into(black_box(key4k(next, true)), &mut displaced).unwrap();
+            next += 1;
+        });
     });
     g.finish();
 }

@@ -1,8 +1,4 @@
-//! ubcache's btree of extent keys: which ranges of which backing device live where in the cache,
-//! and whether they are dirty. It does no I/O of its own: nodes go through a [`NodeStore`].
-//!
-//! See `README.md` of this crate for the node byte diagram ([`format`] owns the bytes) and the
-//! persistence model.
+#![doc = include_str!("../README.md")]
 
 pub mod error;
 pub mod format;

@@ -27,7 +27,7 @@ pub struct TreeConfig {
 
 impl Default for TreeConfig {
     fn default() -> Self {
-        TreeConfig { max_cached_nodes: 4096, bset_align: 512 }
+        TreeConfig { max_cached_nodes: 1024, bset_align: 512 }
     }
 }
 
@@ -261,6 +261,9 @@ pub struct Tree<S: NodeStore> {
     dirty_sectors: u64,
     dirty_by_dev: BTreeMap<u32, u64>,
     poisoned: bool,
+    /// After an eviction pass that could not reach its target, the cache size at which to try
+    /// again (0: no back-off).
+    evict_retry_at: usize,
     last_root: Option<NodePtr>,
     scratch: Vec<u8>,
     scratch_entries: Vec<LeafEntry>,
@@ -334,6 +337,7 @@ impl<S: NodeStore> Tree<S> {
             dirty_sectors: 0,
             dirty_by_dev: BTreeMap::new(),
             poisoned: false,
+            evict_retry_at: 0,
             last_root: None,
             scratch: Vec::new(),
             scratch_entries: Vec::new(),
@@ -613,39 +617,9 @@ impl<S: NodeStore> Tree<S> {
             }
             let path = self.descend_gt(cursor)?;
             let leaf = path.leaf();
-            let (lo, hi, addr) = {
-                let n = &self.nodes[leaf];
-                (n.lo, n.hi, n.disk.map(|d| d.addr))
-            };
-            let mut changed = false;
-            let mut done = false;
-            loop {
-                let Body::Leaf(map) = &self.nodes[leaf].body else {
-                    return Err(internal("descent ended on an interior node"));
-                };
-                let Some(old) = map.range((Excluded(cursor), Unbounded)).next().map(|(p, v)| key_of(p, v))
-                else {
-                    break;
-                };
-                if let Err((kind, why)) = check_step(prev.as_ref(), &old, lo, hi) {
-                    return Err(iter_error(kind, why, addr, prev.as_ref(), &old, lo, hi));
-                }
-                if old.dev != dev || old.start() >= end {
-                    done = true;
-                    break;
-                }
-                self.leaf_remove(leaf, old.pos())?;
-                displaced.push(old.slice(old.start().max(start), old.end.min(end)));
-                if old.start() < start {
-                    self.leaf_insert(leaf, old.slice(old.start(), start))?;
-                }
-                if old.end > end {
-                    self.leaf_insert(leaf, old.slice(end, old.end))?;
-                }
-                cursor = old.pos();
-                prev = Some(old);
-                changed = true;
-            }
+            let hi = self.nodes[leaf].hi;
+            let (changed, done) =
+                self.cut_in_leaf(leaf, dev, start, end, &mut cursor, &mut prev, displaced)?;
             if changed {
                 self.fix(&path)?;
             }
@@ -658,8 +632,97 @@ impl<S: NodeStore> Tree<S> {
         }
     }
 
+    /// The part of [`Tree::cut`] within one leaf: walks the keys after `cursor` (checking every
+    /// step), cutting those overlapping `[start, end)`. Returns (changed, reached a key past the
+    /// range).
+    #[allow(clippy::too_many_arguments)]
+    fn cut_in_leaf(
+        &mut self,
+        leaf: NodeId,
+        dev: u32,
+        start: u64,
+        end: u64,
+        cursor: &mut Pos,
+        prev: &mut Option<Key>,
+        displaced: &mut Vec<Key>,
+    ) -> Result<(bool, bool), BtreeError> {
+        let (lo, hi, addr) = {
+            let n = &self.nodes[leaf];
+            (n.lo, n.hi, n.disk.map(|d| d.addr))
+        };
+        let mut changed = false;
+        loop {
+            let Body::Leaf(map) = &self.nodes[leaf].body else {
+                return Err(internal("descent ended on an interior node"));
+            };
+            let Some(old) = map.range((Excluded(*cursor), Unbounded)).next().map(|(p, v)| key_of(p, v))
+            else {
+                return Ok((changed, false));
+            };
+            if let Err((kind, why)) = check_step(prev.as_ref(), &old, lo, hi) {
+                return Err(iter_error(kind, why, addr, prev.as_ref(), &old, lo, hi));
+            }
+            if old.dev != dev || old.start() >= end {
+                return Ok((changed, true));
+            }
+            self.leaf_remove(leaf, old.pos())?;
+            displaced.push(old.slice(old.start().max(start), old.end.min(end)));
+            if old.start() < start {
+                self.leaf_insert(leaf, old.slice(old.start(), start))?;
+            }
+            if old.end > end {
+                self.leaf_insert(leaf, old.slice(end, old.end))?;
+            }
+            *cursor = old.pos();
+            *prev = Some(old);
+            changed = true;
+        }
+    }
+
+    /// When the first key after `begin` in `leaf` covers exactly the range of `key` (a rewrite of
+    /// the same block, the common case), replaces it in place with one search and returns it.
+    fn overwrite_exact(&mut self, leaf: NodeId, begin: Pos, key: &Key) -> Result<Option<Key>, BtreeError> {
+        let limit = self.leaf_cap;
+        let node = &mut self.nodes[leaf];
+        let (lo, hi, addr) = (node.lo, node.hi, node.disk.map(|d| d.addr));
+        let Body::Leaf(map) = &mut node.body else {
+            return Err(internal("descent ended on an interior node"));
+        };
+        let Some((p, v)) = map.range_mut((Excluded(begin), Unbounded)).next() else {
+            return Ok(None);
+        };
+        let old = key_of(p, v);
+        if let Err((kind, why)) = check_step(None, &old, lo, hi) {
+            return Err(iter_error(kind, why, addr, None, &old, lo, hi));
+        }
+        if old.dev != key.dev || old.end != key.end || old.size != key.size {
+            return Ok(None);
+        }
+        *v = Val::of(key);
+        node.note_change(key.dev, key.start(), key.end, limit);
+        self.account(&old, false);
+        self.account(key, true);
+        Ok(Some(old))
+    }
+
     fn insert_impl(&mut self, key: Key, displaced: &mut Vec<Key>) -> Result<(), BtreeError> {
         let (dev, start, end) = (key.dev, key.start(), key.end);
+        let begin = Pos { dev, sector: start };
+        let path = self.descend_gt(begin)?;
+        let leaf = path.leaf();
+        if key.pos() <= self.nodes[leaf].hi {
+            // Fast path (one descent): the key fits this leaf, so every key it overlaps is here
+            // too (keys of later leaves start at or after this leaf's high bound).
+            if let Some(old) = self.overwrite_exact(leaf, begin, &key)? {
+                displaced.push(old);
+                return Ok(());
+            }
+            let mut cursor = begin;
+            let mut prev = None;
+            self.cut_in_leaf(leaf, dev, start, end, &mut cursor, &mut prev, displaced)?;
+            self.leaf_insert(leaf, key)?;
+            return self.fix(&path);
+        }
         self.cut(dev, start, end, displaced)?;
         let mut cur = start;
         while cur < end {
@@ -684,7 +747,9 @@ impl<S: NodeStore> Tree<S> {
 
     fn is_under(&self, id: NodeId) -> bool {
         let n = &self.nodes[id];
-        n.len() < if n.level == 0 { self.leaf_cap } else { self.interior_cap } / 4
+        // An interior node with a single child is always underfull (it adds a level for nothing).
+        let min = if n.level == 0 { (self.leaf_cap / 4).max(1) } else { (self.interior_cap / 4).max(2) };
+        n.len() < min
     }
 
     /// Restores the fill bounds along `path` after its leaf changed: split, merge, root
@@ -755,10 +820,10 @@ impl<S: NodeStore> Tree<S> {
         let ida = self.child_id(parent, a)?;
         let idb = self.child_id(parent, b)?;
         let (la, lb) = (self.nodes[ida].len(), self.nodes[idb].len());
-        let cap = if self.nodes[ida].level == 0 { self.leaf_cap } else { self.interior_cap };
-        if la != 0 && lb != 0 && la + lb > cap * 3 / 4 {
-            return Ok(());
-        }
+        let level = self.nodes[ida].level;
+        let cap = if level == 0 { self.leaf_cap } else { self.interior_cap };
+        // Merge b into a; if the result is over capacity it is split again at its middle below,
+        // which redistributes the entries evenly.
         let right = self.free_id(idb);
         if let Some(d) = right.disk {
             self.pending_free.push(d.addr);
@@ -780,6 +845,22 @@ impl<S: NodeStore> Tree<S> {
         children[a].hi = children[b].hi;
         children.remove(b);
         self.nodes[parent].dirty = true;
+        if level > 0 && la > 0 && lb > 0 {
+            // The seam between the two child lists may hold an underfull child that had no
+            // sibling before (an emptied only child): merge it with its new neighbour now.
+            for seam in [la, la - 1] {
+                if seam < self.nodes[ida].len() && self.nodes[ida].len() > 1 {
+                    let c = self.child_id(ida, seam)?;
+                    if self.is_under(c) {
+                        self.merge_child(ida, seam)?;
+                        break;
+                    }
+                }
+            }
+        }
+        if self.nodes[ida].len() > cap {
+            self.split_child(parent, a)?;
+        }
         Ok(())
     }
 
@@ -1042,6 +1123,8 @@ impl<S: NodeStore> Tree<S> {
         let r = self.flush_node(self.root, 0);
         let root = self.poison_on_err(r)?;
         self.last_root = Some(root);
+        // Every cached node is clean now: eviction may make progress again.
+        self.evict_retry_at = 0;
         let freed = std::mem::take(&mut self.pending_free);
         self.maybe_evict();
         Ok(Checkpoint { root, freed })
@@ -1259,16 +1342,20 @@ impl<S: NodeStore> Tree<S> {
     }
 
     fn maybe_evict(&mut self) {
-        if self.cached <= self.cfg.max_cached_nodes {
+        if self.cached <= self.cfg.max_cached_nodes.max(self.evict_retry_at) {
             return;
         }
         let target = self.cfg.max_cached_nodes * 3 / 4;
         for _ in 0..3 {
             self.evict_pass(self.root, 0, target);
             if self.cached <= target {
-                break;
+                self.evict_retry_at = 0;
+                return;
             }
         }
+        // Mostly dirty nodes (nothing to evict until the next flush): do not walk the whole cache
+        // again on every operation, only after it grew by another eighth.
+        self.evict_retry_at = self.cached + (self.cfg.max_cached_nodes / 8).max(16);
     }
 
     /// Drops clean, childless cached nodes below `id` (second chance: a referenced node is only

@@ -151,6 +151,13 @@ fn check_all(t: &mut Tree<MemStore>, model: &Model) {
 
 fn flush(t: &mut Tree<MemStore>, model: &Model, prev: &mut Option<(NodePtr, Model)>) -> Checkpoint {
     let cp = t.flush().unwrap();
+    // A freed slot must never be one the new tree still uses (the allocator would reuse it).
+    let live: std::collections::HashSet<_> = t.node_addrs().unwrap().into_iter().collect();
+    assert!(cp.freed.iter().all(|a| !live.contains(a)), "freed {:?} overlaps live {live:?}", cp.freed);
+    let mut freed = cp.freed.clone();
+    freed.sort_unstable();
+    freed.dedup();
+    assert_eq!(freed.len(), cp.freed.len(), "a slot freed twice");
     if let Some((root, old_model)) = prev.take() {
         // Crash before the new root was journaled: the old root must still be whole.
         let mut old = Tree::open(t.store().clone(), root, cfg()).unwrap();
