@@ -1356,7 +1356,7 @@ impl RecordHeader {
     /// Seq of the last entry (`first_seq - 1` for an empty record).
     #[must_use]
     pub fn last_seq(&self) -> u64 {
-        (self.first_seq + u64::from(self.entry_count)).saturating_sub(1)
+        self.first_seq.saturating_add(u64::from(self.entry_count)).saturating_sub(1)
     }
     /// Whole record length in bytes.
     #[must_use]

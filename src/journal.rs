@@ -10,6 +10,7 @@
 //! journal.commit_all() -> Result<()>
 //! journal.release_before(seq) -> Result<()> // after a durable checkpoint whose replay_from >= seq
 //! journal.needs_checkpoint() -> bool; journal.fill_fraction() -> f64; journal.stats()
+//! Journal::inspect(dev, region, set_uuid) -> Result<Vec<RecordSummary>>   // read-only listing for tools
 //! ```
 //! Every entry gets a seq (strictly increasing by one); `append` returns the seq of its last
 //! entry. `commit(s)` returns once every entry with seq <= s is durable.
@@ -180,6 +181,18 @@ pub struct Replay {
     /// Entries to re-apply, in order, with their seq. Checkpoint entries are not included.
     pub entries: Vec<(u64, JournalEntry)>,
     pub stats: ReplayStats,
+}
+
+/// One magic-bearing sector of the journal region, as [`Journal::inspect`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordSummary {
+    /// Sector within the region.
+    pub sector: u64,
+    /// The header, if it decoded.
+    pub header: Option<RecordHeader>,
+    /// Why the record is not valid here (bad header, crc, address, other cache set); `None`
+    /// for a valid record.
+    pub problem: Option<String>,
 }
 
 /// Live counters of the journal.
@@ -673,6 +686,43 @@ impl Journal {
         self.read_region(h.sector, &mut buf)?;
         let (_, entries) = format::decode_record(&buf, h.sector, self.set_uuid)?;
         Ok(entries)
+    }
+
+    /// Lists every sector of the region that starts with the journal magic, in position order,
+    /// with what it holds: for `ubcache show`/`check` style tools. Reads only.
+    pub fn inspect(dev: &dyn BlockDev, region: Region, set_uuid: Uuid) -> JournalResult<Vec<RecordSummary>> {
+        if region.offset_bytes % SECTOR_SIZE != 0 || region.len_bytes % SECTOR_SIZE != 0 {
+            return Err(JournalError::Invalid(format!("journal region {region:?} is not sector aligned")));
+        }
+        DevError::check_range("journal region", region.offset_bytes, region.len_bytes, dev.len())?;
+        let region_sectors = region.len_bytes / SECTOR_SIZE;
+        let mut out = Vec::new();
+        let mut chunk = vec![0u8; SCAN_CHUNK_BYTES.min(region.len_bytes) as usize];
+        let mut chunk_start = 0u64;
+        while chunk_start < region_sectors {
+            let n = ((region_sectors - chunk_start) * SECTOR_SIZE).min(chunk.len() as u64) as usize;
+            dev.read_at(&mut chunk[..n], region.offset_bytes + chunk_start * SECTOR_SIZE)?;
+            for (i, sector_bytes) in chunk[..n].chunks_exact(SECTOR_SIZE as usize).enumerate() {
+                if sector_bytes[..8] != JOURNAL_MAGIC {
+                    continue;
+                }
+                let sector = chunk_start + i as u64;
+                let summary = match RecordHeader::decode(sector_bytes) {
+                    Err(e) => RecordSummary { sector, header: None, problem: Some(e.to_string()) },
+                    Ok(h) => {
+                        let len = h.record_bytes().min((region_sectors - sector) * SECTOR_SIZE) as usize;
+                        let mut buf = vec![0u8; len];
+                        dev.read_at(&mut buf, region.offset_bytes + sector * SECTOR_SIZE)?;
+                        let problem =
+                            format::decode_record(&buf, sector, set_uuid).err().map(|e| e.to_string());
+                        RecordSummary { sector, header: Some(h), problem }
+                    }
+                };
+                out.push(summary);
+            }
+            chunk_start += n as u64 / SECTOR_SIZE;
+        }
+        Ok(out)
     }
 
     /// Scan + chain walk + ring positioning (see the module doc).

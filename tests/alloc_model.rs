@@ -235,7 +235,7 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
     #[test]
     fn random_operation_sequences_keep_every_allocator_promise(ops in proptest::collection::vec(op(), 1..400)) {
         run(&ops)?;
