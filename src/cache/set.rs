@@ -421,6 +421,11 @@ impl CacheSet {
         s
     }
 
+    /// Changes the sequential cutoff at runtime (bytes; 0 disables bypassing).
+    pub fn set_sequential_cutoff(&self, bytes: u64) {
+        self.shared.seq.lock().set_cutoff(bytes);
+    }
+
     /// FLUSH for the whole set: every acknowledged write durable.
     pub fn sync(&self) -> CacheResult<()> {
         let mut m = self.shared.lock_meta()?;
@@ -691,8 +696,12 @@ impl Shared {
         if self.journal.durable_seq() >= last {
             return Ok(());
         }
-        if !self.cfg.debug.commit_skips_cache_sync {
-            self.cache.sync()?;
+        // A failed cache sync may have dropped dirty pages (Linux fsync semantics): nothing
+        // written since the last good sync can be trusted, so the set stops here.
+        if !self.cfg.debug.commit_skips_cache_sync
+            && let Err(e) = self.cache.sync()
+        {
+            return self.fail(e.into());
         }
         if let Err(e) = self.journal.commit(last) {
             return self.fail(e.into());
