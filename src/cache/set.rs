@@ -996,21 +996,15 @@ impl Shared {
             }
             let n = self.writeback_step(64)?;
             if n == 0 {
-                let dirty = self.lock_meta()?.tree.stats().dirty_sectors;
-                if dirty > 0
-                    && self.backings.iter().all(|b| {
-                        self.meta
-                            .lock()
-                            .tree
-                            .stats()
-                            .dirty_sectors_by_dev
-                            .get(&b.dev_id)
-                            .copied()
-                            .unwrap_or(0)
-                            == 0
-                    })
-                {
-                    // Only detached devices hold dirty data: nothing more can be written.
+                let stats = self.lock_meta()?.tree.stats();
+                let dirty = stats.dirty_sectors;
+                let attached_dirty: u64 = self
+                    .backings
+                    .iter()
+                    .map(|b| stats.dirty_sectors_by_dev.get(&b.dev_id).copied().unwrap_or(0))
+                    .sum();
+                if attached_dirty == 0 {
+                    // Only devices that are not attached hold dirty data: it stays cached.
                     break;
                 }
                 if dirty >= dirty_before {
@@ -1052,10 +1046,12 @@ impl Shared {
     /// dirty data home first.
     pub(crate) fn set_mode(&self, b: &Backing, mode: CacheMode, flush_first: bool) -> CacheResult<()> {
         let old = b.mode();
+        // The new mode first: writes arriving during the flush no longer add dirty data, so
+        // the flush ends even under a steady write load.
+        b.mode.store(mode.to_u8(), Ordering::Release);
         if old == CacheMode::Writeback && mode != CacheMode::Writeback && flush_first {
             self.flush_dirty()?;
         }
-        b.mode.store(mode.to_u8(), Ordering::Release);
         let mut g = b.sb.lock();
         let state = g.sb.state;
         Self::write_backing_state(b, &mut g, state)
