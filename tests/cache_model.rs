@@ -254,7 +254,7 @@ fn run(initial: CacheMode, ops: &[Op]) -> StatsSnapshot {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 200, ..ProptestConfig::default() })]
 
     #[test]
     fn cache_matches_plain_disk_in_every_mode(initial in mode(), ops in prop::collection::vec(op(), 1..160)) {

@@ -389,3 +389,21 @@ fn two_backing_devices_share_a_cache_and_a_missing_one_keeps_its_dirty_data() {
     set.flush_dirty().unwrap();
     assert_eq!(backing_bytes(&b0, 0, 4096), vec![1u8; 4096]);
 }
+
+#[test]
+fn a_backing_device_of_another_set_or_a_raw_image_is_refused() {
+    let (cache_a, _, set_a) = setup(CacheMode::Writeback);
+    drop(set_a);
+    let (_, backing_b, set_b) = setup(CacheMode::Writeback);
+    drop(set_b);
+    let err = CacheSet::open(
+        Arc::clone(&cache_a),
+        std::slice::from_ref(&backing_b),
+        tiny_config(CacheMode::Writeback),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("belongs to cache set"), "{err}");
+    let raw = arc(MemDev::new(EXPORT));
+    let err = CacheSet::open(cache_a, &[raw], tiny_config(CacheMode::Writeback)).unwrap_err();
+    assert!(err.to_string().contains("raw image"), "{err}");
+}
