@@ -407,3 +407,32 @@ fn a_backing_device_of_another_set_or_a_raw_image_is_refused() {
     let err = CacheSet::open(cache_a, &[raw], tiny_config(CacheMode::Writeback)).unwrap_err();
     assert!(err.to_string().contains("raw image"), "{err}");
 }
+
+#[test]
+fn background_writeback_drains_dirty_data_and_stops_when_asked() {
+    use ubcache::cache::{WritebackConfig, WritebackThread};
+    let (_, backing, set) = setup(CacheMode::Writeback);
+    let dev = set.device(0).unwrap();
+    for i in 0..32u64 {
+        dev.write_at(&[i as u8 + 1; 4096], i * 8192).unwrap();
+    }
+    assert!(set.stats().dirty_bytes > 0);
+    let cfg = WritebackConfig {
+        target_percent: 0,
+        interval: std::time::Duration::from_millis(5),
+        ..WritebackConfig::default()
+    };
+    let wb = WritebackThread::start(&set, cfg).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while set.stats().dirty_bytes > 0 {
+        assert!(std::time::Instant::now() < deadline, "writeback thread did not drain the cache");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    wb.stop().unwrap();
+    for i in 0..32u64 {
+        assert_eq!(backing_bytes(&backing, i * 8192, 4096), vec![i as u8 + 1; 4096]);
+    }
+    // Dropping a running thread stops and joins it (the test would hang otherwise).
+    let wb = WritebackThread::start(&set, WritebackConfig::default()).unwrap();
+    drop(wb);
+}

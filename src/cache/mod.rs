@@ -6,6 +6,7 @@
 //! - [`cached`]: [`CachedDev`], the per-backing data path for every [`CacheMode`].
 //! - [`policy`]: mode decisions and the sequential-cutoff detector, as pure functions.
 //! - [`inflight`]: fill/collision tracking and the writeback range lock.
+//! - [`writeback`]: the background writeback thread and its pace policy.
 //! - [`crate::check`]: the fsck (offline [`crate::check::check`], online [`CacheSet::check`]).
 //!
 //! # Decisions beyond DESIGN.md / CACHE_DESIGN.md
@@ -38,8 +39,8 @@
 //! - A bit flip in the *last* journal record cannot be told from a torn write: replay drops it
 //!   (`RecoveryReport::torn_tail`), losing the entries of that last commit.
 //! - No data checksums: corruption of cached *data* is not detected (metadata is checksummed).
-//! - Writeback is synchronous (`writeback_step`, `flush_dirty`, and writes that find the cache
-//!   full); there is no background writeback thread or rate controller yet.
+//! - The writeback thread ([`WritebackThread`]) paces by a proportional rule (burst above the
+//!   dirty target, trickle below), not bcache's full PI controller.
 
 pub mod cached;
 pub mod error;
@@ -48,9 +49,11 @@ pub mod policy;
 pub mod set;
 pub mod stats;
 mod store;
+pub mod writeback;
 
 pub use cached::CachedDev;
 pub use error::{CacheError, CacheResult};
 pub use policy::{CacheMode, SequentialDetector, WriteRoute};
 pub use set::{CacheConfig, CacheSet, DebugKnobs, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};
+pub use writeback::{WritebackConfig, WritebackThread, writeback_pace};
