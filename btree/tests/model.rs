@@ -296,6 +296,16 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
+    /// Soak run (minutes): `cargo test -p ubcache-btree --test model -- --ignored`.
+    #[test]
+    #[ignore = "soak run; see the doc comment"]
+    fn tree_matches_sector_model_soak(ops in proptest::collection::vec(op(), 1..600)) {
+        let _ = run(&ops);
+    }
+}
+
 /// A long deterministic run that fills the tree enough for several levels.
 #[test]
 fn deep_tree_matches_model() {

@@ -1,0 +1,196 @@
+//! Entry points shared by the cargo-fuzz targets (`fuzz/fuzz_targets/nbd_*.rs`) and the
+//! deterministic fuzz batch test (`tests/fuzz_nbd_batch.rs`). Each takes arbitrary bytes, must
+//! never panic, and checks the invariants the server relies on.
+
+use super::proto::{self, ExportParams, Request, RequestHeader};
+use super::server::{Export, ServerConfig, serve_stream};
+use crate::dev::MemDev;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Decodes a request header and checks it against export parameters taken from the input.
+/// Asserts: an accepted request lies inside the export, carries no more than `MAX_PAYLOAD`
+/// of data, is never zero-length, and never writes to a read-only export; encoding round-trips.
+pub fn request_parse(data: &[u8]) {
+    let Some(hdr) = data.get(..proto::REQUEST_HEADER_LEN) else { return };
+    let mut raw = [0u8; proto::REQUEST_HEADER_LEN];
+    raw.copy_from_slice(hdr);
+    // Half the inputs get a valid magic, so the checks behind it are reached.
+    if data.get(proto::REQUEST_HEADER_LEN).is_some_and(|b| b & 1 == 1) {
+        raw[..4].copy_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
+    }
+    let Ok(header) = RequestHeader::decode(&raw) else { return };
+    assert_eq!(header.encode(), raw, "request header does not round-trip");
+    let extra = &data[proto::REQUEST_HEADER_LEN..];
+    let mut size_bytes = [0u8; 8];
+    for (d, s) in size_bytes.iter_mut().zip(extra.iter().skip(1)) {
+        *d = *s;
+    }
+    let flags = extra.get(9).copied().unwrap_or(0);
+    let export = ExportParams {
+        size: u64::from_be_bytes(size_bytes),
+        read_only: flags & 1 != 0,
+        structured_replies: flags & 2 != 0,
+    };
+    match proto::check_request(&header, &export) {
+        Err(rejection) => assert_ne!(rejection.errno, 0, "a rejection must carry an errno"),
+        Ok(Request::Disc | Request::Flush) => {}
+        Ok(
+            Request::Read { offset, len, .. }
+            | Request::Write { offset, len, .. }
+            | Request::Trim { offset, len, .. }
+            | Request::Cache { offset, len }
+            | Request::WriteZeroes { offset, len, .. },
+        ) => {
+            assert!(len > 0, "zero-length request accepted");
+            let end = offset.checked_add(u64::from(len));
+            assert!(end.is_some_and(|e| e <= export.size), "request beyond the export accepted");
+            let request = proto::check_request(&header, &export);
+            if let Ok(Request::Read { len, .. } | Request::Write { len, .. }) = request {
+                assert!(len <= proto::MAX_PAYLOAD, "oversize payload accepted");
+            }
+            if export.read_only {
+                assert!(
+                    !matches!(
+                        request,
+                        Ok(Request::Write { .. } | Request::Trim { .. } | Request::WriteZeroes { .. })
+                    ),
+                    "write accepted on a read-only export"
+                );
+            }
+        }
+    }
+}
+
+/// Runs every option-level decoder over the input: option header, INFO/GO payload, strings,
+/// option replies, info replies, reply starts, error chunks. None may panic; what is accepted
+/// must re-encode to the same bytes.
+pub fn option_parse(data: &[u8]) {
+    if let Some(h) = data.get(..proto::OPTION_HEADER_LEN) {
+        let mut raw = [0u8; proto::OPTION_HEADER_LEN];
+        raw.copy_from_slice(h);
+        if let Ok(header) = proto::OptionHeader::decode(&raw) {
+            assert_eq!(header.encode(), raw);
+        }
+    }
+    if let Ok(request) = proto::InfoRequest::parse(data) {
+        assert_eq!(request.encode(), data, "INFO/GO payload does not round-trip");
+        assert!(request.name.len() <= proto::MAX_STRING_LEN);
+    }
+    let _ = proto::parse_string(data);
+    if let Some(h) = data.get(..proto::OPTION_REPLY_HEADER_LEN) {
+        let mut raw = [0u8; proto::OPTION_REPLY_HEADER_LEN];
+        raw.copy_from_slice(h);
+        if let Ok(header) = proto::OptionReplyHeader::decode(&raw) {
+            assert_eq!(header.encode(), raw);
+        }
+    }
+    let _ = proto::ExportInfo::default().apply_info_reply(data);
+    if let Some(h) = data.get(..16) {
+        let mut raw = [0u8; 16];
+        raw.copy_from_slice(h);
+        let _ = proto::decode_reply_start(&raw);
+    }
+    if let Ok((errno, message)) = proto::decode_error_chunk_payload(data) {
+        assert!(message.chars().count() <= data.len(), "error message longer than its chunk");
+        let _ = errno;
+    }
+}
+
+/// Feeds `input` as everything a client sends on one connection to a server with two small
+/// exports (one read-only), and returns what the server sent back (at most 1 MiB is kept).
+/// Exercises the handshake and transmission code end to end; it must neither panic nor hang.
+pub fn server_session(input: &[u8]) -> Vec<u8> {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return Vec::new();
+    };
+    rt.block_on(async {
+        let config = ServerConfig {
+            exports: vec![
+                Export::new("", Arc::new(MemDev::new(64 << 10))),
+                Export {
+                    description: "read-only".into(),
+                    read_only: true,
+                    ..Export::new("ro", Arc::new(MemDev::new(4096)))
+                },
+            ],
+            handshake_timeout: Duration::from_secs(5),
+            shutdown_drain_timeout: Duration::from_secs(5),
+            ..ServerConfig::default()
+        };
+        let (client, server_side) = tokio::io::duplex(256 << 10);
+        let (mut from_server, mut to_server) = tokio::io::split(client);
+        let server = tokio::spawn(serve_stream(config, server_side, std::future::pending()));
+        let input = input.to_vec();
+        let sender = tokio::spawn(async move {
+            // The server may hang up early; the rest of the input is then simply not sent.
+            let _ = to_server.write_all(&input).await;
+            let _ = to_server.shutdown().await;
+        });
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        let collect = async {
+            loop {
+                match from_server.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if out.len() < (1 << 20) {
+                            out.extend_from_slice(&buf[..n]);
+                        }
+                    }
+                }
+            }
+        };
+        // Everything is in memory: a session that takes this long is a hang, i.e. a bug.
+        let finished = tokio::time::timeout(Duration::from_secs(20), collect).await;
+        assert!(finished.is_ok(), "server session did not finish");
+        let _ = sender.await;
+        let result = server.await;
+        assert!(matches!(result, Ok(Ok(()))), "server session failed: {result:?}");
+        out
+    })
+}
+
+/// A valid client byte stream that drives every part of the protocol, as a seed for mutation:
+/// greeting flags, STRUCTURED_REPLY, INFO, LIST, an unknown option, GO, then one request of
+/// each command (with a WRITE payload) and DISC.
+#[must_use]
+pub fn seed_session() -> Vec<u8> {
+    use proto::{Command, cmd_flags, info, opt};
+    let mut s = Vec::new();
+    let option = |s: &mut Vec<u8>, option: u32, payload: &[u8]| {
+        s.extend_from_slice(&proto::OptionHeader { option, len: payload.len() as u32 }.encode());
+        s.extend_from_slice(payload);
+    };
+    s.extend_from_slice(
+        &(proto::client_flags::FIXED_NEWSTYLE | proto::client_flags::NO_ZEROES).to_be_bytes(),
+    );
+    option(&mut s, opt::STRUCTURED_REPLY, &[]);
+    let info_req = proto::InfoRequest {
+        name: "ro".into(),
+        requests: vec![info::NAME, info::DESCRIPTION, info::BLOCK_SIZE],
+    };
+    option(&mut s, opt::INFO, &info_req.encode());
+    option(&mut s, opt::LIST, &[]);
+    option(&mut s, 99, b"junk");
+    option(&mut s, opt::GO, &proto::InfoRequest { name: String::new(), requests: vec![] }.encode());
+    let mut handle = 0;
+    let mut req = |s: &mut Vec<u8>, cmd: Command, flags: u16, offset: u64, length: u32| {
+        handle += 1;
+        s.extend_from_slice(
+            &RequestHeader { flags, cmd_type: cmd.to_wire(), handle, offset, length }.encode(),
+        );
+    };
+    req(&mut s, Command::Write, cmd_flags::FUA, 512, 8);
+    s.extend_from_slice(b"ubcache!");
+    req(&mut s, Command::Read, 0, 0, 4096);
+    req(&mut s, Command::Read, cmd_flags::DF, 4096, 512);
+    req(&mut s, Command::Flush, 0, 0, 0);
+    req(&mut s, Command::Trim, 0, 0, 1024);
+    req(&mut s, Command::WriteZeroes, cmd_flags::NO_HOLE, 1024, 1024);
+    req(&mut s, Command::Cache, 0, 0, 4096);
+    req(&mut s, Command::Read, 0, 1 << 40, 4096);
+    req(&mut s, Command::Disc, 0, 0, 0);
+    s
+}
