@@ -417,11 +417,11 @@ fn background_writeback_drains_dirty_data_and_stops_when_asked() {
         dev.write_at(&[i as u8 + 1; 4096], i * 8192).unwrap();
     }
     assert!(set.stats().dirty_bytes > 0);
-    let cfg = WritebackConfig {
-        target_percent: 0,
-        interval: std::time::Duration::from_millis(5),
-        ..WritebackConfig::default()
-    };
+    // Target 0 and a steep proportional term: the controller asks for all of it at once.
+    let mut cfg =
+        WritebackConfig { interval: std::time::Duration::from_millis(5), ..WritebackConfig::default() };
+    cfg.rate.writeback_percent = 0;
+    cfg.rate.p_term_inverse = 1;
     let wb = WritebackThread::start(&set, cfg).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while set.stats().dirty_bytes > 0 {
@@ -435,4 +435,23 @@ fn background_writeback_drains_dirty_data_and_stops_when_asked() {
     // Dropping a running thread stops and joins it (the test would hang otherwise).
     let wb = WritebackThread::start(&set, WritebackConfig::default()).unwrap();
     drop(wb);
+}
+
+/// Below the dirty target the controller runs at its minimum rate: dirty data still drains.
+#[test]
+fn background_writeback_trickles_below_the_target() {
+    use ubcache::cache::{WritebackConfig, WritebackThread};
+    let (_, backing, set) = setup(CacheMode::Writeback);
+    set.device(0).unwrap().write_at(&[9u8; 4096], 0).unwrap();
+    let cfg =
+        WritebackConfig { interval: std::time::Duration::from_millis(10), ..WritebackConfig::default() };
+    assert!(4096 < set.data_capacity_bytes() / 10, "the dirty data must be below the 10% target");
+    let wb = WritebackThread::start(&set, cfg).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while set.stats().dirty_bytes > 0 {
+        assert!(std::time::Instant::now() < deadline, "no writeback below the target");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    wb.stop().unwrap();
+    assert_eq!(backing_bytes(&backing, 0, 4096), vec![9u8; 4096]);
 }

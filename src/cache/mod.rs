@@ -39,8 +39,9 @@
 //! - A bit flip in the *last* journal record cannot be told from a torn write: replay drops it
 //!   (`RecoveryReport::torn_tail`), losing the entries of that last commit.
 //! - No data checksums: corruption of cached *data* is not detected (metadata is checksummed).
-//! - The writeback thread ([`WritebackThread`]) paces by a proportional rule (burst above the
-//!   dirty target, trickle below), not bcache's full PI controller.
+//! - The writeback thread ([`WritebackThread`]) writes whole keys in offset order at the PI
+//!   controller's rate; it does not yet coalesce adjacent keys into larger backing writes
+//!   (`wbpolicy::coalesce`).
 
 pub mod cached;
 pub mod error;
@@ -56,4 +57,4 @@ pub use error::{CacheError, CacheResult};
 pub use policy::{CacheMode, SequentialDetector, WriteRoute};
 pub use set::{CacheConfig, CacheSet, DebugKnobs, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};
-pub use writeback::{WritebackConfig, WritebackThread, writeback_pace};
+pub use writeback::{WritebackConfig, WritebackThread, tick_budget};
