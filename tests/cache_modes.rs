@@ -136,16 +136,32 @@ fn sequential_stream_past_the_cutoff_bypasses_the_cache() {
 }
 
 #[test]
-fn unaligned_and_out_of_range_requests_are_refused_cleanly() {
+fn unaligned_requests_use_read_modify_write_and_out_of_range_is_refused() {
     let (_, _, set) = setup(CacheMode::Writeback);
     let dev = set.device(0).unwrap();
     assert_eq!(dev.len(), EXPORT);
-    assert!(dev.write_at(&[0u8; 100], 0).is_err());
-    assert!(dev.read_at(&mut [0u8; 512], 7).is_err());
+    let mut model = vec![0u8; 8192];
+    dev.write_at(&[1u8; 4096], 0).unwrap();
+    model[..4096].fill(1);
+    dev.write_at(&[2u8; 100], 7).unwrap();
+    model[7..107].fill(2);
+    dev.write_at_fua(&[3u8; 1000], 4000).unwrap();
+    model[4000..5000].fill(3);
+    dev.write_zeroes(300, 5000, false).unwrap();
+    model[300..5300].fill(0);
+    dev.write_at(&[4u8; 10], 510).unwrap();
+    model[510..520].fill(4);
+    let mut buf = vec![0u8; 8192];
+    dev.read_at(&mut buf, 0).unwrap();
+    assert!(buf == model);
+    let mut small = [0u8; 13];
+    dev.read_at(&mut small, 505).unwrap();
+    assert_eq!(small[..], model[505..518]);
+    dev.discard(100, 2000).unwrap();
     assert!(dev.write_at(&[0u8; 512], EXPORT).is_err());
     assert!(dev.read_at(&mut [0u8; 1024], EXPORT - 512).is_err());
     assert!(dev.discard(u64::MAX - 511, 512).is_err());
-    dev.write_at(&[1u8; 512], 0).unwrap();
+    assert!(dev.write_at(&[0u8; 2], EXPORT - 1).is_err());
 }
 
 /// FUA and FLUSH on a crash-simulating cache: after power loss with every unsynced write
