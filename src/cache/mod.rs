@@ -27,7 +27,9 @@
 //!   dirty key dropped. A crash in between keeps the dirty key, which wins and is written back.
 //! - **TRIM keeps dirty data** (TRIM is advisory; reads return old contents or zeros) and only
 //!   discards the non-dirty sectors on backing.
-//! - **Requests must be multiples of 512 bytes** (offset and length); others fail with EINVAL.
+//! - **Partial sectors are read-modify-written** under a per-device range lock that every write
+//!   holds, so an unaligned write never loses a concurrent write to the same sector. TRIM of
+//!   partial sectors is ignored (advisory).
 //! - **Recovery ends with a checkpoint**, so a crash during recovery replays from the same (or the
 //!   new, complete) checkpoint. Node slots of the checkpointed tree stay counted until then even
 //!   if replay merged nodes away.
