@@ -101,7 +101,6 @@ fn thread_brings_dirty_down_to_the_target() {
 fn below_the_target_writeback_trickles_at_the_minimum_rate() {
     let (set, _backing) = setup();
     let dev = set.devices().remove(0);
-    let mut model = vec![0u8; dev.len() as usize];
     // 8 dirty blocks (32 KiB), far below the 10% target.
     for i in 0..8u64 {
         dev.write_at(&[i as u8 + 1; BLOCK], i * 2 * BLOCK as u64).unwrap();
