@@ -7,6 +7,7 @@
 //!   journal records, bucket table).
 //! - [`journal`]: the journal ring with group commit and replay.
 //! - [`alloc`]: buckets, generations, free lists, reclaim.
+//! - [`cache`]: the cache engine (`CacheSet`, per-backing `CachedDev`); [`check`]: offline fsck.
 //! - [`serve`]: `ubcache serve`: options, default files, exports, running the server.
 //! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics.
 //! - [`wbpolicy`]: writeback policy as pure functions (rate controller, extent coalescing).
@@ -14,6 +15,8 @@
 //! The btree of extent keys lives in its own crate, `ubcache-btree`, with no I/O of its own.
 
 pub mod alloc;
+pub mod cache;
+pub mod check;
 pub mod ctl;
 pub mod dev;
 pub mod format;
