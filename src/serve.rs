@@ -366,12 +366,12 @@ pub fn open_backing(spec: &ExportSpec, opts: &ServeOptions) -> Result<FileDev, S
     if let Some(size) = create_with_size {
         log::info!("creating backing file {} ({size} bytes, sparse)", path.display());
     }
-    let dev = FileDev::open(&path, &FileDevOptions { read_only: opts.read_only, create_with_size }).map_err(
-        |source| match source {
-            DevError::Io { op, source, .. } => ServeError::BackingIo { path: path.clone(), op, source },
-            source => ServeError::Backing { path: path.clone(), source },
-        },
-    )?;
+    let dev =
+        FileDev::open(&path, &FileDevOptions { read_only: opts.read_only, create_with_size, direct: false })
+            .map_err(|source| match source {
+                DevError::Io { op, source, .. } => ServeError::BackingIo { path: path.clone(), op, source },
+                source => ServeError::Backing { path: path.clone(), source },
+            })?;
     if dev.is_empty() {
         return Err(ServeError::BackingUnusable { path, reason: "it is empty (0 bytes)".into() });
     }
