@@ -41,6 +41,7 @@
 //! lets in-flight requests finish and their replies go out, closes the connections, then syncs
 //! every export's device.
 
+use super::flush::SyncCoalescer;
 use super::proto::{
     self, ExportParams, OptionHeader, Request, RequestHeader, errno, handshake_flags, info, opt, rep,
     transmission_flags as tf,
@@ -56,7 +57,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
 /// One named export.
@@ -184,6 +185,8 @@ struct ExportState {
     export: Export,
     size: u64,
     read_only: bool,
+    /// FLUSH and FUA trims/zeroings share syncs through this (all connections to the export).
+    syncer: Arc<SyncCoalescer>,
 }
 
 impl ExportState {
@@ -249,7 +252,7 @@ impl Shared {
             }
             let size = export.dev.len();
             let read_only = export.read_only || export.dev.is_read_only();
-            exports.push(Arc::new(ExportState { export, size, read_only }));
+            exports.push(Arc::new(ExportState { export, size, read_only, syncer: Arc::default() }));
         }
         Ok(Self {
             exports,
@@ -752,13 +755,16 @@ impl BufPool {
     }
 }
 
-/// What the writer sends for one request. The permits ride along so in-flight limits are
-/// released only once the reply has left.
+/// What goes out for one request. The permits ride along so in-flight limits are released only
+/// once the reply has been written.
 struct Reply {
     handle: u64,
     body: ReplyBody,
-    _permits: Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
+    _permits: Option<Permits>,
 }
+
+/// A request's in-flight slot and, for READ/WRITE, its payload bytes.
+type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
 
 enum ReplyBody {
     /// A simple reply without data (success or error of any command but a structured READ).
@@ -771,6 +777,80 @@ enum ReplyBody {
     StructuredError { errno: u32, message: String },
 }
 
+/// The reply side of a connection. Whoever finishes a request (a request task, or the reader
+/// itself on the fast path) queues its reply and then tries to become the writer: the one that
+/// gets the lock writes every queued reply into the buffered writer and flushes once the queue
+/// is empty, so a burst of replies costs one system call; the others return at once. There is
+/// no writer task, so an uncontended reply goes out without a task hand-off.
+///
+/// No reply is stranded: a reply is queued *before* its sender tries the lock, and the writer
+/// looks at the queue again *after* releasing the lock, so either the sender gets the lock or
+/// the writer sees the reply.
+struct ReplySink {
+    queue: parking_lot::Mutex<Vec<Reply>>,
+    writer: tokio::sync::Mutex<WriterState>,
+    pool: Arc<BufPool>,
+    /// Set at shutdown when the client did not read its replies in time: a writer stuck on a
+    /// full socket gives up, and the connection is dropped.
+    kill: watch::Receiver<bool>,
+}
+
+struct WriterState {
+    /// `None` once writing failed (the client is gone) or the connection was killed; replies
+    /// are then dropped, which still releases their permits.
+    out: Option<BufWriter<BoxWrite>>,
+    /// The queue's storage is swapped with this one, so draining allocates nothing.
+    spare: Vec<Reply>,
+}
+
+impl ReplySink {
+    /// Queues a reply and writes it (and whatever else is queued) unless another writer is
+    /// already at work, which will then write it.
+    async fn send(&self, reply: Reply) {
+        self.queue.lock().push(reply);
+        loop {
+            let Ok(mut writer) = self.writer.try_lock() else { return };
+            let mut kill = self.kill.clone();
+            let written = tokio::select! {
+                biased;
+                r = self.write_queued(&mut writer) => r,
+                _ = kill.wait_for(|k| *k) => Err(io::Error::other("replies not read before the shutdown deadline")),
+            };
+            if let Err(e) = written {
+                log::debug!("nbd: writing replies failed: {e}");
+                writer.out = None;
+            }
+            drop(writer);
+            // A reply queued while we held the lock saw it taken and left its writing to us.
+            if self.queue.lock().is_empty() {
+                return;
+            }
+        }
+    }
+
+    async fn write_queued(&self, writer: &mut WriterState) -> io::Result<()> {
+        let mut batch = std::mem::take(&mut writer.spare);
+        loop {
+            std::mem::swap(&mut batch, &mut *self.queue.lock());
+            if batch.is_empty() {
+                break;
+            }
+            let Some(out) = writer.out.as_mut() else {
+                batch.clear();
+                continue;
+            };
+            for reply in batch.drain(..) {
+                write_reply(out, reply, &self.pool).await?;
+            }
+        }
+        writer.spare = batch;
+        match writer.out.as_mut() {
+            Some(out) => out.flush().await,
+            None => Ok(()),
+        }
+    }
+}
+
 async fn transmission(
     mut reader: BufReader<BoxRead>,
     writer: BoxWrite,
@@ -779,144 +859,203 @@ async fn transmission(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let Session { export, structured } = session;
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let pool = Arc::new(BufPool::default());
-    let writer_task = tokio::spawn(write_replies(writer, rx, pool.clone()));
+    let (kill_tx, kill_rx) = watch::channel(false);
+    let sink = Arc::new(ReplySink {
+        queue: parking_lot::Mutex::new(Vec::new()),
+        writer: tokio::sync::Mutex::new(WriterState {
+            out: Some(BufWriter::with_capacity(WRITE_BUFFER, writer)),
+            spare: Vec::new(),
+        }),
+        pool: pool.clone(),
+        kill: kill_rx,
+    });
     let slots = Arc::new(Semaphore::new(shared.max_in_flight));
     let bytes = Arc::new(Semaphore::new(shared.max_buffer_bytes));
     let params =
         ExportParams { size: export.size, read_only: export.read_only, structured_replies: structured };
+    let conn = Conn {
+        export: export.clone(),
+        params,
+        sink: sink.clone(),
+        slots: slots.clone(),
+        bytes,
+        pool,
+        max_in_flight: shared.max_in_flight,
+        device_calls: shared.device_calls,
+    };
     // The reader checks for shutdown between requests. A client that stops reading replies
     // can keep it waiting for an in-flight slot or in the middle of a payload, so shutdown also
     // gets a hard deadline here.
     let mut stop_deadline = stop.clone();
-    let reading = read_requests(
-        &mut reader,
-        &export,
-        &params,
-        &tx,
-        &slots,
-        &bytes,
-        &pool,
-        &mut stop,
-        shared.device_calls,
-    );
     let result = tokio::select! {
-        r = reading => r,
+        r = conn.read_requests(&mut reader, &mut stop) => r,
         () = async {
             let _ = stop_deadline.wait_for(|s| *s).await;
             tokio::time::sleep(shared.shutdown_drain_timeout).await;
         } => Err(ConnError::Refused("shutdown deadline passed while reading a request")),
     };
-    // Replies still being produced hold clones of `tx`; the writer ends once they are all sent.
-    drop(tx);
-    let mut writer_task = writer_task;
-    match tokio::time::timeout(shared.shutdown_drain_timeout, &mut writer_task).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => log::debug!("nbd: reply writer ended: {e}"),
-        Ok(Err(e)) => log::error!("nbd: reply writer failed: {e}"),
-        Err(_) => {
-            log::warn!("nbd: client did not read its replies in time; dropping the connection");
-            writer_task.abort();
+    // Every request still running holds its slot until its reply is written: once all slots
+    // are back, every reply has gone out.
+    let all_slots = u32::try_from(shared.max_in_flight).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(shared.shutdown_drain_timeout, slots.acquire_many(all_slots)).await;
+    if drained.is_err() {
+        log::warn!("nbd: client did not read its replies in time; dropping the connection");
+        let _ = kill_tx.send(true);
+    }
+    // A writer finishes its flush before it lets go of the lock.
+    let mut writer = sink.writer.lock().await;
+    if let (Some(mut out), Ok(_)) = (writer.out.take(), drained) {
+        match tokio::time::timeout(shared.shutdown_drain_timeout, out.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::debug!("nbd: closing the connection: {e}"),
+            Err(_) => log::debug!("nbd: closing the connection timed out"),
         }
     }
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn read_requests(
-    reader: &mut BufReader<BoxRead>,
-    export: &Arc<ExportState>,
-    params: &ExportParams,
-    tx: &mpsc::UnboundedSender<Reply>,
-    slots: &Arc<Semaphore>,
-    bytes: &Arc<Semaphore>,
-    pool: &Arc<BufPool>,
-    stop: &mut watch::Receiver<bool>,
+/// What every request of one connection needs.
+struct Conn {
+    export: Arc<ExportState>,
+    params: ExportParams,
+    sink: Arc<ReplySink>,
+    slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    pool: Arc<BufPool>,
+    max_in_flight: usize,
     device_calls: DeviceCalls,
-) -> Result<(), ConnError> {
-    let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
-    loop {
-        // Only a whole header is a request; a client that vanishes mid-header or mid-payload
-        // just ends its connection.
-        let read = if reader.buffer().len() >= hdr.len() && !*stop.borrow() {
-            // Already buffered (the common case under load): no need to watch for shutdown.
-            reader.read_exact(&mut hdr).await
-        } else {
-            tokio::select! {
-                biased;
-                r = reader.read_exact(&mut hdr) => r,
-                _ = stop.wait_for(|s| *s) => return Ok(()),
+}
+
+impl Conn {
+    async fn read_requests(
+        &self,
+        reader: &mut BufReader<BoxRead>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), ConnError> {
+        let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
+        loop {
+            // Only a whole header is a request; a client that vanishes mid-header or mid-payload
+            // just ends its connection.
+            let read = if reader.buffer().len() >= hdr.len() && !*stop.borrow() {
+                // Already buffered (the common case under load): no need to watch for shutdown.
+                reader.read_exact(&mut hdr).await
+            } else {
+                tokio::select! {
+                    biased;
+                    r = reader.read_exact(&mut hdr) => r,
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                }
+            };
+            match read {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.into()),
             }
-        };
-        match read {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        let header = RequestHeader::decode(&hdr)?;
-        let Ok(slot) = slots.clone().acquire_owned().await else { return Ok(()) };
-        let request = match proto::check_request(&header, params) {
-            Ok(r) => r,
-            Err(rejection) => {
-                log::debug!("nbd: rejecting request {header:?}: {}", rejection.reason);
-                discard(reader, u64::from(header.payload_len())).await?;
-                let is_read = header.cmd_type == proto::Command::Read.to_wire();
-                let body = if is_read && params.structured_replies {
-                    ReplyBody::StructuredError {
-                        errno: rejection.errno,
-                        message: rejection.reason.to_owned(),
-                    }
-                } else {
-                    ReplyBody::Status { errno: rejection.errno }
-                };
-                let _ = tx.send(Reply { handle: header.handle, body, _permits: Some((slot, None)) });
-                continue;
-            }
-        };
-        let data_len = match request {
-            Request::Disc => return Ok(()),
-            Request::Read { len, .. } | Request::Write { len, .. } => len,
-            _ => 0,
-        };
-        let mem = if data_len > 0 {
-            // data_len <= MAX_PAYLOAD <= the semaphore's capacity, so this always completes.
-            let Ok(p) = bytes.clone().acquire_many_owned(data_len).await else { return Ok(()) };
-            Some(p)
-        } else {
-            None
-        };
-        let payload = if let Request::Write { len, .. } = request {
-            let mut buf = pool.get(len as usize);
-            reader.read_exact(&mut buf).await?;
-            Some(buf)
-        } else {
-            None
-        };
-        let job = Job {
-            export: export.clone(),
-            handle: header.handle,
-            request,
-            payload,
-            structured: params.structured_replies,
-            permits: (slot, mem),
-            pool: pool.clone(),
-        };
-        let tx = tx.clone();
-        // A send error means the writer is gone (client vanished): nothing to answer.
-        let quick = matches!(request, Request::Read { .. } | Request::Write { .. } | Request::Cache { .. });
-        match device_calls {
-            DeviceCalls::Inline if quick => {
-                let _ = tx.send(job.run());
-            }
-            DeviceCalls::OnWorkers | DeviceCalls::Inline => drop(tokio::spawn(async move {
-                let _ = tx.send(job.run());
-            })),
-            DeviceCalls::BlockingPool => drop(tokio::task::spawn_blocking(move || {
-                let _ = tx.send(job.run());
-            })),
+            let header = RequestHeader::decode(&hdr)?;
+            let Ok(slot) = self.slots.clone().acquire_owned().await else { return Ok(()) };
+            let request = match proto::check_request(&header, &self.params) {
+                Ok(r) => r,
+                Err(rejection) => {
+                    log::debug!("nbd: rejecting request {header:?}: {}", rejection.reason);
+                    discard(reader, u64::from(header.payload_len())).await?;
+                    let is_read = header.cmd_type == proto::Command::Read.to_wire();
+                    let body = if is_read && self.params.structured_replies {
+                        ReplyBody::StructuredError {
+                            errno: rejection.errno,
+                            message: rejection.reason.to_owned(),
+                        }
+                    } else {
+                        ReplyBody::Status { errno: rejection.errno }
+                    };
+                    self.sink.send(Reply { handle: header.handle, body, _permits: Some((slot, None)) }).await;
+                    continue;
+                }
+            };
+            let data_len = match request {
+                Request::Disc => return Ok(()),
+                Request::Read { len, .. } | Request::Write { len, .. } => len,
+                _ => 0,
+            };
+            let mem = if data_len > 0 {
+                // data_len <= MAX_PAYLOAD <= the semaphore's capacity, so this always completes.
+                let Ok(p) = self.bytes.clone().acquire_many_owned(data_len).await else { return Ok(()) };
+                Some(p)
+            } else {
+                None
+            };
+            let payload = if let Request::Write { len, .. } = request {
+                let mut buf = self.pool.get(len as usize);
+                reader.read_exact(&mut buf).await?;
+                Some(buf)
+            } else {
+                None
+            };
+            let job = Job {
+                export: self.export.clone(),
+                handle: header.handle,
+                request,
+                payload,
+                structured: self.params.structured_replies,
+                permits: (slot, mem),
+                pool: self.pool.clone(),
+            };
+            self.dispatch(job, reader.buffer().len()).await;
         }
     }
+
+    /// Runs a request where it costs least (see [`DeviceCalls`]); `buffered` is how many bytes
+    /// of later requests the reader already holds.
+    async fn dispatch(&self, job: Job, buffered: usize) {
+        let sink = self.sink.clone();
+        match job.kind() {
+            JobKind::Syncing => {
+                // Waits for a sync without holding a worker (see `flush`).
+                drop(tokio::spawn(async move { sink.send(job.run_syncing().await).await }));
+            }
+            JobKind::Durable => {
+                // A FUA write waits for the disk inside the device call: on the blocking pool.
+                drop(tokio::spawn(async move { sink.send(job.run_blocking().await).await }));
+            }
+            JobKind::Quick => match self.device_calls {
+                DeviceCalls::Inline => sink.send(job.run()).await,
+                // The only request in flight, and no other one already received: run it here
+                // and write the reply directly. A task would cost a spawn and a wake-up of
+                // another worker, and nothing could overlap with it anyway (QD1 latency).
+                DeviceCalls::OnWorkers
+                    if buffered < proto::REQUEST_HEADER_LEN
+                        && self.slots.available_permits() + 1 >= self.max_in_flight =>
+                {
+                    sink.send(job.run()).await;
+                }
+                DeviceCalls::OnWorkers => drop(tokio::spawn(async move { sink.send(job.run()).await })),
+                DeviceCalls::BlockingPool => {
+                    drop(tokio::spawn(async move { sink.send(job.run_blocking().await).await }));
+                }
+            },
+            JobKind::Other => match self.device_calls {
+                DeviceCalls::BlockingPool => {
+                    drop(tokio::spawn(async move { sink.send(job.run_blocking().await).await }));
+                }
+                DeviceCalls::OnWorkers | DeviceCalls::Inline => {
+                    drop(tokio::spawn(async move { sink.send(job.run()).await }));
+                }
+            },
+        }
+    }
+}
+
+/// How a request runs (see [`Conn::dispatch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    /// READ, non-FUA WRITE, CACHE: a short device call (for page-cache hits).
+    Quick,
+    /// A FUA WRITE: the device call itself waits for the disk.
+    Durable,
+    /// FLUSH, and TRIM or WRITE_ZEROES with FUA: need a device sync.
+    Syncing,
+    /// TRIM and WRITE_ZEROES without FUA.
+    Other,
 }
 
 struct Job {
@@ -925,44 +1064,104 @@ struct Job {
     request: Request,
     payload: Option<Vec<u8>>,
     structured: bool,
-    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    permits: Permits,
     pool: Arc<BufPool>,
 }
 
 impl Job {
+    fn kind(&self) -> JobKind {
+        match self.request {
+            Request::Read { .. } | Request::Cache { .. } | Request::Write { fua: false, .. } => {
+                JobKind::Quick
+            }
+            Request::Write { fua: true, .. } => JobKind::Durable,
+            Request::Flush | Request::Trim { fua: true, .. } | Request::WriteZeroes { fua: true, .. } => {
+                JobKind::Syncing
+            }
+            Request::Trim { .. } | Request::WriteZeroes { .. } | Request::Disc => JobKind::Other,
+        }
+    }
+
+    /// Runs the device call on tokio's blocking pool. Should the device panic, the request is
+    /// answered with EIO (its permits went down with the call).
+    async fn run_blocking(self) -> Reply {
+        let handle = self.handle;
+        tokio::task::spawn_blocking(move || self.run()).await.unwrap_or_else(|e| {
+            log::error!("nbd: device call failed: {e}");
+            Reply { handle, body: ReplyBody::Status { errno: errno::EIO }, _permits: None }
+        })
+    }
+
+    /// FLUSH, or TRIM/WRITE_ZEROES followed by a sync (FUA): the sync is shared with concurrent
+    /// flushes of the export and runs off the workers.
+    async fn run_syncing(mut self) -> Reply {
+        let export = self.export.clone();
+        let dev = &export.export.dev;
+        let done = match self.request {
+            Request::Flush => Ok(()),
+            // Trim and zeroing are quick (hole punching) or bounded like a write.
+            _ => match self.run_without_sync() {
+                ReplyBody::Status { errno: 0 } => Ok(()),
+                ReplyBody::Status { errno } => Err(errno),
+                _ => Err(errno::EIO),
+            },
+        };
+        // Only after the trim or zeroing has returned, so the sync covers it.
+        let errno = match done {
+            Ok(()) => export.syncer.sync(dev).await.err().unwrap_or(0),
+            Err(errno) => errno,
+        };
+        Reply { handle: self.handle, body: ReplyBody::Status { errno }, _permits: Some(self.permits) }
+    }
+
     /// Runs the device call synchronously and builds the reply.
-    fn run(self) -> Reply {
+    fn run(mut self) -> Reply {
+        let body = match self.request {
+            Request::Flush => {
+                let dev = &*self.export.export.dev;
+                ReplyBody::Status { errno: dev.sync().map_or_else(|e| dev_errno(&e), |()| 0) }
+            }
+            Request::Trim { fua: true, .. } | Request::WriteZeroes { fua: true, .. } => {
+                match self.run_without_sync() {
+                    ReplyBody::Status { errno: 0 } => {
+                        let dev = &*self.export.export.dev;
+                        ReplyBody::Status { errno: dev.sync().map_or_else(|e| dev_errno(&e), |()| 0) }
+                    }
+                    other => other,
+                }
+            }
+            _ => self.run_without_sync(),
+        };
+        Reply { handle: self.handle, body, _permits: Some(self.permits) }
+    }
+
+    /// The device call of the request, without the sync a FUA trim or zeroing also needs.
+    fn run_without_sync(&mut self) -> ReplyBody {
         let dev = &*self.export.export.dev;
         let status =
             |r: Result<(), DevError>| ReplyBody::Status { errno: r.map_or_else(|e| dev_errno(&e), |()| 0) };
-        let body = match self.request {
+        match self.request {
             Request::Read { offset, len, df } => self.read(dev, offset, len, df),
             Request::Write { offset, fua, .. } => {
-                let buf = self.payload.unwrap_or_default();
+                let buf = self.payload.take().unwrap_or_default();
                 let r = if fua { dev.write_at_fua(&buf, offset) } else { dev.write_at(&buf, offset) };
                 self.pool.put(buf);
                 status(r)
             }
-            Request::Flush => status(dev.sync()),
-            Request::Trim { offset, len, fua } => status(
-                dev.discard(offset, u64::from(len)).and_then(|()| if fua { dev.sync() } else { Ok(()) }),
-            ),
+            Request::Flush => ReplyBody::Status { errno: 0 },
+            Request::Trim { offset, len, .. } => status(dev.discard(offset, u64::from(len))),
             Request::Cache { offset, len } => status(dev.prefetch(offset, u64::from(len))),
-            Request::WriteZeroes { offset, len, fua, no_hole, fast_zero } => {
+            Request::WriteZeroes { offset, len, no_hole, fast_zero, .. } => {
                 if fast_zero && !dev.fast_zero() {
                     // The client asked to fail rather than be slow.
                     ReplyBody::Status { errno: errno::ENOTSUP }
                 } else {
-                    status(
-                        dev.write_zeroes(offset, u64::from(len), !no_hole)
-                            .and_then(|()| if fua { dev.sync() } else { Ok(()) }),
-                    )
+                    status(dev.write_zeroes(offset, u64::from(len), !no_hole))
                 }
             }
             // Handled by the reader; answered with EINVAL should it ever get here.
             Request::Disc => ReplyBody::Status { errno: errno::EINVAL },
-        };
-        Reply { handle: self.handle, body, _permits: Some(self.permits) }
+        }
     }
 
     fn read(&self, dev: &dyn BlockDev, offset: u64, len: u32, df: bool) -> ReplyBody {
@@ -1023,24 +1222,6 @@ fn sanitize_holes(holes: Vec<Range<u64>>, bounds: Range<u64>) -> Vec<Range<u64>>
 
 fn dev_errno(e: &DevError) -> u32 {
     e.nbd_errno()
-}
-
-/// The single writer of a connection: drains the reply queue into a buffered writer and flushes
-/// when the queue runs dry, so a burst of replies costs one system call.
-async fn write_replies(
-    writer: BoxWrite,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    pool: Arc<BufPool>,
-) -> io::Result<()> {
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER, writer);
-    while let Some(reply) = rx.recv().await {
-        write_reply(&mut out, reply, &pool).await?;
-        while let Ok(reply) = rx.try_recv() {
-            write_reply(&mut out, reply, &pool).await?;
-        }
-        out.flush().await?;
-    }
-    out.shutdown().await
 }
 
 async fn write_reply<W: AsyncWrite + Unpin>(out: &mut W, reply: Reply, pool: &BufPool) -> io::Result<()> {
@@ -1145,8 +1326,14 @@ mod tests {
     #[test]
     fn transmission_flags_follow_the_export() {
         let dev: Arc<dyn BlockDev> = Arc::new(crate::dev::MemDev::new(4096));
-        let rw = ExportState { export: Export::new("", dev.clone()), size: 4096, read_only: false };
-        let ro = ExportState { export: Export::new("", dev), size: 4096, read_only: true };
+        let rw = ExportState {
+            export: Export::new("", dev.clone()),
+            size: 4096,
+            read_only: false,
+            syncer: Arc::default(),
+        };
+        let ro =
+            ExportState { export: Export::new("", dev), size: 4096, read_only: true, syncer: Arc::default() };
         let f = rw.flags(false);
         assert_eq!(f & tf::SEND_DF, 0);
         assert_ne!(rw.flags(true) & tf::SEND_DF, 0);
