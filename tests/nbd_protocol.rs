@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1026,8 +1026,9 @@ async fn client_lists_exports_and_queries_info() {
     let (b, _) = mem_export("b", 8192);
     let b = Export { description: "bee".into(), read_only: true, ..b };
     let server = TestServer::start(vec![a, b]).await;
-    let names = timed(client::list_exports(server.raw().await)).await.unwrap();
-    assert_eq!(names, ["a", "b"]);
+    let listed = timed(client::list_exports(server.raw().await)).await.unwrap();
+    let listed: Vec<_> = listed.iter().map(|e| (e.name.as_str(), e.description.as_str())).collect();
+    assert_eq!(listed, [("a", ""), ("b", "bee")], "NBD_REP_SERVER carries each export's description");
     let info = timed(client::query_info(server.raw().await, "b")).await.unwrap();
     assert_eq!(
         (info.size, info.name.as_deref(), info.description.as_deref()),
@@ -1058,5 +1059,218 @@ async fn connections_share_one_device_so_flush_covers_all_of_them() {
     let syncs = dev.syncs.load(Ordering::SeqCst);
     timed(b.flush()).await.unwrap();
     assert_eq!(dev.syncs.load(Ordering::SeqCst), syncs + 1, "FLUSH on B must sync the shared device");
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Syncs: coalesced, ordered after the writes they cover, and off the runtime's workers
+
+/// Records on one clock when each write returned from the device and when each sync started.
+/// Syncs are slow, so flushes arrive while one is running.
+#[derive(Debug)]
+struct OrderDev {
+    inner: MemDev,
+    clock: AtomicU64,
+    /// (offset, clock when the write returned)
+    writes_done: Mutex<Vec<(u64, u64)>>,
+    sync_starts: Mutex<Vec<u64>>,
+    sync_time: Duration,
+}
+
+impl OrderDev {
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst)
+    }
+}
+
+impl BlockDev for OrderDev {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        self.inner.write_at(buf, offset)?;
+        let done = self.tick();
+        self.writes_done.lock().unwrap().push((offset, done));
+        Ok(())
+    }
+    fn sync(&self) -> DevResult<()> {
+        let start = self.tick();
+        self.sync_starts.lock().unwrap().push(start);
+        std::thread::sleep(self.sync_time);
+        Ok(())
+    }
+}
+
+/// Guards against coalescing that answers a FLUSH with a sync that was already running when a
+/// write it must cover completed: such a sync may have missed that write, so the reply would
+/// promise durability for data that is not durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_is_answered_only_after_a_sync_that_started_after_the_writes_it_covers() {
+    let dev = Arc::new(OrderDev {
+        inner: MemDev::new(1 << 20),
+        clock: AtomicU64::new(0),
+        writes_done: Mutex::new(Vec::new()),
+        sync_starts: Mutex::new(Vec::new()),
+        sync_time: Duration::from_millis(5),
+    });
+    let server = TestServer::start(vec![Export::new("", dev.clone())]).await;
+    // Several connections (MULTI_CONN: a flush covers writes acknowledged on any of them), each
+    // writing its own blocks and flushing, so flushes keep arriving while syncs run.
+    let mut tasks = tokio::task::JoinSet::new();
+    for conn in 0..4u64 {
+        let client = server.client().await;
+        let dev = dev.clone();
+        tasks.spawn(async move {
+            let mut flushes = Vec::new();
+            for i in 0..12u64 {
+                let offset = (conn * 16 + i) * 4096;
+                timed(client.write(offset, &[conn as u8 + 1; 4096], false)).await.unwrap();
+                let sent = dev.tick();
+                timed(client.flush()).await.unwrap();
+                let replied = dev.tick();
+                flushes.push((sent, replied));
+            }
+            flushes
+        });
+    }
+    let mut flushes = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        flushes.extend(r.unwrap());
+    }
+    let writes = dev.writes_done.lock().unwrap().clone();
+    let syncs = dev.sync_starts.lock().unwrap().clone();
+    for &(sent, replied) in &flushes {
+        // Every write acknowledged before the flush was sent completed before it was sent.
+        let must_cover = writes.iter().map(|&(_, done)| done).filter(|&done| done < sent).max();
+        let Some(last_write) = must_cover else { continue };
+        assert!(
+            syncs.iter().any(|&s| s > last_write && s < replied),
+            "flush sent at {sent}, answered at {replied}: no sync started after the write done at \
+             {last_write} (syncs started at {syncs:?})"
+        );
+    }
+    assert!(syncs.len() <= flushes.len(), "more syncs than flushes");
+    server.stop().await;
+}
+
+/// A device whose `sync` and FUA writes block until the test opens the gate (or 20 s pass).
+#[derive(Debug, Default)]
+struct GateDev {
+    inner: Option<MemDev>,
+    open: Mutex<bool>,
+    opened: std::sync::Condvar,
+    blocked: AtomicUsize,
+    syncs: AtomicUsize,
+}
+
+impl GateDev {
+    fn new(len: u64) -> Self {
+        Self { inner: Some(MemDev::new(len)), ..Default::default() }
+    }
+
+    fn mem(&self) -> &MemDev {
+        self.inner.as_ref().unwrap()
+    }
+
+    fn wait_for_gate(&self) {
+        self.blocked.fetch_add(1, Ordering::SeqCst);
+        let open = self.open.lock().unwrap();
+        let _unused = self.opened.wait_timeout_while(open, Duration::from_secs(20), |open| !*open).unwrap();
+        self.blocked.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn open_gate(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+
+    /// Waits (bounded) until `n` device calls are blocked on the gate.
+    async fn wait_blocked(&self, n: usize) {
+        for _ in 0..1000 {
+            if self.blocked.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("only {} device calls reached the gate, expected {n}", self.blocked.load(Ordering::SeqCst));
+    }
+}
+
+impl BlockDev for GateDev {
+    fn len(&self) -> u64 {
+        self.mem().len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
+        self.mem().read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        self.mem().write_at(buf, offset)
+    }
+    fn write_at_fua(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        self.mem().write_at(buf, offset)?;
+        self.wait_for_gate();
+        Ok(())
+    }
+    fn sync(&self) -> DevResult<()> {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        self.wait_for_gate();
+        Ok(())
+    }
+}
+
+/// Guards against syncs occupying the runtime's workers: with FUA writes and a FLUSH all
+/// waiting in the device (more of them than workers), reads must still be answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_answered_while_flushes_and_fua_writes_wait_for_the_disk() {
+    let dev = Arc::new(GateDev::new(1 << 20));
+    let server = TestServer::start(vec![Export::new("", dev.clone())]).await;
+    let client = Arc::new(server.client().await);
+    let mut waiting = tokio::task::JoinSet::new();
+    for i in 0..4u64 {
+        let client = client.clone();
+        waiting.spawn(async move { client.write(i * 4096, &[7u8; 4096], true).await });
+    }
+    let flusher = client.clone();
+    waiting.spawn(async move { flusher.flush().await });
+    dev.wait_blocked(5).await;
+    // Two workers, five blocked device calls: a read still gets through.
+    assert_eq!(timed(client.read(0, 4096)).await.unwrap(), vec![7u8; 4096]);
+    dev.open_gate();
+    while let Some(r) = waiting.join_next().await {
+        timed(async { r.unwrap() }).await.unwrap();
+    }
+    server.stop().await;
+}
+
+/// Flushes that arrive while a sync is running share the one next sync instead of running a
+/// sync each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushes_queued_behind_a_running_sync_share_the_next_one() {
+    let dev = Arc::new(GateDev::new(1 << 20));
+    let server = TestServer::start(vec![Export::new("", dev.clone())]).await;
+    let client = Arc::new(server.client().await);
+    let mut flushes = tokio::task::JoinSet::new();
+    let first = client.clone();
+    flushes.spawn(async move { first.flush().await });
+    dev.wait_blocked(1).await;
+    for _ in 0..15 {
+        let client = client.clone();
+        flushes.spawn(async move { client.flush().await });
+    }
+    // Let the server receive them while the first sync is still held (not a timing assertion:
+    // a late flush would at worst start one more sync).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    dev.open_gate();
+    while let Some(r) = flushes.join_next().await {
+        timed(async { r.unwrap() }).await.unwrap();
+    }
+    let syncs = dev.syncs.load(Ordering::SeqCst);
+    assert!(
+        (2..=3).contains(&syncs),
+        "16 flushes caused {syncs} syncs; expected the running one and one shared"
+    );
     server.stop().await;
 }

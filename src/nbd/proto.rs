@@ -441,13 +441,58 @@ pub fn encode_info_string(info_type: u16, s: &str) -> Vec<u8> {
     out
 }
 
-/// Payload of `NBD_REP_SERVER`: `{ name length u32 | name }`.
+/// One export as `NBD_OPT_LIST` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedExport {
+    pub name: String,
+    /// Free text for humans (may be empty).
+    pub description: String,
+}
+
+/// Payload of `NBD_REP_SERVER`: `{ name length u32 | name | description }`. The spec leaves the
+/// bytes after the name for "details suitable for direct display to a human"; clients (libnbd's
+/// `nbdinfo --list`) show them as the export's description. Both strings are cut at
+/// [`MAX_STRING_LEN`] bytes (on a character boundary).
 #[must_use]
-pub fn encode_rep_server(name: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + name.len());
+pub fn encode_rep_server(name: &str, description: &str) -> Vec<u8> {
+    let name = truncate_to_char_boundary(name, MAX_STRING_LEN);
+    let description = truncate_to_char_boundary(description, MAX_STRING_LEN);
+    let mut out = Vec::with_capacity(4 + name.len() + description.len());
     out.extend_from_slice(&(name.len() as u32).to_be_bytes());
     out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(description.as_bytes());
     out
+}
+
+/// Decodes an `NBD_REP_SERVER` payload (client side); the name length is checked against the
+/// payload before it is used.
+pub fn decode_rep_server(payload: &[u8]) -> Result<ListedExport, ProtoError> {
+    if payload.len() < 4 {
+        return Err(ProtoError::Malformed("NBD_REP_SERVER shorter than 4 bytes"));
+    }
+    let name_len = be_u32(payload, 0) as usize;
+    let rest = &payload[4..];
+    if name_len > rest.len() {
+        return Err(ProtoError::Malformed("NBD_REP_SERVER name length exceeds the reply"));
+    }
+    let (name, description) = rest.split_at(name_len);
+    Ok(ListedExport {
+        name: String::from_utf8_lossy(name).into_owned(),
+        description: String::from_utf8_lossy(description).into_owned(),
+    })
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+#[must_use]
+pub fn truncate_to_char_boundary(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Export information as a client learns it from `NBD_REP_INFO` / the EXPORT_NAME reply.
@@ -865,6 +910,23 @@ mod tests {
         assert_eq!((info.name.as_deref(), info.description.as_deref()), (Some("n"), Some("d")));
         assert!(info.apply_info_reply(&encode_info_export(1, 1)[..11]).is_err());
         assert!(info.apply_info_reply(&[0]).is_err());
+    }
+
+    #[test]
+    fn rep_server_carries_name_then_description_and_rejects_bad_lengths() {
+        let p = encode_rep_server("disk", "a file");
+        assert_eq!(p, [&[0, 0, 0, 4][..], b"disk", b"a file"].concat());
+        let listed = decode_rep_server(&p).unwrap();
+        assert_eq!(listed, ListedExport { name: "disk".into(), description: "a file".into() });
+        assert_eq!(decode_rep_server(&encode_rep_server("", "")).unwrap().name, "");
+        assert!(decode_rep_server(&[0, 0, 0]).is_err(), "shorter than the length field");
+        assert!(decode_rep_server(&[0, 0, 0, 5, b'a']).is_err(), "name longer than the reply");
+        assert!(decode_rep_server(&[0xff, 0xff, 0xff, 0xff]).is_err(), "huge name length");
+        // Overlong strings are cut to the spec's limit on a character boundary.
+        let long = "é".repeat(MAX_STRING_LEN);
+        let listed = decode_rep_server(&encode_rep_server(&long, &long)).unwrap();
+        assert_eq!((listed.name.len(), listed.description.len()), (MAX_STRING_LEN, MAX_STRING_LEN));
+        assert_eq!(truncate_to_char_boundary("aé", 2), "a");
     }
 
     #[test]

@@ -619,7 +619,7 @@ where
                             &mut out,
                             option,
                             rep::SERVER,
-                            &proto::encode_rep_server(&e.export.name),
+                            &proto::encode_rep_server(&e.export.name, &e.export.description),
                         );
                     }
                     proto::encode_option_reply(&mut out, option, rep::ACK, &[]);
@@ -682,7 +682,7 @@ fn encode_info_replies(
         proto::encode_option_reply(out, option, rep::INFO, &payload);
     }
     if asked(info::DESCRIPTION) {
-        let desc = truncate_str(&export.export.description, proto::MAX_STRING_LEN);
+        let desc = proto::truncate_to_char_boundary(&export.export.description, proto::MAX_STRING_LEN);
         proto::encode_option_reply(
             out,
             option,
@@ -696,17 +696,6 @@ fn encode_info_replies(
         let payload = proto::encode_info_block_size(1, proto::PREFERRED_BLOCK_SIZE, proto::MAX_PAYLOAD);
         proto::encode_option_reply(out, option, rep::INFO, &payload);
     }
-}
-
-fn truncate_str(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Reads and drops `n` bytes through a small fixed buffer.
