@@ -693,10 +693,20 @@ async fn structured_reads_send_hole_chunks_for_known_zeros() {
     *dev.zero_ranges.lock().unwrap() = vec![4096..8192, 12288..16384];
     // The zero ranges the device reports must really read as zeros.
     dev.inner.write_zeroes(4096, 4096, true).unwrap();
-    let server = TestServer::start(vec![Export::new("", dev.clone())]).await;
+    let config = ServerConfig {
+        exports: vec![Export::new("", dev.clone())],
+        min_hole_query_len: 16384,
+        ..Default::default()
+    };
+    let server = TestServer::start_with(config).await;
     let mut s = server.raw().await;
     let (_, flags) = raw_go(&mut s, "", true).await;
     assert_ne!(flags & tf::SEND_DF, 0);
+    // Below min_hole_query_len the device is not asked: one data chunk, zeros included.
+    raw_request(&mut s, Command::Read.to_wire(), 0, 76, 0, 8192).await;
+    let (flags, kind, handle, payload) = raw_chunk(&mut s).await;
+    assert_eq!((flags, kind, handle, payload.len()), (chunk::FLAG_DONE, chunk::TYPE_OFFSET_DATA, 76, 8200));
+    assert!(payload[8..4104].iter().all(|&b| b == 0xaa) && payload[4104..].iter().all(|&b| b == 0));
     raw_request(&mut s, Command::Read.to_wire(), 0, 77, 0, 16384).await;
     let mut chunks = Vec::new();
     loop {

@@ -114,6 +114,11 @@ pub struct ServerConfig {
     pub shutdown_drain_timeout: Duration,
     /// Where the synchronous device calls run.
     pub device_calls: DeviceCalls,
+    /// With structured replies, READs of at least this many bytes ask the device for known
+    /// zero ranges and send them as hole chunks. Shorter reads are sent as data: the query costs
+    /// a system call per read on a file (`SEEK_DATA`, which also takes the inode lock that
+    /// writes take), more than sending a few KiB of zeros saves.
+    pub min_hole_query_len: u32,
 }
 
 /// Where a request's synchronous [`BlockDev`] call runs.
@@ -142,6 +147,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             shutdown_drain_timeout: Duration::from_secs(30),
             device_calls: DeviceCalls::OnWorkers,
+            min_hole_query_len: 64 << 10,
         }
     }
 }
@@ -218,6 +224,7 @@ struct Shared {
     handshake_timeout: Duration,
     shutdown_drain_timeout: Duration,
     device_calls: DeviceCalls,
+    min_hole_query_len: u32,
     connections: Arc<Semaphore>,
 }
 
@@ -261,6 +268,7 @@ impl Shared {
             handshake_timeout: config.handshake_timeout,
             shutdown_drain_timeout: config.shutdown_drain_timeout,
             device_calls: config.device_calls,
+            min_hole_query_len: config.min_hole_query_len,
             connections: Arc::new(Semaphore::new(config.max_connections.min(Semaphore::MAX_PERMITS))),
         })
     }
@@ -872,6 +880,7 @@ async fn transmission(
         pool,
         max_in_flight: shared.max_in_flight,
         device_calls: shared.device_calls,
+        min_hole_query_len: shared.min_hole_query_len,
     };
     // The reader checks for shutdown between requests. A client that stops reading replies
     // can keep it waiting for an in-flight slot or in the middle of a payload, so shutdown also
@@ -914,6 +923,7 @@ struct Conn {
     pool: Arc<BufPool>,
     max_in_flight: usize,
     device_calls: DeviceCalls,
+    min_hole_query_len: u32,
 }
 
 impl Conn {
@@ -986,6 +996,7 @@ impl Conn {
                 request,
                 payload,
                 structured: self.params.structured_replies,
+                min_hole_query_len: self.min_hole_query_len,
                 permits: (slot, mem),
                 pool: self.pool.clone(),
             };
@@ -1053,6 +1064,7 @@ struct Job {
     request: Request,
     payload: Option<Vec<u8>>,
     structured: bool,
+    min_hole_query_len: u32,
     permits: Permits,
     pool: Arc<BufPool>,
 }
@@ -1164,7 +1176,7 @@ impl Job {
             }
         };
         let end = offset + u64::from(len);
-        let holes = if self.structured && !df {
+        let holes = if self.structured && !df && len >= self.min_hole_query_len {
             match dev.known_zero_ranges(offset, u64::from(len)) {
                 Ok(h) => sanitize_holes(h, offset..end),
                 Err(e) => return fail(&e, buf),
