@@ -428,10 +428,16 @@ async fn options_get_their_spec_replies_and_haggling_goes_on() {
     raw_greet(&mut s, proto::client_flags::FIXED_NEWSTYLE).await;
 
     // Unknown and unsupported options: ERR_UNSUP, and the handshake goes on.
-    for option in [99, opt::STARTTLS, opt::LIST_META_CONTEXT, opt::SET_META_CONTEXT, opt::EXTENDED_HEADERS] {
+    for option in [99, opt::STARTTLS, opt::EXTENDED_HEADERS] {
         raw_option(&mut s, option, b"whatever").await;
         let (h, _) = raw_option_reply(&mut s).await;
         assert_eq!((h.option, h.reply_type), (option, rep::ERR_UNSUP));
+    }
+    // Meta context options are supported: a malformed payload is invalid, not fatal.
+    for option in [opt::LIST_META_CONTEXT, opt::SET_META_CONTEXT] {
+        raw_option(&mut s, option, b"whatever").await;
+        let (h, _) = raw_option_reply(&mut s).await;
+        assert_eq!((h.option, h.reply_type), (option, rep::ERR_INVALID));
     }
     // LIST returns every export, then ACK; with a payload it is invalid.
     raw_option(&mut s, opt::LIST, &[]).await;
@@ -1282,5 +1288,161 @@ async fn flushes_queued_behind_a_running_sync_share_the_next_one() {
         (2..=3).contains(&syncs),
         "16 flushes caused {syncs} syncs; expected the running one and one shared"
     );
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// base:allocation and BLOCK_STATUS
+
+/// Sends a LIST or SET_META_CONTEXT and returns the contexts replied before the ACK.
+async fn raw_meta_context(
+    s: &mut TcpStream,
+    option: u32,
+    export: &str,
+    queries: &[&str],
+) -> Vec<(u32, String)> {
+    let req = proto::MetaContextRequest {
+        export_name: export.into(),
+        queries: queries.iter().map(|q| (*q).to_owned()).collect(),
+    };
+    raw_option(s, option, &req.encode()).await;
+    let mut contexts = Vec::new();
+    loop {
+        let (h, p) = raw_option_reply(s).await;
+        match h.reply_type {
+            rep::META_CONTEXT => contexts.push((
+                u32::from_be_bytes(p[..4].try_into().unwrap()),
+                String::from_utf8(p[4..].to_vec()).unwrap(),
+            )),
+            rep::ACK => return contexts,
+            t => panic!("unexpected reply {t:#x} to meta context option"),
+        }
+    }
+}
+
+/// Reads one block status chunk; returns (flags, context id, extents).
+async fn raw_block_status(s: &mut TcpStream, handle: u64) -> (u16, u32, Vec<(u32, u32)>) {
+    let (flags, kind, h, payload) = raw_chunk(s).await;
+    assert_eq!((kind, h), (proto::chunk::TYPE_BLOCK_STATUS, handle));
+    let id = u32::from_be_bytes(payload[..4].try_into().unwrap());
+    let extents = payload[4..]
+        .chunks_exact(8)
+        .map(|e| {
+            (u32::from_be_bytes(e[..4].try_into().unwrap()), u32::from_be_bytes(e[4..].try_into().unwrap()))
+        })
+        .collect();
+    (flags, id, extents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_status_reports_known_zero_ranges_as_holes() {
+    let dev = Arc::new(TestDev::new(1 << 20));
+    *dev.zero_ranges.lock().unwrap() = vec![4096..8192, 12288..16384];
+    let server = TestServer::start(vec![Export::new("", dev.clone())]).await;
+    let mut s = server.raw().await;
+    raw_greet(&mut s, proto::client_flags::FIXED_NEWSTYLE | proto::client_flags::NO_ZEROES).await;
+    // SET before structured replies is refused; LIST works and lists the one context.
+    let req = proto::MetaContextRequest {
+        export_name: String::new(),
+        queries: vec![proto::BASE_ALLOCATION.into()],
+    };
+    raw_option(&mut s, opt::SET_META_CONTEXT, &req.encode()).await;
+    assert_eq!(raw_option_reply(&mut s).await.0.reply_type, rep::ERR_INVALID);
+    let all = raw_meta_context(&mut s, opt::LIST_META_CONTEXT, "", &[]).await;
+    assert_eq!(all, [(0, proto::BASE_ALLOCATION.to_owned())]);
+    assert_eq!(raw_meta_context(&mut s, opt::LIST_META_CONTEXT, "", &["base:"]).await.len(), 1);
+    assert!(raw_meta_context(&mut s, opt::LIST_META_CONTEXT, "", &["qemu:dirty-bitmap:x"]).await.is_empty());
+    raw_option(&mut s, opt::LIST_META_CONTEXT, &[0, 0, 0, 9]).await;
+    assert_eq!(raw_option_reply(&mut s).await.0.reply_type, rep::ERR_INVALID, "truncated payload");
+    raw_option(&mut s, opt::STRUCTURED_REPLY, &[]).await;
+    assert_eq!(raw_option_reply(&mut s).await.0.reply_type, rep::ACK);
+    let set =
+        raw_meta_context(&mut s, opt::SET_META_CONTEXT, "", &["nbd:unknown", proto::BASE_ALLOCATION]).await;
+    assert_eq!(set, [(proto::BASE_ALLOCATION_ID, proto::BASE_ALLOCATION.to_owned())]);
+    raw_option(&mut s, opt::GO, &proto::InfoRequest { name: String::new(), requests: vec![] }.encode()).await;
+    while raw_option_reply(&mut s).await.0.reply_type != rep::ACK {}
+
+    let hole = proto::alloc_state::HOLE | proto::alloc_state::ZERO;
+    raw_request(&mut s, Command::BlockStatus.to_wire(), 0, 1, 0, 20480).await;
+    let (flags, id, extents) = raw_block_status(&mut s, 1).await;
+    assert_eq!((flags, id), (proto::chunk::FLAG_DONE, proto::BASE_ALLOCATION_ID));
+    assert_eq!(extents, [(4096, 0), (4096, hole), (4096, 0), (4096, hole), (4096, 0)]);
+    // REQ_ONE: only the first extent; a range starting in a hole starts with the hole.
+    raw_request(&mut s, Command::BlockStatus.to_wire(), proto::cmd_flags::REQ_ONE, 2, 6144, 10240).await;
+    assert_eq!(raw_block_status(&mut s, 2).await.2, [(2048, hole)]);
+    // Beyond the end: an error chunk, and the connection goes on.
+    raw_request(&mut s, Command::BlockStatus.to_wire(), 0, 3, 1 << 20, 512).await;
+    let (_, kind, handle, payload) = raw_chunk(&mut s).await;
+    assert_eq!((kind, handle), (proto::chunk::TYPE_ERROR, 3));
+    assert_eq!(proto::decode_error_chunk_payload(&payload).unwrap().0, errno::EINVAL);
+    raw_request(&mut s, Command::BlockStatus.to_wire(), 0, 4, 0, 4096).await;
+    assert_eq!(raw_block_status(&mut s, 4).await.2, [(4096, 0)]);
+
+    // Without SET_META_CONTEXT, BLOCK_STATUS is refused.
+    let mut plain = server.raw().await;
+    raw_go(&mut plain, "", true).await;
+    raw_request(&mut plain, Command::BlockStatus.to_wire(), 0, 5, 0, 4096).await;
+    let (_, kind, handle, _) = raw_chunk(&mut plain).await;
+    assert_eq!((kind, handle), (proto::chunk::TYPE_ERROR, 5));
+    server.stop().await;
+}
+
+/// `nbdinfo --map` (libnbd, base:allocation) shows exactly the holes the device knows of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbdinfo_map_shows_the_holes_of_a_sparse_file() {
+    let found =
+        std::process::Command::new("nbdinfo").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "nbdinfo is missing (bash scripts/install-deps.sh)"
+        );
+        println!("SKIPPED: nbdinfo is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let opts = ubcache::dev::FileDevOptions { create_with_size: Some(4 << 20), ..Default::default() };
+    let file = Arc::new(ubcache::dev::FileDev::open(&dir.path().join("sparse.img"), &opts).unwrap());
+    file.write_at(&[0xabu8; 65536], 0).unwrap();
+    file.write_at(&[0xcdu8; 65536], 2 << 20).unwrap();
+    let mut expected_holes = file.known_zero_ranges(0, 4 << 20).unwrap();
+    let server = TestServer::start(vec![Export::new("", file.clone())]).await;
+    let uri = format!("nbd://{}", server.addr);
+    let output = timed(tokio::task::spawn_blocking(move || {
+        std::process::Command::new("timeout").args(["60", "nbdinfo", "--map", &uri]).output().unwrap()
+    }))
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "nbdinfo --map failed: {text} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Lines: offset length type description
+    let mut covered = 0u64;
+    let mut holes = Vec::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (offset, len, kind): (u64, u64, u32) =
+            (fields[0].parse().unwrap(), fields[1].parse().unwrap(), fields[2].parse().unwrap());
+        assert_eq!(offset, covered, "extents must be contiguous: {text}");
+        covered += len;
+        assert!(kind == 0 || kind == 3, "type {kind}: {text}");
+        if kind == 3 {
+            holes.push(offset..offset + len);
+        }
+    }
+    assert_eq!(covered, 4 << 20, "{text}");
+    // Adjacent hole ranges from the device show up merged or not; compare the covered bytes.
+    expected_holes.sort_by_key(|r| r.start);
+    let bytes = |v: &[Range<u64>]| v.iter().map(|r| r.end - r.start).sum::<u64>();
+    assert_eq!(bytes(&holes), bytes(&expected_holes), "nbdinfo: {text}; device: {expected_holes:?}");
+    for h in &holes {
+        assert!(
+            expected_holes.iter().any(|e| e.start <= h.start && h.end <= e.end),
+            "{h:?} is no device hole"
+        );
+    }
     server.stop().await;
 }

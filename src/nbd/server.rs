@@ -5,22 +5,36 @@
 //! multi-thread runtime with one worker per core. Each connection has
 //! - a *reader* (the connection task) that parses requests out of a buffered reader, validates
 //!   them ([`proto::check_request`]), reads WRITE payloads into pooled buffers and starts each
-//!   request as its own small tokio task;
+//!   request;
 //! - request tasks that call the synchronous [`BlockDev`] method directly on the runtime worker:
 //!   a page-cache hit costs one `pread` and no hand-off to a blocking pool (a `spawn_blocking`
 //!   per request costs more CPU than the read itself). Because each request is a task, a slow
 //!   request does not hold up the ones behind it, and replies go out in completion order;
-//! - one *writer* task that owns the socket's write half, drains the reply queue into a
-//!   `BufWriter`, and flushes only when the queue is empty, so a burst of replies costs one
-//!   `write` system call.
+//! - no writer task: whoever finishes a request queues its reply and, if no one else is
+//!   writing, writes every queued reply and flushes once (`ReplySink`), so a burst of replies
+//!   costs one `write` system call and an uncontended reply costs no task hand-off.
 //!
-//! Where the device call runs is [`DeviceCalls`]: on the workers (the default, measured fastest
-//! for page-cache hits: about 5 µs of server CPU per 4 KiB read, on par with `nbdkit file`), on
-//! tokio's blocking pool (about 20 µs per I/O, but a device call that waits for a disk never
-//! holds a worker, so use it for slow devices), or inline in the reader (lowest CPU, about 3.5 µs,
-//! but requests of one connection no longer overlap). With calls on the workers, a call that
-//! blocks for long (a disk miss) holds its worker, and tasks queued behind it on that worker wait
-//! too: give the runtime more workers or use the blocking pool when misses are common.
+//! When a READ, WRITE or CACHE is the only request in flight and no further request is already
+//! buffered (a client at queue depth 1), the reader runs it itself and writes the reply: no task
+//! spawn, no wake-up of another worker. The price: a request that arrives while that call runs
+//! waits for it, which costs little for page-cache hits; with a slow device use the pool.
+//!
+//! Requests that wait for the disk never run on the workers, whatever [`DeviceCalls`] says:
+//! FLUSH, and TRIM or WRITE_ZEROES with FUA, await a sync that runs on the blocking pool and is
+//! shared by all flushes that queued behind a running one (see `nbd/flush.rs` for why a flush
+//! never takes a sync that was already running); a FUA WRITE runs its `write_at_fua` on the
+//! blocking pool.
+//!
+//! Where the other device calls run is [`DeviceCalls`]: on the workers (the default, measured
+//! fastest for page-cache hits: about 5 µs of server CPU per 4 KiB read, on par with `nbdkit
+//! file`), on tokio's blocking pool (about 20 µs per I/O, but a device call that waits for a disk
+//! never holds a worker, so use it for slow devices), or inline in the reader (lowest CPU, but
+//! requests of one connection no longer overlap). With calls on the workers, a call that blocks
+//! for long (a disk miss) holds its worker, and tasks queued behind it on that worker wait too:
+//! give the runtime more workers or use the blocking pool when misses are common.
+//!
+//! With structured replies, a READ of at least [`ServerConfig::min_hole_query_len`] bytes asks the
+//! device for known zero ranges and sends them as hole chunks; shorter reads are sent as data.
 //!
 //! In-flight work per connection is bounded twice: by a request count and by payload bytes (both
 //! in [`ServerConfig`]); the reader stops reading the socket while either is exhausted, so a
@@ -133,7 +147,8 @@ pub enum DeviceCalls {
     /// slow device (disk misses) never stalls the runtime's workers.
     BlockingPool,
     /// READ, WRITE and CACHE run in the connection's reader itself (no task per request);
-    /// FLUSH, TRIM and WRITE_ZEROES as their own tasks.
+    /// TRIM and WRITE_ZEROES as their own tasks. (Syncs and FUA writes never run on the workers,
+    /// see the module docs.)
     Inline,
 }
 
@@ -537,6 +552,8 @@ async fn serve_connection(
 struct Session {
     export: Arc<ExportState>,
     structured: bool,
+    /// `base:allocation` was selected for this export: BLOCK_STATUS is allowed.
+    block_status: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -562,6 +579,9 @@ where
     let fixed = client_flags & proto::client_flags::FIXED_NEWSTYLE != 0;
     let no_zeroes = client_flags & proto::client_flags::NO_ZEROES != 0;
     let mut structured = false;
+    // The export `base:allocation` was selected for (NBD_OPT_SET_META_CONTEXT); it counts only
+    // if the client then opens that same export.
+    let mut meta_context: Option<String> = None;
     let mut out = Vec::with_capacity(512);
     let mut payload = Vec::new();
     loop {
@@ -611,7 +631,8 @@ where
                 }
                 writer.write_all(&out).await?;
                 writer.flush().await?;
-                return Ok(Some(Session { export, structured }));
+                let block_status = selected_for(&meta_context, &export);
+                return Ok(Some(Session { export, structured, block_status }));
             }
             opt::ABORT => {
                 proto::encode_option_reply(&mut out, option, rep::ACK, &[]);
@@ -649,11 +670,48 @@ where
                         if option == opt::GO {
                             writer.write_all(&out).await?;
                             writer.flush().await?;
-                            return Ok(Some(Session { export, structured }));
+                            let block_status = selected_for(&meta_context, &export);
+                            return Ok(Some(Session { export, structured, block_status }));
                         }
                     }
                 },
             },
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let set = option == opt::SET_META_CONTEXT;
+                match proto::MetaContextRequest::parse(&payload) {
+                    Err(proto::OptionParseError::Invalid(why)) => {
+                        proto::encode_option_reply(&mut out, option, rep::ERR_INVALID, why.as_bytes());
+                    }
+                    // The spec: SET needs structured replies, which carry the block status chunks.
+                    Ok(_) if set && !structured => proto::encode_option_reply(
+                        &mut out,
+                        option,
+                        rep::ERR_INVALID,
+                        b"SET_META_CONTEXT needs structured replies first",
+                    ),
+                    Ok(request) => match shared.find(&request.export_name) {
+                        None => {
+                            proto::encode_option_reply(&mut out, option, rep::ERR_UNKNOWN, b"no such export");
+                        }
+                        Some(export) => {
+                            // LIST with no query lists every context; "base:" lists the base ones.
+                            let matches = |q: &String| q == proto::BASE_ALLOCATION || (!set && q == "base:");
+                            let selected =
+                                (!set && request.queries.is_empty()) || request.queries.iter().any(matches);
+                            if selected {
+                                let id = if set { proto::BASE_ALLOCATION_ID } else { 0 };
+                                let payload = proto::encode_rep_meta_context(id, proto::BASE_ALLOCATION);
+                                proto::encode_option_reply(&mut out, option, rep::META_CONTEXT, &payload);
+                            }
+                            if set {
+                                // Each SET replaces the previous selection.
+                                meta_context = selected.then(|| export.export.name.clone());
+                            }
+                            proto::encode_option_reply(&mut out, option, rep::ACK, &[]);
+                        }
+                    },
+                }
+            }
             opt::STRUCTURED_REPLY => {
                 if payload.is_empty() {
                     structured = true;
@@ -672,6 +730,11 @@ where
         writer.write_all(&out).await?;
         writer.flush().await?;
     }
+}
+
+/// Whether `base:allocation` was selected for `export`.
+fn selected_for(meta_context: &Option<String>, export: &ExportState) -> bool {
+    meta_context.as_deref() == Some(export.export.name.as_str())
 }
 
 fn encode_info_replies(
@@ -772,7 +835,15 @@ enum ReplyBody {
     StructuredRead { offset: u64, buf: Vec<u8>, holes: Vec<Range<u64>> },
     /// A structured error chunk (a failed READ when structured replies are on).
     StructuredError { errno: u32, message: String },
+    /// `base:allocation` extents (length, flags) as one block status chunk.
+    BlockStatus { extents: Vec<(u32, u32)> },
 }
+
+/// One BLOCK_STATUS reply describes at most this much of the export (clients ask again for the
+/// rest), so one request cannot make the device walk a huge range.
+const MAX_BLOCK_STATUS_LEN: u32 = 1 << 30;
+/// And at most this many extents (8 bytes each on the wire).
+const MAX_BLOCK_STATUS_EXTENTS: usize = 4096;
 
 /// The reply side of a connection. Whoever finishes a request (a request task, or the reader
 /// itself on the fast path) queues its reply and then tries to become the writer: the one that
@@ -855,7 +926,7 @@ async fn transmission(
     session: Session,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let Session { export, structured } = session;
+    let Session { export, structured, block_status } = session;
     let pool = Arc::new(BufPool::default());
     let (kill_tx, kill_rx) = watch::channel(false);
     let sink = Arc::new(ReplySink {
@@ -869,8 +940,12 @@ async fn transmission(
     });
     let slots = Arc::new(Semaphore::new(shared.max_in_flight));
     let bytes = Arc::new(Semaphore::new(shared.max_buffer_bytes));
-    let params =
-        ExportParams { size: export.size, read_only: export.read_only, structured_replies: structured };
+    let params = ExportParams {
+        size: export.size,
+        read_only: export.read_only,
+        structured_replies: structured,
+        block_status,
+    };
     let conn = Conn {
         export: export.clone(),
         params,
@@ -958,8 +1033,11 @@ impl Conn {
                 Err(rejection) => {
                     log::debug!("nbd: rejecting request {header:?}: {}", rejection.reason);
                     discard(reader, u64::from(header.payload_len())).await?;
-                    let is_read = header.cmd_type == proto::Command::Read.to_wire();
-                    let body = if is_read && self.params.structured_replies {
+                    // READ and BLOCK_STATUS answer in chunks once structured replies are on.
+                    let chunked = [proto::Command::Read, proto::Command::BlockStatus]
+                        .iter()
+                        .any(|c| header.cmd_type == c.to_wire());
+                    let body = if chunked && self.params.structured_replies {
                         ReplyBody::StructuredError {
                             errno: rejection.errno,
                             message: rejection.reason.to_owned(),
@@ -1079,7 +1157,10 @@ impl Job {
             Request::Flush | Request::Trim { fua: true, .. } | Request::WriteZeroes { fua: true, .. } => {
                 JobKind::Syncing
             }
-            Request::Trim { .. } | Request::WriteZeroes { .. } | Request::Disc => JobKind::Other,
+            Request::Trim { .. }
+            | Request::WriteZeroes { .. }
+            | Request::BlockStatus { .. }
+            | Request::Disc => JobKind::Other,
         }
     }
 
@@ -1160,9 +1241,40 @@ impl Job {
                     status(dev.write_zeroes(offset, u64::from(len), !no_hole))
                 }
             }
+            Request::BlockStatus { offset, len, req_one } => self.block_status(dev, offset, len, req_one),
             // Handled by the reader; answered with EINVAL should it ever get here.
             Request::Disc => ReplyBody::Status { errno: errno::EINVAL },
         }
+    }
+
+    /// `base:allocation` extents from the device's known zero ranges: holes are HOLE|ZERO, the
+    /// rest is reported as data (always correct). The reply may cover only a prefix of the
+    /// range, as the spec allows, so the work per request stays bounded.
+    fn block_status(&self, dev: &dyn BlockDev, offset: u64, len: u32, req_one: bool) -> ReplyBody {
+        let len = len.min(MAX_BLOCK_STATUS_LEN);
+        let end = offset + u64::from(len);
+        let holes = match dev.known_zero_ranges(offset, u64::from(len)) {
+            Ok(h) => sanitize_holes(h, offset..end),
+            Err(e) => return ReplyBody::StructuredError { errno: dev_errno(&e), message: e.to_string() },
+        };
+        let hole_flags = proto::alloc_state::HOLE | proto::alloc_state::ZERO;
+        let mut extents: Vec<(u32, u32)> = Vec::new();
+        let mut pos = offset;
+        for h in holes.iter().chain(std::iter::once(&(end..end))) {
+            // Extent lengths are bounded by `len`, a u32.
+            if h.start > pos {
+                extents.push(((h.start - pos) as u32, 0));
+            }
+            if h.end > h.start {
+                extents.push(((h.end - h.start) as u32, hole_flags));
+            }
+            pos = h.end;
+            if extents.len() >= MAX_BLOCK_STATUS_EXTENTS {
+                break;
+            }
+        }
+        extents.truncate(if req_one { 1 } else { MAX_BLOCK_STATUS_EXTENTS });
+        ReplyBody::BlockStatus { extents }
     }
 
     fn read(&self, dev: &dyn BlockDev, offset: u64, len: u32, df: bool) -> ReplyBody {
@@ -1246,6 +1358,18 @@ async fn write_reply<W: AsyncWrite + Unpin>(out: &mut W, reply: Reply, pool: &Bu
                 flags: proto::chunk::FLAG_DONE,
                 chunk_type: proto::chunk::TYPE_ERROR,
                 handle,
+                len: payload.len() as u32,
+            };
+            out.write_all(&header.encode()).await?;
+            out.write_all(&payload).await?;
+        }
+        ReplyBody::BlockStatus { extents } => {
+            let payload = proto::encode_block_status(proto::BASE_ALLOCATION_ID, &extents);
+            let header = proto::ChunkHeader {
+                flags: proto::chunk::FLAG_DONE,
+                chunk_type: proto::chunk::TYPE_BLOCK_STATUS,
+                handle,
+                // At most 4 + 8 * MAX_BLOCK_STATUS_EXTENTS bytes.
                 len: payload.len() as u32,
             };
             out.write_all(&header.encode()).await?;
