@@ -69,7 +69,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -248,8 +248,12 @@ impl Shared {
         if config.exports.is_empty() {
             return Err(ServerError::NoExports);
         }
-        if config.max_in_flight_per_conn == 0 || config.max_in_flight_per_conn > Semaphore::MAX_PERMITS {
-            return Err(ServerError::Config("max_in_flight_per_conn must be at least 1".into()));
+        // At most u32::MAX: a closing connection waits for all its slots with one acquire_many.
+        if config.max_in_flight_per_conn == 0 || config.max_in_flight_per_conn > u32::MAX as usize {
+            return Err(ServerError::Config(format!(
+                "max_in_flight_per_conn must be between 1 and {}",
+                u32::MAX
+            )));
         }
         if config.max_buffer_bytes_per_conn < proto::MAX_PAYLOAD as usize
             || config.max_buffer_bytes_per_conn > u32::MAX as usize
@@ -970,6 +974,7 @@ async fn transmission(
     };
     // Every request still running holds its slot until its reply is written: once all slots
     // are back, every reply has gone out.
+    // Checked at configuration to fit a u32.
     let all_slots = u32::try_from(shared.max_in_flight).unwrap_or(u32::MAX);
     let drained = tokio::time::timeout(shared.shutdown_drain_timeout, slots.acquire_many(all_slots)).await;
     if drained.is_err() {
@@ -1063,7 +1068,7 @@ impl Conn {
             };
             let payload = if let Request::Write { len, .. } = request {
                 let mut buf = self.pool.get(len as usize);
-                reader.read_exact(&mut buf).await?;
+                read_payload(reader, &mut buf).await?;
                 Some(buf)
             } else {
                 None
@@ -1121,6 +1126,26 @@ impl Conn {
             },
         }
     }
+}
+
+/// A WRITE payload at least this long goes from the socket straight into its buffer, past the
+/// reader's buffer: one copy less (128 KiB writes), at the cost of not reading the next request
+/// ahead in the same system call, which matters only for small payloads.
+const DIRECT_PAYLOAD_MIN: usize = 64 << 10;
+
+/// Fills `buf` with the next bytes of the stream: first whatever the reader already buffered,
+/// then, for a large rest, directly from the socket.
+async fn read_payload(reader: &mut BufReader<BoxRead>, buf: &mut [u8]) -> io::Result<()> {
+    let buffered = reader.buffer();
+    if buffered.len() >= buf.len() || buf.len() - buffered.len() < DIRECT_PAYLOAD_MIN {
+        reader.read_exact(buf).await?;
+        return Ok(());
+    }
+    let n = buffered.len();
+    buf[..n].copy_from_slice(buffered);
+    std::pin::Pin::new(&mut *reader).consume(n);
+    reader.get_mut().read_exact(&mut buf[n..]).await?;
+    Ok(())
 }
 
 /// How a request runs (see [`Conn::dispatch`]).
@@ -1477,10 +1502,12 @@ mod tests {
         let dev: Arc<dyn BlockDev> = Arc::new(crate::dev::MemDev::new(4096));
         let base = || ServerConfig { exports: vec![Export::new("", dev.clone())], ..Default::default() };
         assert!(Shared::new(base()).is_ok());
-        assert!(matches!(
-            Shared::new(ServerConfig { max_in_flight_per_conn: 0, ..base() }),
-            Err(ServerError::Config(_))
-        ));
+        for bad in [0, u32::MAX as usize + 1] {
+            assert!(matches!(
+                Shared::new(ServerConfig { max_in_flight_per_conn: bad, ..base() }),
+                Err(ServerError::Config(_))
+            ));
+        }
         let small = ServerConfig { max_buffer_bytes_per_conn: 1 << 20, ..base() };
         assert!(matches!(Shared::new(small), Err(ServerError::Config(_))));
         assert!(matches!(
