@@ -14,6 +14,11 @@
 //! share that one next sync: under a flush-heavy load the device sees at most one sync running
 //! and one queued, however many flushes wait.
 //!
+//! One sync at a time, not several in parallel: on Linux a writeback error is reported to only
+//! one of the concurrent `fsync` calls on a file, so a sync running beside a failing one could
+//! return success for writes whose pages the failure dropped. Run in order, a sync after a failed
+//! one fails too (the device makes sync failures sticky, as `FileDev` does).
+//!
 //! # Errors
 //! A flush fails when any sync numbered `ticket` or later up to the one it observes failed: a
 //! device may have dropped dirty data on the failed sync (Linux does after a failed `fsync`), so
