@@ -14,6 +14,8 @@
 //! The btree of extent keys lives in its own crate, `ubcache-btree`, with no I/O of its own.
 
 pub mod alloc;
+pub mod cache;
+pub mod check;
 pub mod ctl;
 pub mod dev;
 pub mod format;
