@@ -48,7 +48,11 @@ fn parse_args() -> Result<Args, String> {
             "--cache" => a.cache = Some(PathBuf::from(value()?)),
             "--cache-size" => a.cache_size = ubcache::serve::parse_size(&value()?)?,
             "--mode" => a.mode = Some(value()?.parse().map_err(|e| format!("--mode: {e}"))?),
-            "--sequential-cutoff" => a.sequential_cutoff = Some(ubcache::serve::parse_size(&value()?)?),
+            "--sequential-cutoff" => {
+                // 0 (never bypass) is a valid cutoff, unlike a zero size.
+                let v = value()?;
+                a.sequential_cutoff = Some(if v == "0" { 0 } else { ubcache::serve::parse_size(&v)? });
+            }
             "--blocking-pool" => a.blocking_pool = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
