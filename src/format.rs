@@ -7,8 +7,12 @@
 //! - Cache superblock: [`CacheSuperblock::encode`] / [`CacheSuperblock::decode`];
 //!   [`write_cache_superblock`] writes copy A, syncs, writes copy B, syncs;
 //!   [`read_cache_superblock`] picks the valid copy with the highest seq and reports a bad copy.
-//! - Backing superblock: [`BackingSuperblock::encode`] / [`BackingSuperblock::decode`],
-//!   [`write_backing_superblock`], [`read_backing_superblock`] (`Ok(None)` = raw image).
+//! - Backing superblock (two single-sector copies at bytes 0 and 4096, data at 8 KiB):
+//!   [`BackingSuperblock::encode`] / [`BackingSuperblock::decode`] (copy A),
+//!   [`BackingSuperblock::encode_copy`] / [`BackingSuperblock::decode_copy`];
+//!   [`write_backing_superblock`] writes copy A, syncs, copy B, syncs;
+//!   [`read_backing_superblock`] (`Ok(None)` = raw image) and [`read_backing_superblock_copies`]
+//!   pick the copy in force with [`decode_backing_header`].
 //! - Journal: [`JournalEntry::encode`] / [`decode_entries`]; record framing
 //!   [`RecordHeader`], [`encode_record`], [`decode_record`] (used by [`crate::journal`]).
 //! - Bucket table: [`BucketTable::encode`] / [`BucketTable::decode`],
@@ -92,6 +96,9 @@ pub enum FormatError {
     /// Both superblock copies failed to decode.
     #[error("no valid cache superblock: copy A: {a}; copy B: {b}")]
     NoValidSuperblock { a: Box<FormatError>, b: Box<FormatError> },
+    /// The device carries the backing magic but neither backing superblock copy is valid.
+    #[error("no valid backing superblock: copy A: {a}; copy B: {b}")]
+    NoValidBackingSuperblock { a: Box<FormatError>, b: Box<FormatError> },
     /// The device failed.
     #[error(transparent)]
     Dev(#[from] DevError),
@@ -834,10 +841,47 @@ pub fn read_cache_superblock(dev: &dyn BlockDev) -> FormatResult<SuperblockRead>
 
 /// Magic of the backing-device superblock.
 pub const BACKING_SB_MAGIC: [u8; 8] = *b"ubcBACKD";
-/// The backing superblock lives at byte 0 of the backing device.
+/// Byte address of backing superblock copy A (the start of the device, where tools look for
+/// a signature).
 pub const BACKING_SB_OFFSET_BYTES: u64 = 0;
-/// Where the exported data starts on a backing device with a superblock.
-pub const BACKING_DATA_OFFSET_BYTES: u64 = 8192;
+/// Byte address of backing superblock copy B: the next 4 KiB block, so the two copies never
+/// share a physical block (a 4Kn disk rewrites a whole block for a 512-byte write).
+pub const BACKING_SB_B_OFFSET_BYTES: u64 = BACKING_SB_BLOCK_BYTES as u64;
+/// The checksummed part of one copy: a single 512-byte sector. Disks persist a sector whole or
+/// not at all, so a crash can leave a copy old or new but never a mix of both; that is why
+/// every field and the crc sit in this one sector (a crc in a later sector than the fields
+/// would let a torn write pair new fields with an old crc).
+pub const BACKING_SB_RECORD_BYTES: usize = 512;
+/// One copy as written: the record plus zero padding to 4 KiB, so that devices with 4 KiB
+/// logical sectors (and `O_DIRECT`) can write a copy on its own.
+pub const BACKING_SB_BLOCK_BYTES: usize = 4096;
+/// Bytes at the start of a backing device that belong to ubcache (both copies).
+pub const BACKING_HEADER_BYTES: u64 = 2 * BACKING_SB_BLOCK_BYTES as u64;
+/// Where the exported data starts on a backing device with a superblock: right after the
+/// header.
+pub const BACKING_DATA_OFFSET_BYTES: u64 = BACKING_HEADER_BYTES;
+const _: () = assert!(BACKING_DATA_OFFSET_BYTES == 8192);
+const _: () = assert!(BACKING_SB_BLOCK_BYTES == SB_BYTES);
+
+/// Which of the two backing superblock copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackingSbCopy {
+    /// At byte 0; always written first.
+    A,
+    /// At byte 4096; written after copy A is durable.
+    B,
+}
+
+impl BackingSbCopy {
+    /// Byte address of this copy on the backing device.
+    #[must_use]
+    pub fn offset_bytes(self) -> u64 {
+        match self {
+            BackingSbCopy::A => BACKING_SB_OFFSET_BYTES,
+            BackingSbCopy::B => BACKING_SB_B_OFFSET_BYTES,
+        }
+    }
+}
 
 /// State of a backing device with respect to its cache set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -902,19 +946,34 @@ const BSB_SEQ_OFF: usize = BSB_SELF_OFF + 8;
 const BSB_DATA_OFFSET_OFF: usize = BSB_SEQ_OFF + 8;
 const BSB_SIZE_OFF: usize = BSB_DATA_OFFSET_OFF + 8;
 const BSB_END: usize = BSB_SIZE_OFF + 8;
-const BSB_CRC_OFF: usize = SB_BYTES - 4;
+/// The crc is the last field of the record's one sector, never in a later sector.
+const BSB_CRC_OFF: usize = BACKING_SB_RECORD_BYTES - 4;
+const _: () = assert!(BSB_END == 104);
 const _: () = assert!(BSB_END <= BSB_CRC_OFF);
 
-/// The superblock at byte 0 of a backing device.
+/// The superblock at the start of a backing device, kept in two copies.
 ///
+/// Each copy is a 4 KiB block (copy A at byte 0, copy B at byte 4096) whose first sector holds
+/// every field and the crc; the rest of the block is zero:
 /// ```text
 /// off len field
 ///   0   8 magic "ubcBACKD"      8  4 version         12 1 state (BackingState)
 ///  13   1 cache mode           14  2 reserved, 0     16 8 compat    24 8 incompat
 ///  32   8 ro_compat            40 16 backing uuid    56 16 cache-set uuid (nil: none)
-///  72   8 own address (0)      80  8 seq             88 8 data offset, bytes (8192)
-///  96   8 device size, bytes  104 .. 4092 zero     4092 4 crc32c of [0, 4092)
+///  72   8 own address (0 or 4096)                    80 8 seq
+///  88   8 data offset, bytes (8192)                  96 8 device size, bytes
+/// 104 .. 508 zero              508 4 crc32c of [0, 508)
+/// 512 .. 4096 zero padding (outside the crc; written as zero, refused if not)
 /// ```
+///
+/// # Why this survives a crash during a state change
+/// [`write_backing_superblock`] writes copy A, syncs, then copy B, syncs. A single-sector
+/// record cannot tear (sector atomicity), so whatever a power loss leaves of the write in
+/// flight is that copy's complete old or complete new record, and the other copy is untouched
+/// and valid. Even on a device that broke sector atomicity, only the copy in flight could be
+/// damaged and the other one still reads. [`read_backing_superblock`] therefore always finds
+/// the old or the new state, and after a completed write both copies hold it, so losing
+/// either copy later (a bad sector, a tool that wrote over sector 0) loses nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackingSuperblock {
     pub version: FormatVersion,
@@ -924,6 +983,7 @@ pub struct BackingSuperblock {
     pub uuid: Uuid,
     /// The cache set this device is attached to; nil when detached.
     pub set_uuid: Uuid,
+    /// +1 on every rewrite; tells the newer of two copies apart (see [`decode_backing_header`]).
     pub seq: u64,
     pub data_offset_bytes: u64,
     /// Size of the whole backing device when the superblock was written.
@@ -957,11 +1017,18 @@ impl BackingSuperblock {
         self.size_bytes.saturating_sub(self.data_offset_bytes)
     }
 
-    /// Format: { magic | version | state | mode | features | uuids | self | seq | data offset |
-    /// size | crc32c }, 4096 bytes (see the type's doc).
+    /// Encodes copy A (the block written at byte 0). See [`BackingSuperblock::encode_copy`].
     #[must_use]
-    pub fn encode(&self) -> [u8; SB_BYTES] {
-        let mut b = [0u8; SB_BYTES];
+    pub fn encode(&self) -> [u8; BACKING_SB_BLOCK_BYTES] {
+        self.encode_copy(BackingSbCopy::A)
+    }
+
+    /// Format: { magic | version | state | mode | reserved | features | uuid | set uuid |
+    /// own address | seq | data offset | size | zero | crc32c } in one 512-byte sector, then
+    /// zero padding to 4096 bytes (see the type's doc).
+    #[must_use]
+    pub fn encode_copy(&self, copy: BackingSbCopy) -> [u8; BACKING_SB_BLOCK_BYTES] {
+        let mut b = [0u8; BACKING_SB_BLOCK_BYTES];
         b[BSB_MAGIC_OFF..BSB_MAGIC_OFF + 8].copy_from_slice(&BACKING_SB_MAGIC);
         put_u32(&mut b, BSB_VERSION_OFF, self.version as u32);
         b[BSB_STATE_OFF] = self.state as u8;
@@ -971,7 +1038,7 @@ impl BackingSuperblock {
         put_u64(&mut b, BSB_RO_COMPAT_OFF, self.features.ro_compat);
         b[BSB_UUID_OFF..BSB_UUID_OFF + 16].copy_from_slice(&self.uuid.0);
         b[BSB_SET_UUID_OFF..BSB_SET_UUID_OFF + 16].copy_from_slice(&self.set_uuid.0);
-        put_u64(&mut b, BSB_SELF_OFF, BACKING_SB_OFFSET_BYTES);
+        put_u64(&mut b, BSB_SELF_OFF, copy.offset_bytes());
         put_u64(&mut b, BSB_SEQ_OFF, self.seq);
         put_u64(&mut b, BSB_DATA_OFFSET_OFF, self.data_offset_bytes);
         put_u64(&mut b, BSB_SIZE_OFF, self.size_bytes);
@@ -980,19 +1047,27 @@ impl BackingSuperblock {
         b
     }
 
-    /// Decodes a backing superblock read from byte 0.
+    /// Decodes copy A (a block read from byte 0). See [`BackingSuperblock::decode_copy`].
     pub fn decode(buf: &[u8]) -> FormatResult<BackingSuperblock> {
-        need(buf, SB_BYTES)?;
-        let b = &buf[..SB_BYTES];
+        Self::decode_copy(buf, BackingSbCopy::A)
+    }
+
+    /// Decodes one copy from `buf`, the [`BACKING_SB_BLOCK_BYTES`] read at `copy`'s address
+    /// (longer input is ignored past the block). Checks magic, crc, version, own address,
+    /// that reserved bytes and the padding are zero, and that the fields agree with each other.
+    pub fn decode_copy(buf: &[u8], copy: BackingSbCopy) -> FormatResult<BackingSuperblock> {
+        need(buf, BACKING_SB_BLOCK_BYTES)?;
+        let b = &buf[..BACKING_SB_RECORD_BYTES];
         check_magic(get_8(b, BSB_MAGIC_OFF), &BACKING_SB_MAGIC, "ubcBACKD")?;
         check_crc(get_u32(b, BSB_CRC_OFF), &b[..BSB_CRC_OFF])?;
         let version = FormatVersion::try_from(get_u32(b, BSB_VERSION_OFF))?;
         let recorded = get_u64(b, BSB_SELF_OFF);
-        if recorded != BACKING_SB_OFFSET_BYTES {
-            return Err(FormatError::WrongAddress { recorded, actual: BACKING_SB_OFFSET_BYTES });
+        if recorded != copy.offset_bytes() {
+            return Err(FormatError::WrongAddress { recorded, actual: copy.offset_bytes() });
         }
         check_zero(&b[BSB_RESERVED0_OFF..BSB_RESERVED0_OFF + 2], "backing superblock reserved field")?;
         check_zero(&b[BSB_END..BSB_CRC_OFF], "unused backing superblock space")?;
+        check_zero(&buf[BACKING_SB_RECORD_BYTES..BACKING_SB_BLOCK_BYTES], "backing superblock padding")?;
         let sb = BackingSuperblock {
             version,
             features: Features {
@@ -1008,7 +1083,8 @@ impl BackingSuperblock {
             data_offset_bytes: get_u64(b, BSB_DATA_OFFSET_OFF),
             size_bytes: get_u64(b, BSB_SIZE_OFF),
         };
-        if sb.data_offset_bytes < SB_BYTES as u64
+        // The data must start after both copies, or writing data would destroy copy B.
+        if sb.data_offset_bytes < BACKING_HEADER_BYTES
             || sb.data_offset_bytes % SECTOR_SIZE != 0
             || sb.data_offset_bytes >= sb.size_bytes
         {
@@ -1027,37 +1103,152 @@ impl BackingSuperblock {
     }
 }
 
-/// Writes the backing superblock and syncs it.
-pub fn write_backing_superblock(dev: &dyn BlockDev, sb: &BackingSuperblock) -> FormatResult<()> {
-    if dev.len() < sb.data_offset_bytes {
-        return Err(FormatError::Invalid("backing device smaller than its header".into()));
+/// What [`decode_backing_header`] / [`read_backing_superblock_copies`] found on a device that
+/// carries the backing magic.
+#[derive(Debug)]
+pub struct BackingSuperblockRead {
+    /// The superblock in force.
+    pub sb: BackingSuperblock,
+    /// Which copy it came from.
+    pub copy: BackingSbCopy,
+    /// Why the other copy is unusable, if it is (a warning: the next superblock write repairs
+    /// it). `None` when both copies decode, even if they differ.
+    pub other_copy_error: Option<FormatError>,
+    /// Both copies decode and are equal: full redundancy. False after a crash between the two
+    /// writes of a rewrite (the next rewrite makes them equal again) or with a damaged copy.
+    pub copies_identical: bool,
+}
+
+/// Picks the backing superblock in force from `header`, the first [`BACKING_HEADER_BYTES`] of
+/// a device (a shorter input is a device too small to hold both copies). A pure function of
+/// its input, so it is fuzzed directly.
+///
+/// - Neither copy starts with the magic: `Ok(None)`, a raw image.
+/// - Both copies decode: copy A, unless both belong to the same backing device (same uuid) and
+///   copy B has the higher seq. Copy A is written first, so after any crash it is at least as
+///   new as copy B; B can only be newer if a write of A was lost or rolled back by the device,
+///   and then B's seq says so. Copies of different uuids mean B is left over from an earlier
+///   format of this device (its seq means nothing to the new one), and A, written first by the
+///   new format, wins.
+/// - One copy decodes: that one; the other's error is reported.
+/// - Neither decodes although one has the magic: [`FormatError::NoValidBackingSuperblock`]
+///   (never "raw": serving the device raw would shift its data by the header).
+pub fn decode_backing_header(header: &[u8]) -> FormatResult<Option<BackingSuperblockRead>> {
+    let block = |copy: BackingSbCopy| {
+        let start = copy.offset_bytes() as usize;
+        header.get(start..).unwrap_or(&[])
+    };
+    let has_magic = |copy: BackingSbCopy| block(copy).get(..8).is_some_and(|m| m == BACKING_SB_MAGIC);
+    if !has_magic(BackingSbCopy::A) && !has_magic(BackingSbCopy::B) {
+        return Ok(None);
     }
-    dev.write_at(&sb.encode(), BACKING_SB_OFFSET_BYTES)?;
-    dev.sync()?;
+    let a = BackingSuperblock::decode_copy(block(BackingSbCopy::A), BackingSbCopy::A);
+    let b = BackingSuperblock::decode_copy(block(BackingSbCopy::B), BackingSbCopy::B);
+    let read = match (a, b) {
+        (Ok(a), Ok(b)) => {
+            let copies_identical = a == b;
+            let (sb, copy) =
+                if a.uuid == b.uuid && b.seq > a.seq { (b, BackingSbCopy::B) } else { (a, BackingSbCopy::A) };
+            BackingSuperblockRead { sb, copy, other_copy_error: None, copies_identical }
+        }
+        (Ok(a), Err(e)) => BackingSuperblockRead {
+            sb: a,
+            copy: BackingSbCopy::A,
+            other_copy_error: Some(e),
+            copies_identical: false,
+        },
+        (Err(e), Ok(b)) => BackingSuperblockRead {
+            sb: b,
+            copy: BackingSbCopy::B,
+            other_copy_error: Some(e),
+            copies_identical: false,
+        },
+        (Err(a), Err(b)) => {
+            return Err(FormatError::NoValidBackingSuperblock { a: Box::new(a), b: Box::new(b) });
+        }
+    };
+    Ok(Some(read))
+}
+
+/// Writes both copies of the backing superblock: copy A, sync, copy B, sync.
+///
+/// Crash ordering: while copy A is in flight copy B still holds the previous superblock, and
+/// copy B is written only once A is durable, so at every instant at least one copy is a
+/// complete valid superblock, either the old or the new one (see [`decode_backing_header`] for
+/// how the reader picks). Returns once both copies are durable. The superblock is checked
+/// before anything is written, so an invalid one (e.g. Dirty without a cache set) is refused
+/// rather than written and found unreadable later.
+pub fn write_backing_superblock(dev: &dyn BlockDev, sb: &BackingSuperblock) -> FormatResult<()> {
+    if dev.len() < sb.data_offset_bytes || dev.len() < sb.size_bytes {
+        return Err(FormatError::Invalid(format!(
+            "backing device of {} bytes cannot hold a superblock for {} bytes with data at {}",
+            dev.len(),
+            sb.size_bytes,
+            sb.data_offset_bytes
+        )));
+    }
+    let blocks = [BackingSbCopy::A, BackingSbCopy::B].map(|copy| (copy, sb.encode_copy(copy)));
+    for (copy, block) in &blocks {
+        BackingSuperblock::decode_copy(block, *copy)?;
+    }
+    for (copy, block) in &blocks {
+        dev.write_at(block, copy.offset_bytes())?;
+        dev.sync()?;
+    }
     Ok(())
 }
 
-/// Reads the backing superblock. `Ok(None)`: the device does not start with the backing magic,
-/// so it is a raw image. A device that has the magic but fails any other check is an error
-/// (never silently treated as raw: its data would be shifted by the header).
-pub fn read_backing_superblock(dev: &dyn BlockDev) -> FormatResult<Option<BackingSuperblock>> {
-    if dev.len() < SB_BYTES as u64 {
+/// Reads both copies and picks the superblock in force ([`decode_backing_header`]); an
+/// unusable or stale copy is logged (warning) and reported in the result. `Ok(None)`: neither
+/// copy has the backing magic, so the device is a raw image. Also checks the device is as
+/// large as the superblock says.
+pub fn read_backing_superblock_copies(dev: &dyn BlockDev) -> FormatResult<Option<BackingSuperblockRead>> {
+    let mut header = vec![0u8; dev.len().min(BACKING_HEADER_BYTES) as usize];
+    dev.read_at(&mut header, 0)?;
+    let Some(read) = decode_backing_header(&header)? else {
         return Ok(None);
+    };
+    if let Some(e) = &read.other_copy_error {
+        log::warn!(
+            "backing superblock copy {:?} is unusable ({e}); using copy {:?} (seq {}); the next superblock write repairs it",
+            other_backing_copy(read.copy),
+            read.copy,
+            read.sb.seq
+        );
+    } else if read.copy == BackingSbCopy::B {
+        log::warn!(
+            "backing superblock copy A is older than copy B (seq {}): a lost or rolled-back write; using copy B",
+            read.sb.seq
+        );
+    } else if !read.copies_identical {
+        log::info!(
+            "backing superblock copy B is older than copy A (seq {}): a rewrite was interrupted; using copy A",
+            read.sb.seq
+        );
     }
-    let mut buf = vec![0u8; SB_BYTES];
-    dev.read_at(&mut buf, BACKING_SB_OFFSET_BYTES)?;
-    if buf[..8] != BACKING_SB_MAGIC {
-        return Ok(None);
-    }
-    let sb = BackingSuperblock::decode(&buf)?;
-    if dev.len() < sb.size_bytes {
+    if dev.len() < read.sb.size_bytes {
         return Err(FormatError::Invalid(format!(
             "backing device has {} bytes, its superblock says {}",
             dev.len(),
-            sb.size_bytes
+            read.sb.size_bytes
         )));
     }
-    Ok(Some(sb))
+    Ok(Some(read))
+}
+
+fn other_backing_copy(copy: BackingSbCopy) -> BackingSbCopy {
+    match copy {
+        BackingSbCopy::A => BackingSbCopy::B,
+        BackingSbCopy::B => BackingSbCopy::A,
+    }
+}
+
+/// Reads the backing superblock in force ([`read_backing_superblock_copies`] without the
+/// details). `Ok(None)`: no copy has the backing magic, so it is a raw image. A device that
+/// has the magic but no valid copy is an error (never silently treated as raw: its data would
+/// be shifted by the header).
+pub fn read_backing_superblock(dev: &dyn BlockDev) -> FormatResult<Option<BackingSuperblock>> {
+    Ok(read_backing_superblock_copies(dev)?.map(|read| read.sb))
 }
 
 // ---------------------------------------------------------------------------------------------

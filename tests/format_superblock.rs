@@ -266,11 +266,18 @@ fn backing_superblock_round_trips_and_states_are_checked() {
     bad.set_uuid = Uuid::NIL;
     assert!(matches!(BackingSuperblock::decode(&bad.encode()), Err(FormatError::Invalid(_))));
 
-    // A corrupted backing superblock is an error, never "raw image".
+    // One corrupted copy: the other is used. Both corrupted: an error, never "raw image".
     let mut bytes = sb.encode();
     bytes[20] ^= 1;
     dev.write_at(&bytes, 0).unwrap();
-    assert!(matches!(format::read_backing_superblock(&dev), Err(FormatError::ChecksumMismatch { .. })));
+    assert_eq!(format::read_backing_superblock(&dev).unwrap(), Some(sb.clone()));
+    let mut bytes_b = sb.encode_copy(format::BackingSbCopy::B);
+    bytes_b[20] ^= 1;
+    dev.write_at(&bytes_b, format::BACKING_SB_B_OFFSET_BYTES).unwrap();
+    assert!(matches!(
+        format::read_backing_superblock(&dev),
+        Err(FormatError::NoValidBackingSuperblock { .. })
+    ));
 
     // Device shorter than the superblock claims.
     let small = MemDev::new(64 * 1024);

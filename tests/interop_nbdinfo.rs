@@ -96,7 +96,6 @@ fn named_export_over_unix_socket_is_listed_and_found_by_name() {
 }
 
 #[test]
-#[ignore = "the server does not yet send export descriptions in NBD_OPT_LIST replies"]
 fn list_shows_the_export_description() {
     if !require_tool("nbdinfo") {
         return;

@@ -31,6 +31,10 @@ fn check_superblocks(data: &[u8]) {
     if let Ok(sb) = BackingSuperblock::decode(data) {
         assert_eq!(&sb.encode()[..], &data[..SB_BYTES]);
     }
+    if let Ok(Some(read)) = ubcache::format::decode_backing_header(data) {
+        let start = read.copy.offset_bytes() as usize;
+        assert_eq!(&read.sb.encode_copy(read.copy)[..], &data[start..start + SB_BYTES]);
+    }
 }
 
 fn check_table(data: &[u8]) {
@@ -46,6 +50,10 @@ fn check_table(data: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     check_superblocks(data);
     if let Some(fixed) = with_crc_at(data, SB_BYTES - 4) {
+        check_superblocks(&fixed);
+    }
+    // The backing superblock's crc closes its first sector.
+    if let Some(fixed) = with_crc_at(data, ubcache::format::BACKING_SB_RECORD_BYTES - 4) {
         check_superblocks(&fixed);
     }
     check_table(data);

@@ -219,8 +219,9 @@ async fn greet<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     Ok(no_zeroes)
 }
 
-/// Lists the exports of a server (`NBD_OPT_LIST`) on a fresh stream, then aborts.
-pub async fn list_exports<S>(stream: S) -> Result<Vec<String>, ClientError>
+/// Lists the exports of a server (`NBD_OPT_LIST`) with their descriptions on a fresh stream,
+/// then aborts.
+pub async fn list_exports<S>(stream: S) -> Result<Vec<proto::ListedExport>, ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -233,14 +234,7 @@ where
         let (header, payload) = read_option_reply(&mut r, opt::LIST).await?;
         match header.reply_type {
             rep::ACK => break,
-            rep::SERVER => {
-                if payload.len() < 4 {
-                    return Err(proto::ProtoError::Malformed("NBD_REP_SERVER too short").into());
-                }
-                let n = u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]) as usize;
-                let name = payload.get(4..4 + n).ok_or(proto::ProtoError::Malformed("bad NBD_REP_SERVER"))?;
-                names.push(String::from_utf8_lossy(name).into_owned());
-            }
+            rep::SERVER => names.push(proto::decode_rep_server(&payload)?),
             _ => return Err(refused(opt::LIST, &header, &payload)),
         }
     }

@@ -32,6 +32,7 @@ pub fn request_parse(data: &[u8]) {
         size: u64::from_be_bytes(size_bytes),
         read_only: flags & 1 != 0,
         structured_replies: flags & 2 != 0,
+        block_status: flags & 4 != 0,
     };
     match proto::check_request(&header, &export) {
         Err(rejection) => assert_ne!(rejection.errno, 0, "a rejection must carry an errno"),
@@ -41,7 +42,8 @@ pub fn request_parse(data: &[u8]) {
             | Request::Write { offset, len, .. }
             | Request::Trim { offset, len, .. }
             | Request::Cache { offset, len }
-            | Request::WriteZeroes { offset, len, .. },
+            | Request::WriteZeroes { offset, len, .. }
+            | Request::BlockStatus { offset, len, .. },
         ) => {
             assert!(len > 0, "zero-length request accepted");
             let end = offset.checked_add(u64::from(len));

@@ -2,6 +2,7 @@
 //! ([`client`]) used by the tests and, later, for remote backing devices.
 
 pub mod client;
+mod flush;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod proto;

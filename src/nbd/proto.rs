@@ -441,13 +441,155 @@ pub fn encode_info_string(info_type: u16, s: &str) -> Vec<u8> {
     out
 }
 
-/// Payload of `NBD_REP_SERVER`: `{ name length u32 | name }`.
+/// One export as `NBD_OPT_LIST` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedExport {
+    pub name: String,
+    /// Free text for humans (may be empty).
+    pub description: String,
+}
+
+/// Payload of `NBD_REP_SERVER`: `{ name length u32 | name | description }`. The spec leaves the
+/// bytes after the name for "details suitable for direct display to a human"; clients (libnbd's
+/// `nbdinfo --list`) show them as the export's description. Both strings are cut at
+/// [`MAX_STRING_LEN`] bytes (on a character boundary).
 #[must_use]
-pub fn encode_rep_server(name: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + name.len());
+pub fn encode_rep_server(name: &str, description: &str) -> Vec<u8> {
+    let name = truncate_to_char_boundary(name, MAX_STRING_LEN);
+    let description = truncate_to_char_boundary(description, MAX_STRING_LEN);
+    let mut out = Vec::with_capacity(4 + name.len() + description.len());
     out.extend_from_slice(&(name.len() as u32).to_be_bytes());
     out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(description.as_bytes());
     out
+}
+
+/// Decodes an `NBD_REP_SERVER` payload (client side); the name length is checked against the
+/// payload before it is used.
+pub fn decode_rep_server(payload: &[u8]) -> Result<ListedExport, ProtoError> {
+    if payload.len() < 4 {
+        return Err(ProtoError::Malformed("NBD_REP_SERVER shorter than 4 bytes"));
+    }
+    let name_len = be_u32(payload, 0) as usize;
+    let rest = &payload[4..];
+    if name_len > rest.len() {
+        return Err(ProtoError::Malformed("NBD_REP_SERVER name length exceeds the reply"));
+    }
+    let (name, description) = rest.split_at(name_len);
+    Ok(ListedExport {
+        name: String::from_utf8_lossy(name).into_owned(),
+        description: String::from_utf8_lossy(description).into_owned(),
+    })
+}
+
+/// The one metadata context this server knows: which ranges are holes that read as zeros.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+/// Context id the server gives `base:allocation` in `NBD_REP_META_CONTEXT` for SET (LIST uses 0).
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Status flags of `base:allocation` extents.
+pub mod alloc_state {
+    /// Unallocated (a hole); clear means allocated or unknown.
+    pub const HOLE: u32 = 1 << 0;
+    /// Reads as zeros; clear means it may hold data.
+    pub const ZERO: u32 = 1 << 1;
+}
+
+/// The payload of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
+///
+/// Format: `{ export name length u32 | name | query count u32 | [ query length u32 | query ] }`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    pub export_name: String,
+    pub queries: Vec<String>,
+}
+
+impl MetaContextRequest {
+    /// Parses the payload; every length is checked against the bytes left before it is used, and
+    /// the queries must end exactly at the end of the payload.
+    pub fn parse(payload: &[u8]) -> Result<Self, OptionParseError> {
+        let mut rest = payload;
+        let export_name = take_string(&mut rest)?.to_owned();
+        if rest.len() < 4 {
+            return Err(OptionParseError::Invalid("meta context payload lacks the query count"));
+        }
+        let count = be_u32(rest, 0) as usize;
+        rest = &rest[4..];
+        // Each query takes at least its 4-byte length: a count beyond that is a lie.
+        if count > rest.len() / 4 {
+            return Err(OptionParseError::Invalid("meta context query count exceeds the payload"));
+        }
+        let mut queries = Vec::with_capacity(count);
+        for _ in 0..count {
+            queries.push(take_string(&mut rest)?.to_owned());
+        }
+        if !rest.is_empty() {
+            return Err(OptionParseError::Invalid("meta context payload has trailing bytes"));
+        }
+        Ok(Self { export_name, queries })
+    }
+
+    #[must_use]
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(self.export_name.len() as u32).to_be_bytes());
+        out.extend_from_slice(self.export_name.as_bytes());
+        out.extend_from_slice(&(self.queries.len() as u32).to_be_bytes());
+        for q in &self.queries {
+            out.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            out.extend_from_slice(q.as_bytes());
+        }
+        out
+    }
+}
+
+/// Takes a `{ length u32 | string }` off the front of `rest`.
+fn take_string<'a>(rest: &mut &'a [u8]) -> Result<&'a str, OptionParseError> {
+    if rest.len() < 4 {
+        return Err(OptionParseError::Invalid("string length missing"));
+    }
+    let len = be_u32(rest, 0) as usize;
+    if len > rest.len() - 4 {
+        return Err(OptionParseError::Invalid("string length exceeds the payload"));
+    }
+    let s = parse_string(&rest[4..4 + len])?;
+    *rest = &rest[4 + len..];
+    Ok(s)
+}
+
+/// Payload of `NBD_REP_META_CONTEXT`: `{ context id u32 | name }`.
+#[must_use]
+pub fn encode_rep_meta_context(id: u32, name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + name.len());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out
+}
+
+/// Payload of an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk:
+/// `{ context id u32 | [ extent length u32 | status flags u32 ] }`.
+#[must_use]
+pub fn encode_block_status(context_id: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + 8 * extents.len());
+    out.extend_from_slice(&context_id.to_be_bytes());
+    for &(len, flags) in extents {
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+    }
+    out
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+#[must_use]
+pub fn truncate_to_char_boundary(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Export information as a client learns it from `NBD_REP_INFO` / the EXPORT_NAME reply.
@@ -549,18 +691,48 @@ pub struct ExportParams {
     pub size: u64,
     pub read_only: bool,
     pub structured_replies: bool,
+    /// The client selected `base:allocation` for this export (`NBD_OPT_SET_META_CONTEXT`), so
+    /// `NBD_CMD_BLOCK_STATUS` is allowed.
+    pub block_status: bool,
 }
 
 /// A validated request: every field is in range for the export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
-    Read { offset: u64, len: u32, df: bool },
-    Write { offset: u64, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+        df: bool,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Disc,
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    Cache { offset: u64, len: u32 },
-    WriteZeroes { offset: u64, len: u32, fua: bool, no_hole: bool, fast_zero: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u32,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        no_hole: bool,
+        fast_zero: bool,
+    },
+    /// `req_one`: the client wants only the first extent.
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+    },
 }
 
 /// A request the server answers with an error (the connection goes on).
@@ -580,7 +752,7 @@ fn reject(errno: u32, reason: &'static str) -> Rejection {
 ///
 /// The caller discards `header.payload_len()` bytes when it rejects a WRITE.
 pub fn check_request(h: &RequestHeader, export: &ExportParams) -> Result<Request, Rejection> {
-    use cmd_flags::{DF, FAST_ZERO, FUA, NO_HOLE};
+    use cmd_flags::{DF, FAST_ZERO, FUA, NO_HOLE, REQ_ONE};
     let Some(cmd) = Command::from_wire(h.cmd_type) else {
         return Err(reject(errno::EINVAL, "unknown command"));
     };
@@ -589,6 +761,7 @@ pub fn check_request(h: &RequestHeader, export: &ExportParams) -> Result<Request
     let allowed = match cmd {
         Command::Read if export.structured_replies => FUA | DF,
         Command::WriteZeroes => FUA | NO_HOLE | FAST_ZERO,
+        Command::BlockStatus => FUA | REQ_ONE,
         _ => FUA,
     };
     if h.flags & !allowed != 0 {
@@ -604,7 +777,9 @@ pub fn check_request(h: &RequestHeader, export: &ExportParams) -> Result<Request
             }
             return Ok(Request::Flush);
         }
-        Command::BlockStatus => return Err(reject(errno::EINVAL, "BLOCK_STATUS without a metadata context")),
+        Command::BlockStatus if !export.block_status => {
+            return Err(reject(errno::EINVAL, "BLOCK_STATUS without a metadata context"));
+        }
         _ => {}
     }
     if matches!(cmd, Command::Read | Command::Write) && len > MAX_PAYLOAD {
@@ -633,6 +808,7 @@ pub fn check_request(h: &RequestHeader, export: &ExportParams) -> Result<Request
         Command::Write => Request::Write { offset, len, fua },
         Command::Trim => Request::Trim { offset, len, fua },
         Command::Cache => Request::Cache { offset, len },
+        Command::BlockStatus => Request::BlockStatus { offset, len, req_one: h.flags & REQ_ONE != 0 },
         // Only WriteZeroes is left: the other commands returned above.
         _ => Request::WriteZeroes {
             offset,
@@ -755,7 +931,7 @@ mod tests {
     use super::*;
 
     fn params(size: u64) -> ExportParams {
-        ExportParams { size, read_only: false, structured_replies: false }
+        ExportParams { size, read_only: false, structured_replies: false, block_status: false }
     }
 
     fn header(cmd: Command, flags: u16, offset: u64, length: u32) -> RequestHeader {
@@ -865,6 +1041,55 @@ mod tests {
         assert_eq!((info.name.as_deref(), info.description.as_deref()), (Some("n"), Some("d")));
         assert!(info.apply_info_reply(&encode_info_export(1, 1)[..11]).is_err());
         assert!(info.apply_info_reply(&[0]).is_err());
+    }
+
+    #[test]
+    fn rep_server_carries_name_then_description_and_rejects_bad_lengths() {
+        let p = encode_rep_server("disk", "a file");
+        assert_eq!(p, [&[0, 0, 0, 4][..], b"disk", b"a file"].concat());
+        let listed = decode_rep_server(&p).unwrap();
+        assert_eq!(listed, ListedExport { name: "disk".into(), description: "a file".into() });
+        assert_eq!(decode_rep_server(&encode_rep_server("", "")).unwrap().name, "");
+        assert!(decode_rep_server(&[0, 0, 0]).is_err(), "shorter than the length field");
+        assert!(decode_rep_server(&[0, 0, 0, 5, b'a']).is_err(), "name longer than the reply");
+        assert!(decode_rep_server(&[0xff, 0xff, 0xff, 0xff]).is_err(), "huge name length");
+        // Overlong strings are cut to the spec's limit on a character boundary.
+        let long = "é".repeat(MAX_STRING_LEN);
+        let listed = decode_rep_server(&encode_rep_server(&long, &long)).unwrap();
+        assert_eq!((listed.name.len(), listed.description.len()), (MAX_STRING_LEN, MAX_STRING_LEN));
+        assert_eq!(truncate_to_char_boundary("aé", 2), "a");
+    }
+
+    #[test]
+    fn meta_context_requests_parse_exactly_and_refuse_bad_lengths() {
+        let req = MetaContextRequest { export_name: "d".into(), queries: vec!["base:allocation".into()] };
+        let enc = req.encode();
+        assert_eq!(enc[..9], [0, 0, 0, 1, b'd', 0, 0, 0, 1]);
+        assert_eq!(MetaContextRequest::parse(&enc), Ok(req));
+        assert!(MetaContextRequest::parse(&enc[..enc.len() - 1]).is_err(), "truncated query");
+        let mut extra = enc;
+        extra.push(0);
+        assert!(MetaContextRequest::parse(&extra).is_err(), "trailing byte");
+        assert!(MetaContextRequest::parse(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).is_err(), "huge count");
+        assert!(MetaContextRequest::parse(&[0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 0]).is_err(), "huge query");
+        assert!(MetaContextRequest::parse(&[0, 0, 0]).is_err());
+        let none = MetaContextRequest { export_name: String::new(), queries: vec![] };
+        assert_eq!(MetaContextRequest::parse(&none.encode()), Ok(none));
+        assert_eq!(encode_rep_meta_context(1, "base:allocation")[..4], [0, 0, 0, 1]);
+        assert_eq!(encode_block_status(1, &[(4096, 3)]), [0, 0, 0, 1, 0, 0, 16, 0, 0, 0, 0, 3]);
+    }
+
+    #[test]
+    fn block_status_needs_a_negotiated_context() {
+        let h = header(Command::BlockStatus, cmd_flags::REQ_ONE, 0, 4096);
+        let mut p = params(1 << 20);
+        assert_eq!(check_request(&h, &p).map_err(|r| r.errno), Err(errno::EINVAL));
+        p.block_status = true;
+        assert_eq!(check_request(&h, &p), Ok(Request::BlockStatus { offset: 0, len: 4096, req_one: true }));
+        let past_end = header(Command::BlockStatus, 0, 1 << 20, 1);
+        assert_eq!(check_request(&past_end, &p).map_err(|r| r.errno), Err(errno::EINVAL));
+        let empty = header(Command::BlockStatus, 0, 0, 0);
+        assert_eq!(check_request(&empty, &p).map_err(|r| r.errno), Err(errno::EINVAL));
     }
 
     #[test]

@@ -5,22 +5,36 @@
 //! multi-thread runtime with one worker per core. Each connection has
 //! - a *reader* (the connection task) that parses requests out of a buffered reader, validates
 //!   them ([`proto::check_request`]), reads WRITE payloads into pooled buffers and starts each
-//!   request as its own small tokio task;
+//!   request;
 //! - request tasks that call the synchronous [`BlockDev`] method directly on the runtime worker:
 //!   a page-cache hit costs one `pread` and no hand-off to a blocking pool (a `spawn_blocking`
 //!   per request costs more CPU than the read itself). Because each request is a task, a slow
 //!   request does not hold up the ones behind it, and replies go out in completion order;
-//! - one *writer* task that owns the socket's write half, drains the reply queue into a
-//!   `BufWriter`, and flushes only when the queue is empty, so a burst of replies costs one
-//!   `write` system call.
+//! - no writer task: whoever finishes a request queues its reply and, if no one else is
+//!   writing, writes every queued reply and flushes once (`ReplySink`), so a burst of replies
+//!   costs one `write` system call and an uncontended reply costs no task hand-off.
 //!
-//! Where the device call runs is [`DeviceCalls`]: on the workers (the default, measured fastest
-//! for page-cache hits: about 5 µs of server CPU per 4 KiB read, on par with `nbdkit file`), on
-//! tokio's blocking pool (about 20 µs per I/O, but a device call that waits for a disk never
-//! holds a worker, so use it for slow devices), or inline in the reader (lowest CPU, about 3.5 µs,
-//! but requests of one connection no longer overlap). With calls on the workers, a call that
-//! blocks for long (a disk miss) holds its worker, and tasks queued behind it on that worker wait
-//! too: give the runtime more workers or use the blocking pool when misses are common.
+//! When a READ, WRITE or CACHE is the only request in flight and no further request is already
+//! buffered (a client at queue depth 1), the reader runs it itself and writes the reply: no task
+//! spawn, no wake-up of another worker. The price: a request that arrives while that call runs
+//! waits for it, which costs little for page-cache hits; with a slow device use the pool.
+//!
+//! Requests that wait for the disk never run on the workers, whatever [`DeviceCalls`] says:
+//! FLUSH, and TRIM or WRITE_ZEROES with FUA, await a sync that runs on the blocking pool and is
+//! shared by all flushes that queued behind a running one (see `nbd/flush.rs` for why a flush
+//! never takes a sync that was already running); a FUA WRITE runs its `write_at_fua` on the
+//! blocking pool.
+//!
+//! Where the other device calls run is [`DeviceCalls`]: on the workers (the default, measured
+//! fastest for page-cache hits: about 5 µs of server CPU per 4 KiB read, on par with `nbdkit
+//! file`), on tokio's blocking pool (about 20 µs per I/O, but a device call that waits for a disk
+//! never holds a worker, so use it for slow devices), or inline in the reader (lowest CPU, but
+//! requests of one connection no longer overlap). With calls on the workers, a call that blocks
+//! for long (a disk miss) holds its worker, and tasks queued behind it on that worker wait too:
+//! give the runtime more workers or use the blocking pool when misses are common.
+//!
+//! With structured replies, a READ of at least [`ServerConfig::min_hole_query_len`] bytes asks the
+//! device for known zero ranges and sends them as hole chunks; shorter reads are sent as data.
 //!
 //! In-flight work per connection is bounded twice: by a request count and by payload bytes (both
 //! in [`ServerConfig`]); the reader stops reading the socket while either is exhausted, so a
@@ -41,6 +55,7 @@
 //! lets in-flight requests finish and their replies go out, closes the connections, then syncs
 //! every export's device.
 
+use super::flush::SyncCoalescer;
 use super::proto::{
     self, ExportParams, OptionHeader, Request, RequestHeader, errno, handshake_flags, info, opt, rep,
     transmission_flags as tf,
@@ -54,9 +69,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
 /// One named export.
@@ -113,6 +128,11 @@ pub struct ServerConfig {
     pub shutdown_drain_timeout: Duration,
     /// Where the synchronous device calls run.
     pub device_calls: DeviceCalls,
+    /// With structured replies, READs of at least this many bytes ask the device for known
+    /// zero ranges and send them as hole chunks. Shorter reads are sent as data: the query costs
+    /// a system call per read on a file (`SEEK_DATA`, which also takes the inode lock that
+    /// writes take), more than sending a few KiB of zeros saves.
+    pub min_hole_query_len: u32,
 }
 
 /// Where a request's synchronous [`BlockDev`] call runs.
@@ -127,7 +147,8 @@ pub enum DeviceCalls {
     /// slow device (disk misses) never stalls the runtime's workers.
     BlockingPool,
     /// READ, WRITE and CACHE run in the connection's reader itself (no task per request);
-    /// FLUSH, TRIM and WRITE_ZEROES as their own tasks.
+    /// TRIM and WRITE_ZEROES as their own tasks. (Syncs and FUA writes never run on the workers,
+    /// see the module docs.)
     Inline,
 }
 
@@ -141,6 +162,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             shutdown_drain_timeout: Duration::from_secs(30),
             device_calls: DeviceCalls::OnWorkers,
+            min_hole_query_len: 64 << 10,
         }
     }
 }
@@ -184,6 +206,8 @@ struct ExportState {
     export: Export,
     size: u64,
     read_only: bool,
+    /// FLUSH and FUA trims/zeroings share syncs through this (all connections to the export).
+    syncer: Arc<SyncCoalescer>,
 }
 
 impl ExportState {
@@ -215,6 +239,7 @@ struct Shared {
     handshake_timeout: Duration,
     shutdown_drain_timeout: Duration,
     device_calls: DeviceCalls,
+    min_hole_query_len: u32,
     connections: Arc<Semaphore>,
 }
 
@@ -223,8 +248,12 @@ impl Shared {
         if config.exports.is_empty() {
             return Err(ServerError::NoExports);
         }
-        if config.max_in_flight_per_conn == 0 || config.max_in_flight_per_conn > Semaphore::MAX_PERMITS {
-            return Err(ServerError::Config("max_in_flight_per_conn must be at least 1".into()));
+        // At most u32::MAX: a closing connection waits for all its slots with one acquire_many.
+        if config.max_in_flight_per_conn == 0 || config.max_in_flight_per_conn > u32::MAX as usize {
+            return Err(ServerError::Config(format!(
+                "max_in_flight_per_conn must be between 1 and {}",
+                u32::MAX
+            )));
         }
         if config.max_buffer_bytes_per_conn < proto::MAX_PAYLOAD as usize
             || config.max_buffer_bytes_per_conn > u32::MAX as usize
@@ -249,7 +278,7 @@ impl Shared {
             }
             let size = export.dev.len();
             let read_only = export.read_only || export.dev.is_read_only();
-            exports.push(Arc::new(ExportState { export, size, read_only }));
+            exports.push(Arc::new(ExportState { export, size, read_only, syncer: Arc::default() }));
         }
         Ok(Self {
             exports,
@@ -258,6 +287,7 @@ impl Shared {
             handshake_timeout: config.handshake_timeout,
             shutdown_drain_timeout: config.shutdown_drain_timeout,
             device_calls: config.device_calls,
+            min_hole_query_len: config.min_hole_query_len,
             connections: Arc::new(Semaphore::new(config.max_connections.min(Semaphore::MAX_PERMITS))),
         })
     }
@@ -526,6 +556,8 @@ async fn serve_connection(
 struct Session {
     export: Arc<ExportState>,
     structured: bool,
+    /// `base:allocation` was selected for this export: BLOCK_STATUS is allowed.
+    block_status: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -551,6 +583,9 @@ where
     let fixed = client_flags & proto::client_flags::FIXED_NEWSTYLE != 0;
     let no_zeroes = client_flags & proto::client_flags::NO_ZEROES != 0;
     let mut structured = false;
+    // The export `base:allocation` was selected for (NBD_OPT_SET_META_CONTEXT); it counts only
+    // if the client then opens that same export.
+    let mut meta_context: Option<String> = None;
     let mut out = Vec::with_capacity(512);
     let mut payload = Vec::new();
     loop {
@@ -600,7 +635,8 @@ where
                 }
                 writer.write_all(&out).await?;
                 writer.flush().await?;
-                return Ok(Some(Session { export, structured }));
+                let block_status = selected_for(&meta_context, &export);
+                return Ok(Some(Session { export, structured, block_status }));
             }
             opt::ABORT => {
                 proto::encode_option_reply(&mut out, option, rep::ACK, &[]);
@@ -616,7 +652,7 @@ where
                             &mut out,
                             option,
                             rep::SERVER,
-                            &proto::encode_rep_server(&e.export.name),
+                            &proto::encode_rep_server(&e.export.name, &e.export.description),
                         );
                     }
                     proto::encode_option_reply(&mut out, option, rep::ACK, &[]);
@@ -638,11 +674,48 @@ where
                         if option == opt::GO {
                             writer.write_all(&out).await?;
                             writer.flush().await?;
-                            return Ok(Some(Session { export, structured }));
+                            let block_status = selected_for(&meta_context, &export);
+                            return Ok(Some(Session { export, structured, block_status }));
                         }
                     }
                 },
             },
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let set = option == opt::SET_META_CONTEXT;
+                match proto::MetaContextRequest::parse(&payload) {
+                    Err(proto::OptionParseError::Invalid(why)) => {
+                        proto::encode_option_reply(&mut out, option, rep::ERR_INVALID, why.as_bytes());
+                    }
+                    // The spec: SET needs structured replies, which carry the block status chunks.
+                    Ok(_) if set && !structured => proto::encode_option_reply(
+                        &mut out,
+                        option,
+                        rep::ERR_INVALID,
+                        b"SET_META_CONTEXT needs structured replies first",
+                    ),
+                    Ok(request) => match shared.find(&request.export_name) {
+                        None => {
+                            proto::encode_option_reply(&mut out, option, rep::ERR_UNKNOWN, b"no such export");
+                        }
+                        Some(export) => {
+                            // LIST with no query lists every context; "base:" lists the base ones.
+                            let matches = |q: &String| q == proto::BASE_ALLOCATION || (!set && q == "base:");
+                            let selected =
+                                (!set && request.queries.is_empty()) || request.queries.iter().any(matches);
+                            if selected {
+                                let id = if set { proto::BASE_ALLOCATION_ID } else { 0 };
+                                let payload = proto::encode_rep_meta_context(id, proto::BASE_ALLOCATION);
+                                proto::encode_option_reply(&mut out, option, rep::META_CONTEXT, &payload);
+                            }
+                            if set {
+                                // Each SET replaces the previous selection.
+                                meta_context = selected.then(|| export.export.name.clone());
+                            }
+                            proto::encode_option_reply(&mut out, option, rep::ACK, &[]);
+                        }
+                    },
+                }
+            }
             opt::STRUCTURED_REPLY => {
                 if payload.is_empty() {
                     structured = true;
@@ -663,6 +736,11 @@ where
     }
 }
 
+/// Whether `base:allocation` was selected for `export`.
+fn selected_for(meta_context: &Option<String>, export: &ExportState) -> bool {
+    meta_context.as_deref() == Some(export.export.name.as_str())
+}
+
 fn encode_info_replies(
     out: &mut Vec<u8>,
     option: u32,
@@ -679,7 +757,7 @@ fn encode_info_replies(
         proto::encode_option_reply(out, option, rep::INFO, &payload);
     }
     if asked(info::DESCRIPTION) {
-        let desc = truncate_str(&export.export.description, proto::MAX_STRING_LEN);
+        let desc = proto::truncate_to_char_boundary(&export.export.description, proto::MAX_STRING_LEN);
         proto::encode_option_reply(
             out,
             option,
@@ -693,17 +771,6 @@ fn encode_info_replies(
         let payload = proto::encode_info_block_size(1, proto::PREFERRED_BLOCK_SIZE, proto::MAX_PAYLOAD);
         proto::encode_option_reply(out, option, rep::INFO, &payload);
     }
-}
-
-fn truncate_str(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Reads and drops `n` bytes through a small fixed buffer.
@@ -752,13 +819,16 @@ impl BufPool {
     }
 }
 
-/// What the writer sends for one request. The permits ride along so in-flight limits are
-/// released only once the reply has left.
+/// What goes out for one request. The permits ride along so in-flight limits are released only
+/// once the reply has been written.
 struct Reply {
     handle: u64,
     body: ReplyBody,
-    _permits: Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
+    _permits: Option<Permits>,
 }
+
+/// A request's in-flight slot and, for READ/WRITE, its payload bytes.
+type Permits = (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>);
 
 enum ReplyBody {
     /// A simple reply without data (success or error of any command but a structured READ).
@@ -769,6 +839,88 @@ enum ReplyBody {
     StructuredRead { offset: u64, buf: Vec<u8>, holes: Vec<Range<u64>> },
     /// A structured error chunk (a failed READ when structured replies are on).
     StructuredError { errno: u32, message: String },
+    /// `base:allocation` extents (length, flags) as one block status chunk.
+    BlockStatus { extents: Vec<(u32, u32)> },
+}
+
+/// One BLOCK_STATUS reply describes at most this much of the export (clients ask again for the
+/// rest), so one request cannot make the device walk a huge range.
+const MAX_BLOCK_STATUS_LEN: u32 = 1 << 30;
+/// And at most this many extents (8 bytes each on the wire).
+const MAX_BLOCK_STATUS_EXTENTS: usize = 4096;
+
+/// The reply side of a connection. Whoever finishes a request (a request task, or the reader
+/// itself on the fast path) queues its reply and then tries to become the writer: the one that
+/// gets the lock writes every queued reply into the buffered writer and flushes once the queue
+/// is empty, so a burst of replies costs one system call; the others return at once. There is
+/// no writer task, so an uncontended reply goes out without a task hand-off.
+///
+/// No reply is stranded: a reply is queued *before* its sender tries the lock, and the writer
+/// looks at the queue again *after* releasing the lock, so either the sender gets the lock or
+/// the writer sees the reply.
+struct ReplySink {
+    queue: parking_lot::Mutex<Vec<Reply>>,
+    writer: tokio::sync::Mutex<WriterState>,
+    pool: Arc<BufPool>,
+    /// Set at shutdown when the client did not read its replies in time: a writer stuck on a
+    /// full socket gives up, and the connection is dropped.
+    kill: watch::Receiver<bool>,
+}
+
+struct WriterState {
+    /// `None` once writing failed (the client is gone) or the connection was killed; replies
+    /// are then dropped, which still releases their permits.
+    out: Option<BufWriter<BoxWrite>>,
+    /// The queue's storage is swapped with this one, so draining allocates nothing.
+    spare: Vec<Reply>,
+}
+
+impl ReplySink {
+    /// Queues a reply and writes it (and whatever else is queued) unless another writer is
+    /// already at work, which will then write it.
+    async fn send(&self, reply: Reply) {
+        self.queue.lock().push(reply);
+        loop {
+            let Ok(mut writer) = self.writer.try_lock() else { return };
+            let mut kill = self.kill.clone();
+            let written = tokio::select! {
+                biased;
+                r = self.write_queued(&mut writer) => r,
+                _ = kill.wait_for(|k| *k) => Err(io::Error::other("replies not read before the shutdown deadline")),
+            };
+            if let Err(e) = written {
+                log::debug!("nbd: writing replies failed: {e}");
+                writer.out = None;
+            }
+            drop(writer);
+            // A reply queued while we held the lock saw it taken and left its writing to us.
+            if self.queue.lock().is_empty() {
+                return;
+            }
+        }
+    }
+
+    async fn write_queued(&self, writer: &mut WriterState) -> io::Result<()> {
+        let mut batch = std::mem::take(&mut writer.spare);
+        loop {
+            std::mem::swap(&mut batch, &mut *self.queue.lock());
+            if batch.is_empty() {
+                break;
+            }
+            let Some(out) = writer.out.as_mut() else {
+                batch.clear();
+                continue;
+            };
+            for reply in batch.drain(..) {
+                write_reply(out, reply, &self.pool).await?;
+            }
+        }
+        writer.spare = batch;
+        match writer.out.as_mut() {
+            Some(out) => out.flush().await,
+            None => Ok(()),
+        }
+    }
 }
 
 async fn transmission(
@@ -778,145 +930,235 @@ async fn transmission(
     session: Session,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let Session { export, structured } = session;
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let Session { export, structured, block_status } = session;
     let pool = Arc::new(BufPool::default());
-    let writer_task = tokio::spawn(write_replies(writer, rx, pool.clone()));
+    let (kill_tx, kill_rx) = watch::channel(false);
+    let sink = Arc::new(ReplySink {
+        queue: parking_lot::Mutex::new(Vec::new()),
+        writer: tokio::sync::Mutex::new(WriterState {
+            out: Some(BufWriter::with_capacity(WRITE_BUFFER, writer)),
+            spare: Vec::new(),
+        }),
+        pool: pool.clone(),
+        kill: kill_rx,
+    });
     let slots = Arc::new(Semaphore::new(shared.max_in_flight));
     let bytes = Arc::new(Semaphore::new(shared.max_buffer_bytes));
-    let params =
-        ExportParams { size: export.size, read_only: export.read_only, structured_replies: structured };
+    let params = ExportParams {
+        size: export.size,
+        read_only: export.read_only,
+        structured_replies: structured,
+        block_status,
+    };
+    let conn = Conn {
+        export: export.clone(),
+        params,
+        sink: sink.clone(),
+        slots: slots.clone(),
+        bytes,
+        pool,
+        max_in_flight: shared.max_in_flight,
+        device_calls: shared.device_calls,
+        min_hole_query_len: shared.min_hole_query_len,
+    };
     // The reader checks for shutdown between requests. A client that stops reading replies
     // can keep it waiting for an in-flight slot or in the middle of a payload, so shutdown also
     // gets a hard deadline here.
     let mut stop_deadline = stop.clone();
-    let reading = read_requests(
-        &mut reader,
-        &export,
-        &params,
-        &tx,
-        &slots,
-        &bytes,
-        &pool,
-        &mut stop,
-        shared.device_calls,
-    );
     let result = tokio::select! {
-        r = reading => r,
+        r = conn.read_requests(&mut reader, &mut stop) => r,
         () = async {
             let _ = stop_deadline.wait_for(|s| *s).await;
             tokio::time::sleep(shared.shutdown_drain_timeout).await;
         } => Err(ConnError::Refused("shutdown deadline passed while reading a request")),
     };
-    // Replies still being produced hold clones of `tx`; the writer ends once they are all sent.
-    drop(tx);
-    let mut writer_task = writer_task;
-    match tokio::time::timeout(shared.shutdown_drain_timeout, &mut writer_task).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => log::debug!("nbd: reply writer ended: {e}"),
-        Ok(Err(e)) => log::error!("nbd: reply writer failed: {e}"),
-        Err(_) => {
-            log::warn!("nbd: client did not read its replies in time; dropping the connection");
-            writer_task.abort();
+    // Every request still running holds its slot until its reply is written: once all slots
+    // are back, every reply has gone out.
+    // Checked at configuration to fit a u32.
+    let all_slots = u32::try_from(shared.max_in_flight).unwrap_or(u32::MAX);
+    let drained = tokio::time::timeout(shared.shutdown_drain_timeout, slots.acquire_many(all_slots)).await;
+    if drained.is_err() {
+        log::warn!("nbd: client did not read its replies in time; dropping the connection");
+        let _ = kill_tx.send(true);
+    }
+    // A writer finishes its flush before it lets go of the lock.
+    let mut writer = sink.writer.lock().await;
+    if let (Some(mut out), Ok(_)) = (writer.out.take(), drained) {
+        match tokio::time::timeout(shared.shutdown_drain_timeout, out.shutdown()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::debug!("nbd: closing the connection: {e}"),
+            Err(_) => log::debug!("nbd: closing the connection timed out"),
         }
     }
     result
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn read_requests(
-    reader: &mut BufReader<BoxRead>,
-    export: &Arc<ExportState>,
-    params: &ExportParams,
-    tx: &mpsc::UnboundedSender<Reply>,
-    slots: &Arc<Semaphore>,
-    bytes: &Arc<Semaphore>,
-    pool: &Arc<BufPool>,
-    stop: &mut watch::Receiver<bool>,
+/// What every request of one connection needs.
+struct Conn {
+    export: Arc<ExportState>,
+    params: ExportParams,
+    sink: Arc<ReplySink>,
+    slots: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    pool: Arc<BufPool>,
+    max_in_flight: usize,
     device_calls: DeviceCalls,
-) -> Result<(), ConnError> {
-    let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
-    loop {
-        // Only a whole header is a request; a client that vanishes mid-header or mid-payload
-        // just ends its connection.
-        let read = if reader.buffer().len() >= hdr.len() && !*stop.borrow() {
-            // Already buffered (the common case under load): no need to watch for shutdown.
-            reader.read_exact(&mut hdr).await
-        } else {
-            tokio::select! {
-                biased;
-                r = reader.read_exact(&mut hdr) => r,
-                _ = stop.wait_for(|s| *s) => return Ok(()),
+    min_hole_query_len: u32,
+}
+
+impl Conn {
+    async fn read_requests(
+        &self,
+        reader: &mut BufReader<BoxRead>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), ConnError> {
+        let mut hdr = [0u8; proto::REQUEST_HEADER_LEN];
+        loop {
+            // Only a whole header is a request; a client that vanishes mid-header or mid-payload
+            // just ends its connection.
+            let read = if reader.buffer().len() >= hdr.len() && !*stop.borrow() {
+                // Already buffered (the common case under load): no need to watch for shutdown.
+                reader.read_exact(&mut hdr).await
+            } else {
+                tokio::select! {
+                    biased;
+                    r = reader.read_exact(&mut hdr) => r,
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                }
+            };
+            match read {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.into()),
             }
-        };
-        match read {
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-        let header = RequestHeader::decode(&hdr)?;
-        let Ok(slot) = slots.clone().acquire_owned().await else { return Ok(()) };
-        let request = match proto::check_request(&header, params) {
-            Ok(r) => r,
-            Err(rejection) => {
-                log::debug!("nbd: rejecting request {header:?}: {}", rejection.reason);
-                discard(reader, u64::from(header.payload_len())).await?;
-                let is_read = header.cmd_type == proto::Command::Read.to_wire();
-                let body = if is_read && params.structured_replies {
-                    ReplyBody::StructuredError {
-                        errno: rejection.errno,
-                        message: rejection.reason.to_owned(),
-                    }
-                } else {
-                    ReplyBody::Status { errno: rejection.errno }
-                };
-                let _ = tx.send(Reply { handle: header.handle, body, _permits: Some((slot, None)) });
-                continue;
-            }
-        };
-        let data_len = match request {
-            Request::Disc => return Ok(()),
-            Request::Read { len, .. } | Request::Write { len, .. } => len,
-            _ => 0,
-        };
-        let mem = if data_len > 0 {
-            // data_len <= MAX_PAYLOAD <= the semaphore's capacity, so this always completes.
-            let Ok(p) = bytes.clone().acquire_many_owned(data_len).await else { return Ok(()) };
-            Some(p)
-        } else {
-            None
-        };
-        let payload = if let Request::Write { len, .. } = request {
-            let mut buf = pool.get(len as usize);
-            reader.read_exact(&mut buf).await?;
-            Some(buf)
-        } else {
-            None
-        };
-        let job = Job {
-            export: export.clone(),
-            handle: header.handle,
-            request,
-            payload,
-            structured: params.structured_replies,
-            permits: (slot, mem),
-            pool: pool.clone(),
-        };
-        let tx = tx.clone();
-        // A send error means the writer is gone (client vanished): nothing to answer.
-        let quick = matches!(request, Request::Read { .. } | Request::Write { .. } | Request::Cache { .. });
-        match device_calls {
-            DeviceCalls::Inline if quick => {
-                let _ = tx.send(job.run());
-            }
-            DeviceCalls::OnWorkers | DeviceCalls::Inline => drop(tokio::spawn(async move {
-                let _ = tx.send(job.run());
-            })),
-            DeviceCalls::BlockingPool => drop(tokio::task::spawn_blocking(move || {
-                let _ = tx.send(job.run());
-            })),
+            let header = RequestHeader::decode(&hdr)?;
+            let Ok(slot) = self.slots.clone().acquire_owned().await else { return Ok(()) };
+            let request = match proto::check_request(&header, &self.params) {
+                Ok(r) => r,
+                Err(rejection) => {
+                    log::debug!("nbd: rejecting request {header:?}: {}", rejection.reason);
+                    discard(reader, u64::from(header.payload_len())).await?;
+                    // READ and BLOCK_STATUS answer in chunks once structured replies are on.
+                    let chunked = [proto::Command::Read, proto::Command::BlockStatus]
+                        .iter()
+                        .any(|c| header.cmd_type == c.to_wire());
+                    let body = if chunked && self.params.structured_replies {
+                        ReplyBody::StructuredError {
+                            errno: rejection.errno,
+                            message: rejection.reason.to_owned(),
+                        }
+                    } else {
+                        ReplyBody::Status { errno: rejection.errno }
+                    };
+                    self.sink.send(Reply { handle: header.handle, body, _permits: Some((slot, None)) }).await;
+                    continue;
+                }
+            };
+            let data_len = match request {
+                Request::Disc => return Ok(()),
+                Request::Read { len, .. } | Request::Write { len, .. } => len,
+                _ => 0,
+            };
+            let mem = if data_len > 0 {
+                // data_len <= MAX_PAYLOAD <= the semaphore's capacity, so this always completes.
+                let Ok(p) = self.bytes.clone().acquire_many_owned(data_len).await else { return Ok(()) };
+                Some(p)
+            } else {
+                None
+            };
+            let payload = if let Request::Write { len, .. } = request {
+                let mut buf = self.pool.get(len as usize);
+                read_payload(reader, &mut buf).await?;
+                Some(buf)
+            } else {
+                None
+            };
+            let job = Job {
+                export: self.export.clone(),
+                handle: header.handle,
+                request,
+                payload,
+                structured: self.params.structured_replies,
+                min_hole_query_len: self.min_hole_query_len,
+                permits: (slot, mem),
+                pool: self.pool.clone(),
+            };
+            self.dispatch(job, reader.buffer().len()).await;
         }
     }
+
+    /// Runs a request where it costs least (see [`DeviceCalls`]); `buffered` is how many bytes
+    /// of later requests the reader already holds.
+    async fn dispatch(&self, job: Job, buffered: usize) {
+        let sink = self.sink.clone();
+        match job.kind() {
+            JobKind::Syncing => {
+                // Waits for a sync without holding a worker (see `flush`).
+                drop(tokio::spawn(async move { sink.send(job.run_syncing().await).await }));
+            }
+            JobKind::Durable => {
+                // A FUA write waits for the disk inside the device call: on the blocking pool.
+                drop(tokio::spawn(async move { sink.send(job.run_blocking().await).await }));
+            }
+            JobKind::Quick => match self.device_calls {
+                DeviceCalls::Inline => sink.send(job.run()).await,
+                // The only request in flight, and no other one already received: run it here
+                // and write the reply directly. A task would cost a spawn and a wake-up of
+                // another worker, and nothing could overlap with it anyway (QD1 latency).
+                DeviceCalls::OnWorkers
+                    if buffered < proto::REQUEST_HEADER_LEN
+                        && self.slots.available_permits() + 1 >= self.max_in_flight =>
+                {
+                    sink.send(job.run()).await;
+                }
+                DeviceCalls::OnWorkers => drop(tokio::spawn(async move { sink.send(job.run()).await })),
+                DeviceCalls::BlockingPool => {
+                    drop(tokio::spawn(async move { sink.send(job.run_blocking().await).await }));
+                }
+            },
+            JobKind::Other => match self.device_calls {
+                DeviceCalls::BlockingPool => {
+                    drop(tokio::spawn(async move { sink.send(job.run_blocking().await).await }));
+                }
+                DeviceCalls::OnWorkers | DeviceCalls::Inline => {
+                    drop(tokio::spawn(async move { sink.send(job.run()).await }));
+                }
+            },
+        }
+    }
+}
+
+/// A WRITE payload at least this long goes from the socket straight into its buffer, past the
+/// reader's buffer: one copy less (128 KiB writes), at the cost of not reading the next request
+/// ahead in the same system call, which matters only for small payloads.
+const DIRECT_PAYLOAD_MIN: usize = 64 << 10;
+
+/// Fills `buf` with the next bytes of the stream: first whatever the reader already buffered,
+/// then, for a large rest, directly from the socket.
+async fn read_payload(reader: &mut BufReader<BoxRead>, buf: &mut [u8]) -> io::Result<()> {
+    let buffered = reader.buffer();
+    if buffered.len() >= buf.len() || buf.len() - buffered.len() < DIRECT_PAYLOAD_MIN {
+        reader.read_exact(buf).await?;
+        return Ok(());
+    }
+    let n = buffered.len();
+    buf[..n].copy_from_slice(buffered);
+    std::pin::Pin::new(&mut *reader).consume(n);
+    reader.get_mut().read_exact(&mut buf[n..]).await?;
+    Ok(())
+}
+
+/// How a request runs (see [`Conn::dispatch`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobKind {
+    /// READ, non-FUA WRITE, CACHE: a short device call (for page-cache hits).
+    Quick,
+    /// A FUA WRITE: the device call itself waits for the disk.
+    Durable,
+    /// FLUSH, and TRIM or WRITE_ZEROES with FUA: need a device sync.
+    Syncing,
+    /// TRIM and WRITE_ZEROES without FUA.
+    Other,
 }
 
 struct Job {
@@ -925,44 +1167,139 @@ struct Job {
     request: Request,
     payload: Option<Vec<u8>>,
     structured: bool,
-    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    min_hole_query_len: u32,
+    permits: Permits,
     pool: Arc<BufPool>,
 }
 
 impl Job {
+    fn kind(&self) -> JobKind {
+        match self.request {
+            Request::Read { .. } | Request::Cache { .. } | Request::Write { fua: false, .. } => {
+                JobKind::Quick
+            }
+            Request::Write { fua: true, .. } => JobKind::Durable,
+            Request::Flush | Request::Trim { fua: true, .. } | Request::WriteZeroes { fua: true, .. } => {
+                JobKind::Syncing
+            }
+            Request::Trim { .. }
+            | Request::WriteZeroes { .. }
+            | Request::BlockStatus { .. }
+            | Request::Disc => JobKind::Other,
+        }
+    }
+
+    /// Runs the device call on tokio's blocking pool. Should the device panic, the request is
+    /// answered with EIO (its permits went down with the call).
+    async fn run_blocking(self) -> Reply {
+        let handle = self.handle;
+        tokio::task::spawn_blocking(move || self.run()).await.unwrap_or_else(|e| {
+            log::error!("nbd: device call failed: {e}");
+            Reply { handle, body: ReplyBody::Status { errno: errno::EIO }, _permits: None }
+        })
+    }
+
+    /// FLUSH, or TRIM/WRITE_ZEROES followed by a sync (FUA): the sync is shared with concurrent
+    /// flushes of the export and runs off the workers.
+    async fn run_syncing(mut self) -> Reply {
+        let export = self.export.clone();
+        let dev = &export.export.dev;
+        let done = match self.request {
+            Request::Flush => Ok(()),
+            // Trim and zeroing are quick (hole punching) or bounded like a write.
+            _ => match self.run_without_sync() {
+                ReplyBody::Status { errno: 0 } => Ok(()),
+                ReplyBody::Status { errno } => Err(errno),
+                _ => Err(errno::EIO),
+            },
+        };
+        // Only after the trim or zeroing has returned, so the sync covers it.
+        let errno = match done {
+            Ok(()) => export.syncer.sync(dev).await.err().unwrap_or(0),
+            Err(errno) => errno,
+        };
+        Reply { handle: self.handle, body: ReplyBody::Status { errno }, _permits: Some(self.permits) }
+    }
+
     /// Runs the device call synchronously and builds the reply.
-    fn run(self) -> Reply {
+    fn run(mut self) -> Reply {
+        let body = match self.request {
+            Request::Flush => {
+                let dev = &*self.export.export.dev;
+                ReplyBody::Status { errno: dev.sync().map_or_else(|e| dev_errno(&e), |()| 0) }
+            }
+            Request::Trim { fua: true, .. } | Request::WriteZeroes { fua: true, .. } => {
+                match self.run_without_sync() {
+                    ReplyBody::Status { errno: 0 } => {
+                        let dev = &*self.export.export.dev;
+                        ReplyBody::Status { errno: dev.sync().map_or_else(|e| dev_errno(&e), |()| 0) }
+                    }
+                    other => other,
+                }
+            }
+            _ => self.run_without_sync(),
+        };
+        Reply { handle: self.handle, body, _permits: Some(self.permits) }
+    }
+
+    /// The device call of the request, without the sync a FUA trim or zeroing also needs.
+    fn run_without_sync(&mut self) -> ReplyBody {
         let dev = &*self.export.export.dev;
         let status =
             |r: Result<(), DevError>| ReplyBody::Status { errno: r.map_or_else(|e| dev_errno(&e), |()| 0) };
-        let body = match self.request {
+        match self.request {
             Request::Read { offset, len, df } => self.read(dev, offset, len, df),
             Request::Write { offset, fua, .. } => {
-                let buf = self.payload.unwrap_or_default();
+                let buf = self.payload.take().unwrap_or_default();
                 let r = if fua { dev.write_at_fua(&buf, offset) } else { dev.write_at(&buf, offset) };
                 self.pool.put(buf);
                 status(r)
             }
-            Request::Flush => status(dev.sync()),
-            Request::Trim { offset, len, fua } => status(
-                dev.discard(offset, u64::from(len)).and_then(|()| if fua { dev.sync() } else { Ok(()) }),
-            ),
+            Request::Flush => ReplyBody::Status { errno: 0 },
+            Request::Trim { offset, len, .. } => status(dev.discard(offset, u64::from(len))),
             Request::Cache { offset, len } => status(dev.prefetch(offset, u64::from(len))),
-            Request::WriteZeroes { offset, len, fua, no_hole, fast_zero } => {
+            Request::WriteZeroes { offset, len, no_hole, fast_zero, .. } => {
                 if fast_zero && !dev.fast_zero() {
                     // The client asked to fail rather than be slow.
                     ReplyBody::Status { errno: errno::ENOTSUP }
                 } else {
-                    status(
-                        dev.write_zeroes(offset, u64::from(len), !no_hole)
-                            .and_then(|()| if fua { dev.sync() } else { Ok(()) }),
-                    )
+                    status(dev.write_zeroes(offset, u64::from(len), !no_hole))
                 }
             }
+            Request::BlockStatus { offset, len, req_one } => self.block_status(dev, offset, len, req_one),
             // Handled by the reader; answered with EINVAL should it ever get here.
             Request::Disc => ReplyBody::Status { errno: errno::EINVAL },
+        }
+    }
+
+    /// `base:allocation` extents from the device's known zero ranges: holes are HOLE|ZERO, the
+    /// rest is reported as data (always correct). The reply may cover only a prefix of the
+    /// range, as the spec allows, so the work per request stays bounded.
+    fn block_status(&self, dev: &dyn BlockDev, offset: u64, len: u32, req_one: bool) -> ReplyBody {
+        let len = len.min(MAX_BLOCK_STATUS_LEN);
+        let end = offset + u64::from(len);
+        let holes = match dev.known_zero_ranges(offset, u64::from(len)) {
+            Ok(h) => sanitize_holes(h, offset..end),
+            Err(e) => return ReplyBody::StructuredError { errno: dev_errno(&e), message: e.to_string() },
         };
-        Reply { handle: self.handle, body, _permits: Some(self.permits) }
+        let hole_flags = proto::alloc_state::HOLE | proto::alloc_state::ZERO;
+        let mut extents: Vec<(u32, u32)> = Vec::new();
+        let mut pos = offset;
+        for h in holes.iter().chain(std::iter::once(&(end..end))) {
+            // Extent lengths are bounded by `len`, a u32.
+            if h.start > pos {
+                extents.push(((h.start - pos) as u32, 0));
+            }
+            if h.end > h.start {
+                extents.push(((h.end - h.start) as u32, hole_flags));
+            }
+            pos = h.end;
+            if extents.len() >= MAX_BLOCK_STATUS_EXTENTS {
+                break;
+            }
+        }
+        extents.truncate(if req_one { 1 } else { MAX_BLOCK_STATUS_EXTENTS });
+        ReplyBody::BlockStatus { extents }
     }
 
     fn read(&self, dev: &dyn BlockDev, offset: u64, len: u32, df: bool) -> ReplyBody {
@@ -976,7 +1313,7 @@ impl Job {
             }
         };
         let end = offset + u64::from(len);
-        let holes = if self.structured && !df {
+        let holes = if self.structured && !df && len >= self.min_hole_query_len {
             match dev.known_zero_ranges(offset, u64::from(len)) {
                 Ok(h) => sanitize_holes(h, offset..end),
                 Err(e) => return fail(&e, buf),
@@ -1025,24 +1362,6 @@ fn dev_errno(e: &DevError) -> u32 {
     e.nbd_errno()
 }
 
-/// The single writer of a connection: drains the reply queue into a buffered writer and flushes
-/// when the queue runs dry, so a burst of replies costs one system call.
-async fn write_replies(
-    writer: BoxWrite,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
-    pool: Arc<BufPool>,
-) -> io::Result<()> {
-    let mut out = BufWriter::with_capacity(WRITE_BUFFER, writer);
-    while let Some(reply) = rx.recv().await {
-        write_reply(&mut out, reply, &pool).await?;
-        while let Ok(reply) = rx.try_recv() {
-            write_reply(&mut out, reply, &pool).await?;
-        }
-        out.flush().await?;
-    }
-    out.shutdown().await
-}
-
 async fn write_reply<W: AsyncWrite + Unpin>(out: &mut W, reply: Reply, pool: &BufPool) -> io::Result<()> {
     let handle = reply.handle;
     match reply.body {
@@ -1064,6 +1383,18 @@ async fn write_reply<W: AsyncWrite + Unpin>(out: &mut W, reply: Reply, pool: &Bu
                 flags: proto::chunk::FLAG_DONE,
                 chunk_type: proto::chunk::TYPE_ERROR,
                 handle,
+                len: payload.len() as u32,
+            };
+            out.write_all(&header.encode()).await?;
+            out.write_all(&payload).await?;
+        }
+        ReplyBody::BlockStatus { extents } => {
+            let payload = proto::encode_block_status(proto::BASE_ALLOCATION_ID, &extents);
+            let header = proto::ChunkHeader {
+                flags: proto::chunk::FLAG_DONE,
+                chunk_type: proto::chunk::TYPE_BLOCK_STATUS,
+                handle,
+                // At most 4 + 8 * MAX_BLOCK_STATUS_EXTENTS bytes.
                 len: payload.len() as u32,
             };
             out.write_all(&header.encode()).await?;
@@ -1145,8 +1476,14 @@ mod tests {
     #[test]
     fn transmission_flags_follow_the_export() {
         let dev: Arc<dyn BlockDev> = Arc::new(crate::dev::MemDev::new(4096));
-        let rw = ExportState { export: Export::new("", dev.clone()), size: 4096, read_only: false };
-        let ro = ExportState { export: Export::new("", dev), size: 4096, read_only: true };
+        let rw = ExportState {
+            export: Export::new("", dev.clone()),
+            size: 4096,
+            read_only: false,
+            syncer: Arc::default(),
+        };
+        let ro =
+            ExportState { export: Export::new("", dev), size: 4096, read_only: true, syncer: Arc::default() };
         let f = rw.flags(false);
         assert_eq!(f & tf::SEND_DF, 0);
         assert_ne!(rw.flags(true) & tf::SEND_DF, 0);
@@ -1165,10 +1502,12 @@ mod tests {
         let dev: Arc<dyn BlockDev> = Arc::new(crate::dev::MemDev::new(4096));
         let base = || ServerConfig { exports: vec![Export::new("", dev.clone())], ..Default::default() };
         assert!(Shared::new(base()).is_ok());
-        assert!(matches!(
-            Shared::new(ServerConfig { max_in_flight_per_conn: 0, ..base() }),
-            Err(ServerError::Config(_))
-        ));
+        for bad in [0, u32::MAX as usize + 1] {
+            assert!(matches!(
+                Shared::new(ServerConfig { max_in_flight_per_conn: bad, ..base() }),
+                Err(ServerError::Config(_))
+            ));
+        }
         let small = ServerConfig { max_buffer_bytes_per_conn: 1 << 20, ..base() };
         assert!(matches!(Shared::new(small), Err(ServerError::Config(_))));
         assert!(matches!(
