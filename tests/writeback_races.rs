@@ -7,10 +7,10 @@
 //! - `ubcache::writeback` (`CacheSet::write_back_keys`) re-checks each key under the range
 //!   lock and skips the replaced one: backing ends with the newer data.
 //! - The engine's own `CacheSet::writeback_step` (used by `flush_dirty`, `set_mode` with
-//!   flush-first, `detach` and the write path when the cache is full) does not re-check: it
-//!   writes the stale copy over the newer data while a clean key claims the newer data. That
-//!   test is `#[ignore]`d until the engine is fixed (run: `cargo test --test writeback_races --
-//!   --ignored`).
+//!   flush-first, `detach` and the write path when the cache is full) must do the same. It did
+//!   not at first: it wrote the stale copy over the newer data while a clean key claimed the
+//!   newer data, so the acknowledged write was lost once that key was evicted. This test
+//!   guards the fix.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod cache_support;
@@ -128,7 +128,6 @@ fn write_back_keys_skips_a_key_replaced_on_backing_after_the_scan() {
 }
 
 #[test]
-#[ignore = "engine bug: CacheSet::writeback_step does not re-check keys under the range lock"]
 fn engine_writeback_step_skips_a_key_replaced_on_backing_after_the_scan() {
     let newest_on_backing = race(|set| {
         set.writeback_step(16).unwrap();

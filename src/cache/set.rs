@@ -38,7 +38,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use ubcache_btree::{Key, Pos, Tree, TreeConfig};
+use ubcache_btree::{Key, Pos, Segment, Tree, TreeConfig};
 
 /// Test-only switches that break one crash-ordering rule on purpose, so the crash harness can
 /// prove it catches the breakage. Never set outside tests.
@@ -952,6 +952,14 @@ impl Shared {
             guards.push(self.wb_locks.lock(DevRange { dev: key.dev, start: key.start(), end: key.end }));
             let bucket = {
                 let mut m = self.lock_meta()?;
+                // The key was scanned before we held the range lock: a writethrough or bypass
+                // write may have put newer data on backing (and replaced the key) since. Such a
+                // write holds the range lock from its backing write to its tree update, so if the
+                // key is still mapped exactly as scanned now, no newer backing write exists or can
+                // start until we are done; otherwise writing it would land stale data on backing.
+                if m.tree.lookup(key.dev, key.start(), key.end)?.as_slice() != [Segment::Cached(key)] {
+                    continue;
+                }
                 match m.tree.store_mut().alloc.pin(key.ptr.offset, key.ptr.generation) {
                     Ok(b) => b,
                     Err(AllocError::Stale { .. }) => continue,
