@@ -8,12 +8,16 @@
 //! - [`journal`]: the journal ring with group commit and replay.
 //! - [`alloc`]: buckets, generations, free lists, reclaim.
 //! - [`serve`]: `ubcache serve`: options, default files, exports, running the server.
+//! - [`cache`]: the cache set engine (`CacheSet`, per-backing `CachedDev`, modes, recovery).
+//! - [`check`]: fsck of a cache set.
 //! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics.
 //! - [`wbpolicy`]: writeback policy as pure functions (rate controller, extent coalescing).
 //!
 //! The btree of extent keys lives in its own crate, `ubcache-btree`, with no I/O of its own.
 
 pub mod alloc;
+pub mod cache;
+pub mod check;
 pub mod ctl;
 pub mod dev;
 pub mod format;

@@ -1,0 +1,59 @@
+//! The cache engine: a cache set (one cache device shared by backing devices) and, per backing
+//! device, a [`crate::dev::BlockDev`] that serves it through the cache.
+//!
+//! - [`set`]: [`CacheSet`] (format, open with crash recovery, commit/FLUSH, checkpoint,
+//!   reclaim, writeback) — its module doc lists where each crash-ordering rule is kept.
+//! - [`cached`]: [`CachedDev`], the per-backing data path for every [`CacheMode`].
+//! - [`policy`]: mode decisions and the sequential-cutoff detector, as pure functions.
+//! - [`inflight`]: fill/collision tracking and the writeback range lock.
+//! - [`writeback`]: the background writeback thread and its pace policy.
+//! - [`crate::check`]: the fsck (offline [`crate::check::check`], online [`CacheSet::check`]).
+//!
+//! # Decisions beyond DESIGN.md / CACHE_DESIGN.md
+//! - **Commits run under the metadata lock.** `Journal::commit` writes every pending entry, not
+//!   only those up to the caller's seq, so an entry appended during another caller's cache sync
+//!   could reach a record before its data is durable. Holding the lock from the data sync to the
+//!   journal write rules that out. Group commit still coalesces: one commit covers every entry
+//!   appended before it.
+//! - **A journal commit syncs the backing devices that took writes first.** So a durable clean
+//!   key never claims data that backing could still lose.
+//! - **Before a write to backing over cached data, pending entries are committed** (and clean
+//!   pieces invalidated): otherwise a durable clean key - possibly hidden under a newer key that
+//!   is not yet durable - could survive a crash over backing that already holds newer data, and
+//!   the sector's value would later change by itself, on eviction. Writeback commits before it
+//!   writes backing for the same reason. The crash harness found both; its "stability" check
+//!   (write everything home after recovery, re-read) guards them.
+//! - **Dirty data over a bypass write**: written to backing, backing synced, and only then the
+//!   dirty key dropped. A crash in between keeps the dirty key, which wins and is written back.
+//! - **TRIM keeps dirty data** (TRIM is advisory; reads return old contents or zeros) and only
+//!   discards the non-dirty sectors on backing.
+//! - **Requests must be multiples of 512 bytes** (offset and length); others fail with EINVAL.
+//! - **Recovery ends with a checkpoint**, so a crash during recovery replays from the same (or the
+//!   new, complete) checkpoint. Node slots of the checkpointed tree stay counted until then even
+//!   if replay merged nodes away.
+//!
+//! # Known limitations
+//! - The backing superblock is one 4 KiB copy whose crc sits in its last sector; a crash that
+//!   tears its rewrite (Clean <-> Dirty) leaves it unreadable (format branch; the crash tests
+//!   count these states apart).
+//! - A bit flip in the *last* journal record cannot be told from a torn write: replay drops it
+//!   (`RecoveryReport::torn_tail`), losing the entries of that last commit.
+//! - No data checksums: corruption of cached *data* is not detected (metadata is checksummed).
+//! - The writeback thread ([`WritebackThread`]) paces by a proportional rule (burst above the
+//!   dirty target, trickle below), not bcache's full PI controller.
+
+pub mod cached;
+pub mod error;
+pub mod inflight;
+pub mod policy;
+pub mod set;
+pub mod stats;
+mod store;
+pub mod writeback;
+
+pub use cached::CachedDev;
+pub use error::{CacheError, CacheResult};
+pub use policy::{CacheMode, SequentialDetector, WriteRoute};
+pub use set::{CacheConfig, CacheSet, DebugKnobs, FormatOptions, RecoveryReport, format};
+pub use stats::{Stats, StatsSnapshot};
+pub use writeback::{WritebackConfig, WritebackThread, writeback_pace};

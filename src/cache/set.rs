@@ -1,0 +1,1059 @@
+//! The cache set: one cache device, its superblock, journal, bucket allocator and btree, shared by
+//! the backing devices attached to it.
+//!
+//! # Locking
+//! All metadata (btree, allocator, fill tracker) sits behind one mutex, `Shared::meta`. Data I/O
+//! never runs under it: a request takes the lock to build its read mapping or allocate space,
+//! drops it for the data transfer, and takes it again to insert keys. Journal commits (and the
+//! syncs before them) do run under the lock, because the journal writes *every* pending entry
+//! when it commits: committing under the lock guarantees that no entry whose data has not been
+//! synced yet can slip into a record (crash rule 1).
+//!
+//! # Crash ordering (CACHE_DESIGN.md rules 1-6), where each is kept
+//! 1. Data before metadata: `Shared::commit_locked` syncs the backing devices that took writes
+//!    and the cache device *before* `Journal::commit`. Entries are appended only after their
+//!    data writes completed.
+//! 2. Bucket reuse: `Shared::reclaim_locked` journals the generation bumps and commits before
+//!    `mark_gens_durable` makes the buckets allocatable.
+//! 3. Btree nodes: `Shared::checkpoint_locked` flushes the tree, syncs, writes the bucket table
+//!    (synced) to the slot the last checkpoint does not use, journals the checkpoint, commits,
+//!    and only then releases journal space and frees the old node slots.
+//! 4. Writeback: read cache, write backing, sync backing, then journal the key clean (replace).
+//! 5. Reads pin buckets in the allocator from lookup to copy; fills register in the fill tracker.
+//! 6. Backing writes hold the writeback range lock of their range.
+
+use super::error::{CacheError, CacheResult};
+use super::inflight::{DevRange, FillTracker, RangeLocks};
+use super::policy::{CacheMode, DEFAULT_SEQUENTIAL_CUTOFF, SequentialDetector};
+use super::stats::{Stats, StatsSnapshot};
+use super::store::CacheStore;
+use crate::alloc::{AllocConfig, AllocError, Allocator, LiveExtent, OpenKind, ReclaimPolicy, SectorAlloc};
+use crate::dev::{BlockDev, SECTOR_SIZE};
+use crate::format::{
+    self, BackingEntry, BackingState, BackingSuperblock, CacheSuperblock, CheckpointEntry, Geometry,
+    JournalEntry, StoredCacheMode, TableSlot, Uuid,
+};
+use crate::journal::{Journal, JournalConfig};
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use ubcache_btree::{Key, Pos, Tree, TreeConfig};
+
+/// Test-only switches that break one crash-ordering rule on purpose, so the crash harness can
+/// prove it catches the breakage. Never set outside tests.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DebugKnobs {
+    /// Journal commits (FLUSH, FUA) skip the cache sync before writing the record (breaks rule 1).
+    pub commit_skips_cache_sync: bool,
+    /// Reclaimed buckets are reused before their bumped generation is durable (breaks rule 2).
+    pub reuse_bucket_before_gen_durable: bool,
+}
+
+/// Tuning of a cache set (nothing here is part of the on-disk format).
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub journal: JournalConfig,
+    pub alloc: AllocConfig,
+    pub tree: TreeConfig,
+    /// Sequential streams longer than this bypass the cache (0: never).
+    pub sequential_cutoff: u64,
+    pub reclaim_policy: ReclaimPolicy,
+    /// Buckets invalidated per reclaim round.
+    pub reclaim_batch: usize,
+    /// Journal entries that may stay uncommitted before an update commits on its own, bounding
+    /// the pending journal buffer in writeback mode without FLUSHes.
+    pub max_uncommitted_entries: u64,
+    /// Mode of every backing device when the set is opened.
+    pub mode: CacheMode,
+    #[doc(hidden)]
+    pub debug: DebugKnobs,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            journal: JournalConfig::default(),
+            alloc: AllocConfig::default(),
+            tree: TreeConfig::default(),
+            sequential_cutoff: DEFAULT_SEQUENTIAL_CUTOFF,
+            reclaim_policy: ReclaimPolicy::Lru,
+            reclaim_batch: 4,
+            max_uncommitted_entries: 1024,
+            mode: CacheMode::Writethrough,
+            debug: DebugKnobs::default(),
+        }
+    }
+}
+
+/// Geometry asked for at format time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FormatOptions {
+    pub bucket_bytes: u64,
+    pub node_bytes: u64,
+}
+
+impl Default for FormatOptions {
+    fn default() -> Self {
+        Self { bucket_bytes: format::DEFAULT_BUCKET_BYTES, node_bytes: 256 * 1024 }
+    }
+}
+
+/// What recovery found when the set was opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RecoveryReport {
+    /// Journal entries re-applied on top of the last checkpoint.
+    pub replayed_entries: u64,
+    /// A torn last journal record was dropped (its commit never returned).
+    pub torn_tail: bool,
+    /// Keys in the btree after replay.
+    pub keys: u64,
+    /// Dirty sectors found (data only the cache holds).
+    pub dirty_sectors: u64,
+    /// Btree nodes in use.
+    pub nodes: u64,
+}
+
+/// A backing device attached to the set.
+#[derive(Debug)]
+pub(crate) struct Backing {
+    pub(crate) dev_id: u32,
+    pub(crate) dev: Arc<dyn BlockDev>,
+    pub(crate) data_offset: u64,
+    /// Exported bytes (whole sectors).
+    pub(crate) export_len: u64,
+    pub(crate) mode: AtomicU8,
+    /// A write went to this device since its last sync: the next commit/FLUSH syncs it.
+    pub(crate) unsynced: AtomicBool,
+    /// The backing superblock, and the dirty-write gate: writers that add dirty keys hold
+    /// `dirty_writers` > 0 so writeback never marks the device Clean under them.
+    pub(crate) sb: Mutex<BackingSb>,
+    /// Detached from the set: every request fails.
+    pub(crate) detached: AtomicBool,
+}
+
+#[derive(Debug)]
+pub(crate) struct BackingSb {
+    pub(crate) sb: BackingSuperblock,
+    pub(crate) dirty_writers: u64,
+}
+
+impl Backing {
+    pub(crate) fn mode(&self) -> CacheMode {
+        CacheMode::from_u8(self.mode.load(Ordering::Acquire)).unwrap_or(CacheMode::None)
+    }
+}
+
+/// Metadata under the lock.
+#[derive(Debug)]
+pub(crate) struct Meta {
+    pub(crate) tree: Tree<CacheStore>,
+    pub(crate) fills: FillTracker,
+    /// Slot and seq of the bucket table of the last durable checkpoint.
+    table_slot: TableSlot,
+    table_seq: u64,
+    /// Where the next writeback scan starts.
+    wb_cursor: Pos,
+    /// A checkpoint is running: commits inside it must not start another one.
+    in_checkpoint: bool,
+    /// `replay_from` of the last checkpoint: entries since then bound how many nodes changed.
+    checkpoint_from: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) cache: Arc<dyn BlockDev>,
+    pub(crate) sb: CacheSuperblock,
+    /// The superblock as last written (its backing list and seq change on detach).
+    sb_current: Mutex<CacheSuperblock>,
+    pub(crate) geometry: Geometry,
+    pub(crate) cfg: CacheConfig,
+    pub(crate) journal: Journal,
+    pub(crate) meta: Mutex<Meta>,
+    pub(crate) wb_locks: RangeLocks,
+    pub(crate) stats: Stats,
+    pub(crate) backings: Vec<Arc<Backing>>,
+    pub(crate) seq: Mutex<SequentialDetector>,
+    /// Serializes whole-set writeback passes (two passes would write the same keys twice).
+    writeback_pass: Mutex<()>,
+    pub(crate) recovery: RecoveryReport,
+    failed: AtomicBool,
+    last_commit_seq: AtomicU64,
+}
+
+/// A cache set: open it with [`CacheSet::open`], get one [`super::CachedDev`] per backing device.
+#[derive(Debug, Clone)]
+pub struct CacheSet {
+    pub(crate) shared: Arc<Shared>,
+}
+
+fn stored_mode(m: CacheMode) -> StoredCacheMode {
+    match m {
+        CacheMode::Writethrough => StoredCacheMode::Writethrough,
+        CacheMode::Writeback => StoredCacheMode::Writeback,
+        CacheMode::Writearound => StoredCacheMode::Writearound,
+        CacheMode::None => StoredCacheMode::None,
+    }
+}
+
+/// Formats `cache` as a new cache set and attaches every device of `backings` (in order: dev id
+/// 0, 1, ...), writing a backing superblock (state Clean) at the start of each. Returns the
+/// cache-set uuid. Order: backing superblocks, journal (zeroed), empty btree, bucket table A,
+/// first checkpoint, and the cache superblock last, so a crash during format leaves a device that
+/// does not open rather than a half-made one that does.
+pub fn format(
+    cache: &Arc<dyn BlockDev>,
+    backings: &[Arc<dyn BlockDev>],
+    opts: FormatOptions,
+) -> CacheResult<Uuid> {
+    let geometry = Geometry::compute(cache.len(), opts.bucket_bytes, opts.node_bytes)?;
+    if backings.len() > format::MAX_BACKING_DEVS {
+        return Err(CacheError::Invalid(format!(
+            "{} backing devices, at most {}",
+            backings.len(),
+            format::MAX_BACKING_DEVS
+        )));
+    }
+    let set_uuid = Uuid::random();
+    let mut sb = CacheSuperblock::new(geometry, set_uuid, Uuid::random());
+    for (i, b) in backings.iter().enumerate() {
+        let mut bsb = BackingSuperblock::new(Uuid::random(), b.len())?;
+        bsb.state = BackingState::Clean;
+        bsb.set_uuid = set_uuid;
+        format::write_backing_superblock(b.as_ref(), &bsb)?;
+        sb.backing.push(BackingEntry {
+            uuid: bsb.uuid,
+            dev_id: i as u32,
+            size_bytes: bsb.size_bytes,
+            data_offset_bytes: bsb.data_offset_bytes,
+        });
+    }
+    let cfg = CacheConfig::default();
+    let journal = Journal::create(Arc::clone(cache), geometry.journal_region(), set_uuid, cfg.journal)?;
+    let store = CacheStore::new(Arc::clone(cache), geometry, Allocator::new(&geometry, cfg.alloc));
+    let mut tree = Tree::create(store, cfg.tree)?;
+    let cp = tree.flush()?;
+    cache.sync()?;
+    let table = tree.store().alloc.table(1);
+    format::write_bucket_table(cache.as_ref(), &geometry, set_uuid, TableSlot::A, &table)?;
+    journal.append(&[JournalEntry::Checkpoint(CheckpointEntry {
+        root: cp.root,
+        table_slot: TableSlot::A,
+        table_seq: 1,
+        replay_from: 1,
+    })])?;
+    journal.commit_all()?;
+    format::write_cache_superblock(cache.as_ref(), &sb)?;
+    Ok(set_uuid)
+}
+
+impl CacheSet {
+    /// Opens a formatted cache set, recovering from an unclean stop: journal replay onto the
+    /// last checkpointed btree, allocator rebuilt from a walk of the btree, btree invariants
+    /// verified, then a fresh checkpoint so recovery itself is durable. `backings` are matched to
+    /// the set by the uuid in their backing superblocks; registered devices that are missing stay
+    /// detached (their keys are kept).
+    pub fn open(
+        cache: Arc<dyn BlockDev>,
+        backings: &[Arc<dyn BlockDev>],
+        cfg: CacheConfig,
+    ) -> CacheResult<CacheSet> {
+        let read = format::read_cache_superblock(cache.as_ref())?;
+        let sb = read.sb;
+        let geometry = sb.geometry;
+        let mut attached = Vec::new();
+        for b in backings {
+            let Some(bsb) = format::read_backing_superblock(b.as_ref())? else {
+                return Err(CacheError::Invalid(
+                    "backing device has no ubcache superblock (raw image)".into(),
+                ));
+            };
+            if bsb.set_uuid != sb.set_uuid {
+                return Err(CacheError::Invalid(format!(
+                    "backing device {} belongs to cache set {}, not {}",
+                    bsb.uuid, bsb.set_uuid, sb.set_uuid
+                )));
+            }
+            let Some(entry) = sb.backing.iter().find(|e| e.uuid == bsb.uuid) else {
+                return Err(CacheError::Invalid(format!(
+                    "backing device {} is not registered in the cache superblock",
+                    bsb.uuid
+                )));
+            };
+            if attached.iter().any(|a: &Arc<Backing>| a.dev_id == entry.dev_id) {
+                return Err(CacheError::Invalid(format!("backing device {} given twice", bsb.uuid)));
+            }
+            let export_len = (bsb.export_bytes() / SECTOR_SIZE) * SECTOR_SIZE;
+            attached.push(Arc::new(Backing {
+                dev_id: entry.dev_id,
+                dev: Arc::clone(b),
+                data_offset: bsb.data_offset_bytes,
+                export_len,
+                mode: AtomicU8::new(cfg.mode.to_u8()),
+                unsynced: AtomicBool::new(false),
+                sb: Mutex::new(BackingSb { sb: bsb, dirty_writers: 0 }),
+                detached: AtomicBool::new(false),
+            }));
+        }
+
+        let Loaded { journal, replay, table, mut tree, checkpoint, checkpoint_nodes } =
+            load(&cache, &sb, &cfg)?;
+        let problems = tree.check()?;
+        if !problems.is_empty() {
+            let list: Vec<String> = problems.iter().take(20).map(ToString::to_string).collect();
+            return Err(CacheError::Corrupted(format!(
+                "btree check found {} problems: {}",
+                problems.len(),
+                list.join("; ")
+            )));
+        }
+        let keys = all_keys(&mut tree)?;
+        let mut nodes = tree.node_addrs()?;
+        nodes.extend(checkpoint_nodes);
+        nodes.sort_unstable();
+        nodes.dedup();
+        let alloc = Allocator::rebuild(
+            &geometry,
+            &table,
+            keys.iter().map(live_extent),
+            nodes.iter().copied(),
+            cfg.alloc,
+        )
+        .map_err(|e| CacheError::Corrupted(format!("rebuilding the allocator: {e}")))?;
+        tree.store_mut().alloc = alloc;
+        let stats = tree.stats();
+        let recovery = RecoveryReport {
+            replayed_entries: replay.entries.len() as u64,
+            torn_tail: replay.stats.torn_tail,
+            keys: keys.len() as u64,
+            dirty_sectors: keys.iter().filter(|k| k.dirty).map(|k| u64::from(k.size)).sum(),
+            nodes: nodes.len() as u64,
+        };
+        debug_assert_eq!(stats.dirty_sectors, recovery.dirty_sectors);
+        if recovery.replayed_entries > 0 || recovery.torn_tail {
+            log::info!(
+                "cache set {}: recovered {} journal entries (torn tail dropped: {}), {} keys, {} dirty sectors",
+                sb.set_uuid,
+                recovery.replayed_entries,
+                recovery.torn_tail,
+                recovery.keys,
+                recovery.dirty_sectors
+            );
+        }
+        let seq = SequentialDetector::new(cfg.sequential_cutoff);
+        let shared = Arc::new(Shared {
+            cache,
+            sb_current: Mutex::new(sb.clone()),
+            sb,
+            geometry,
+            journal,
+            meta: Mutex::new(Meta {
+                tree,
+                fills: FillTracker::default(),
+                table_slot: checkpoint.table_slot,
+                table_seq: checkpoint.table_seq,
+                wb_cursor: Pos::MIN,
+                in_checkpoint: false,
+                checkpoint_from: 0,
+            }),
+            wb_locks: RangeLocks::default(),
+            stats: Stats::default(),
+            backings: attached,
+            seq: Mutex::new(seq),
+            writeback_pass: Mutex::new(()),
+            recovery,
+            failed: AtomicBool::new(false),
+            last_commit_seq: AtomicU64::new(0),
+            cfg,
+        });
+        // Make the recovered state the new base: a crash from here on replays from this
+        // checkpoint. Until it is durable the old checkpoint and journal stay authoritative.
+        {
+            let mut m = shared.meta.lock();
+            shared.checkpoint_locked(&mut m)?;
+        }
+        // A backing device with dirty keys must say Dirty (it may have been marked Clean just
+        // before a crash that lost the journalled clean keys).
+        for b in &shared.backings {
+            let dirty =
+                shared.meta.lock().tree.stats().dirty_sectors_by_dev.get(&b.dev_id).copied().unwrap_or(0);
+            if dirty > 0 {
+                shared.set_backing_state(b, BackingState::Dirty)?;
+            }
+        }
+        Ok(CacheSet { shared })
+    }
+
+    /// The cache-set uuid.
+    #[must_use]
+    pub fn uuid(&self) -> Uuid {
+        self.shared.sb.set_uuid
+    }
+
+    /// What recovery found at open.
+    #[must_use]
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.shared.recovery
+    }
+
+    /// The attached backing devices as block devices served through the cache, by dev id.
+    #[must_use]
+    pub fn devices(&self) -> Vec<super::CachedDev> {
+        self.shared
+            .backings
+            .iter()
+            .map(|b| super::CachedDev { shared: Arc::clone(&self.shared), backing: Arc::clone(b) })
+            .collect()
+    }
+
+    /// The device with this dev id, if attached.
+    #[must_use]
+    pub fn device(&self, dev_id: u32) -> Option<super::CachedDev> {
+        self.devices().into_iter().find(|d| d.dev_id() == dev_id)
+    }
+
+    /// Statistics counters, with the dirty-bytes gauge filled in.
+    #[must_use]
+    pub fn stats(&self) -> StatsSnapshot {
+        let mut s = self.shared.stats.snapshot();
+        s.dirty_bytes = self.shared.meta.lock().tree.stats().dirty_sectors * SECTOR_SIZE;
+        s
+    }
+
+    /// Changes the sequential cutoff at runtime (bytes; 0 disables bypassing).
+    pub fn set_sequential_cutoff(&self, bytes: u64) {
+        self.shared.seq.lock().set_cutoff(bytes);
+    }
+
+    /// FLUSH for the whole set: every acknowledged write durable.
+    pub fn sync(&self) -> CacheResult<()> {
+        let mut m = self.shared.lock_meta()?;
+        self.shared.commit_locked(&mut m)
+    }
+
+    /// Writes back up to `max_keys` dirty keys (in offset order from where the last step
+    /// stopped). Returns the number of keys written back; 0 when nothing is dirty.
+    pub fn writeback_step(&self, max_keys: usize) -> CacheResult<usize> {
+        self.shared.writeback_step(max_keys)
+    }
+
+    /// Writes back every dirty key, makes it durable, and marks the backing devices Clean.
+    pub fn flush_dirty(&self) -> CacheResult<()> {
+        self.shared.flush_dirty()
+    }
+
+    /// Checkpoints now (btree flush + bucket table + journal release).
+    pub fn checkpoint(&self) -> CacheResult<()> {
+        let mut m = self.shared.lock_meta()?;
+        self.shared.checkpoint_locked(&mut m)
+    }
+
+    /// Online fsck: walks the btree (invariants), checks every key and node slot, and compares
+    /// the allocator's per-bucket counts and the backing superblocks with what the btree says.
+    /// Takes the metadata lock for the whole walk.
+    pub fn check(&self) -> CacheResult<crate::check::Report> {
+        let mut report = crate::check::Report::default();
+        let mut m = self.shared.lock_meta()?;
+        report.problems.extend(m.tree.check()?.iter().map(|p| format!("btree: {p}")));
+        let keys = all_keys(&mut m.tree)?;
+        let nodes = m.tree.node_addrs()?;
+        let alloc = &m.tree.store().alloc;
+        let gens: Vec<u8> = alloc.buckets().iter().map(|b| b.generation).collect();
+        let expected =
+            crate::check::check_keys_and_nodes(&self.shared.geometry, &gens, &keys, &nodes, &mut report);
+        crate::check::compare_allocator(&self.shared.geometry, alloc, &expected, &mut report);
+        drop(m);
+        for b in &self.shared.backings {
+            let dirty = report.dirty_sectors_by_dev.get(&b.dev_id).copied().unwrap_or(0);
+            let state = b.sb.lock().sb.state;
+            if dirty > 0 && state != BackingState::Dirty {
+                report.problems.push(format!(
+                    "backing dev {} has {dirty} dirty sectors but its superblock says {state:?}",
+                    b.dev_id
+                ));
+            }
+        }
+        Ok(report)
+    }
+
+    /// Detaches a backing device: writes all its dirty data home, drops its keys, marks its
+    /// superblock Detached (it can then be used alone) and removes it from the cache
+    /// superblock. The device's [`super::CachedDev`] handles fail every request afterwards.
+    pub fn detach(&self, dev_id: u32) -> CacheResult<()> {
+        let sh = &self.shared;
+        let Some(b) = sh.backings.iter().find(|b| b.dev_id == dev_id) else {
+            return Err(CacheError::Invalid(format!("no attached backing device with id {dev_id}")));
+        };
+        // Stop new requests first, then write everything home.
+        if b.detached.swap(true, Ordering::AcqRel) {
+            return Err(CacheError::Invalid(format!("backing device {dev_id} is already detached")));
+        }
+        sh.flush_dirty()?;
+        {
+            let mut m = sh.lock_meta()?;
+            let dirty = m.tree.stats().dirty_sectors_by_dev.get(&dev_id).copied().unwrap_or(0);
+            if dirty > 0 {
+                return Err(CacheError::Invalid(format!("{dirty} dirty sectors of dev {dev_id} remain")));
+            }
+            sh.invalidate_locked(&mut m, dev_id, 0, u64::MAX)?;
+            sh.commit_locked(&mut m)?;
+        }
+        {
+            let mut g = b.sb.lock();
+            let mut next = g.sb.clone();
+            next.state = BackingState::Detached;
+            next.set_uuid = Uuid::NIL;
+            next.seq += 1;
+            format::write_backing_superblock(b.dev.as_ref(), &next)?;
+            g.sb = next;
+        }
+        let mut sb = sh.sb_current.lock();
+        let mut next = sb.clone();
+        next.backing.retain(|e| e.dev_id != dev_id);
+        next.seq += 1;
+        format::write_cache_superblock(sh.cache.as_ref(), &next)?;
+        *sb = next;
+        Ok(())
+    }
+
+    /// Stops the set cleanly: commits and checkpoints so the next open replays nothing.
+    pub fn close(self) -> CacheResult<()> {
+        let mut m = self.shared.lock_meta()?;
+        self.shared.commit_locked(&mut m)?;
+        self.shared.checkpoint_locked(&mut m)
+    }
+}
+
+/// The cache state as recovery sees it, before anything is written: journal scanned, btree of
+/// the last checkpoint opened and the journal replayed onto it in memory, bucket generations
+/// from the checkpointed table plus replayed generation changes. Shared by
+/// [`CacheSet::open`] and the read-only [`crate::check::check`].
+pub(crate) struct Loaded {
+    pub(crate) journal: Journal,
+    pub(crate) replay: crate::journal::Replay,
+    pub(crate) table: format::BucketTable,
+    pub(crate) tree: Tree<CacheStore>,
+    pub(crate) checkpoint: CheckpointEntry,
+    /// Node slots of the checkpointed tree (still in use on disk until the next checkpoint).
+    pub(crate) checkpoint_nodes: Vec<u64>,
+}
+
+pub(crate) fn load(
+    cache: &Arc<dyn BlockDev>,
+    sb: &CacheSuperblock,
+    cfg: &CacheConfig,
+) -> CacheResult<Loaded> {
+    let geometry = sb.geometry;
+    let (journal, replay) =
+        Journal::open(Arc::clone(cache), geometry.journal_region(), sb.set_uuid, cfg.journal)?;
+    let Some((_, checkpoint)) = replay.checkpoint.clone() else {
+        return Err(CacheError::Corrupted("journal holds no checkpoint (not formatted by ubcache?)".into()));
+    };
+    let mut table = format::read_bucket_table(
+        cache.as_ref(),
+        &geometry,
+        sb.set_uuid,
+        checkpoint.table_slot,
+        checkpoint.table_seq,
+    )?;
+    let root = checkpoint.root;
+    // The placeholder allocator is never asked for a node slot: the btree allocates only
+    // in flush(), which runs after the real allocator is rebuilt below.
+    let store = CacheStore::new(Arc::clone(cache), geometry, Allocator::new(&geometry, cfg.alloc));
+    let mut tree = Tree::open(store, root, cfg.tree.clone())?;
+    // Node slots of the checkpointed tree: replay may merge nodes away, but their slots stay
+    // in use on disk until the next checkpoint frees them, so they are counted now.
+    let checkpoint_nodes = tree.node_addrs()?;
+    for (seq, entry) in &replay.entries {
+        let applied = match entry {
+            JournalEntry::KeyInsert(k) => tree.insert(*k).map(drop),
+            JournalEntry::KeyReplace { key, expected } => tree.replace(*key, expected.as_ref()).map(drop),
+            JournalEntry::Invalidate { dev, start, end } => tree.invalidate(*dev, *start, *end).map(drop),
+            JournalEntry::BucketGen { bucket, generation } => {
+                match table.gens.get_mut(*bucket as usize) {
+                    Some(g) => *g = *generation,
+                    None => {
+                        return Err(CacheError::Corrupted(format!(
+                            "journal entry {seq}: generation of bucket {bucket} outside the device"
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            JournalEntry::Checkpoint(_) => Ok(()),
+        };
+        applied
+            .map_err(|e| CacheError::Corrupted(format!("replaying journal entry {seq} ({entry:?}): {e}")))?;
+    }
+    Ok(Loaded { journal, replay, table, tree, checkpoint, checkpoint_nodes })
+}
+
+fn live_extent(k: &Key) -> LiveExtent {
+    LiveExtent { offset: k.ptr.offset, sectors: k.size, generation: k.ptr.generation, dirty: k.dirty }
+}
+
+/// Every key of the tree, in order.
+pub(crate) fn all_keys(tree: &mut Tree<CacheStore>) -> CacheResult<Vec<Key>> {
+    let mut out = Vec::new();
+    let mut from = Some(Pos::MIN);
+    while let Some(pos) = from {
+        from = tree.scan(pos, &|_| true, 4096, &mut out)?;
+    }
+    Ok(out)
+}
+
+impl Shared {
+    pub(crate) fn lock_meta(&self) -> CacheResult<parking_lot::MutexGuard<'_, Meta>> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(CacheError::Failed("an earlier metadata update failed half-way".into()));
+        }
+        Ok(self.meta.lock())
+    }
+
+    /// Marks the set failed after an error that may have left memory and disk disagreeing.
+    pub(crate) fn fail<T>(&self, e: CacheError) -> CacheResult<T> {
+        if !matches!(e, CacheError::Invalid(_) | CacheError::NoSpace(_)) {
+            log::error!("cache set {} failed: {e}", self.sb.set_uuid);
+            self.failed.store(true, Ordering::Release);
+        }
+        Err(e)
+    }
+
+    pub(crate) fn bucket_of(&self, sector: u64) -> u64 {
+        sector / u64::from(self.geometry.bucket_sectors)
+    }
+
+    /// Appends entries; commits first if the pending buffer is too big.
+    pub(crate) fn append_locked(&self, m: &mut Meta, entries: &[JournalEntry]) -> CacheResult<u64> {
+        match self.journal.append(entries) {
+            Ok(seq) => Ok(seq),
+            Err(crate::journal::JournalError::Full { .. }) => {
+                self.commit_locked(m)?;
+                Ok(self.journal.append(entries)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Uncounts displaced key pieces from their buckets.
+    pub(crate) fn uncount(m: &mut Meta, displaced: &[Key]) -> CacheResult<()> {
+        let alloc = &mut m.tree.store_mut().alloc;
+        for k in displaced {
+            alloc.remove_live(k.ptr.offset, k.size, k.ptr.generation, k.dirty)?;
+        }
+        Ok(())
+    }
+
+    /// Inserts a key (overwrite), journals it and counts it.
+    pub(crate) fn insert_locked(&self, m: &mut Meta, key: Key) -> CacheResult<()> {
+        let out = m.tree.insert(key)?;
+        Self::uncount(m, &out.displaced)?;
+        m.tree.store_mut().alloc.add_live(key.ptr.offset, key.size, key.ptr.generation, key.dirty)?;
+        self.append_locked(m, &[JournalEntry::KeyInsert(key)])?;
+        Ok(())
+    }
+
+    /// Replace-inserts a key; returns the collided sectors.
+    pub(crate) fn replace_locked(&self, m: &mut Meta, key: Key, expected: Option<&Key>) -> CacheResult<u64> {
+        let out = m.tree.replace(key, expected)?;
+        if out.inserted_sectors > 0 {
+            Self::uncount(m, &out.displaced)?;
+            m.tree.store_mut().alloc.add_live(
+                key.ptr.offset,
+                out.inserted_sectors as u32,
+                key.ptr.generation,
+                key.dirty,
+            )?;
+            self.append_locked(m, &[JournalEntry::KeyReplace { key, expected: expected.copied() }])?;
+        }
+        Ok(out.collision_sectors)
+    }
+
+    /// Drops every cached piece of the range (journalled), and marks overlapping fills collided.
+    pub(crate) fn invalidate_locked(&self, m: &mut Meta, dev: u32, start: u64, end: u64) -> CacheResult<()> {
+        m.fills.collide(DevRange { dev, start, end });
+        let out = m.tree.invalidate(dev, start, end)?;
+        if !out.displaced.is_empty() {
+            Self::uncount(m, &out.displaced)?;
+            self.append_locked(m, &[JournalEntry::Invalidate { dev, start, end }])?;
+        }
+        Ok(())
+    }
+
+    /// Commits every appended journal entry, after making the data they reference durable:
+    /// backing devices that took writes, then the cache device (crash rule 1). This is FLUSH.
+    pub(crate) fn commit_locked(&self, m: &mut Meta) -> CacheResult<()> {
+        for b in &self.backings {
+            if b.unsynced.swap(false, Ordering::AcqRel)
+                && let Err(e) = b.dev.sync()
+            {
+                b.unsynced.store(true, Ordering::Release);
+                return Err(e.into());
+            }
+        }
+        let last = self.journal.last_appended_seq();
+        if self.journal.durable_seq() >= last {
+            return Ok(());
+        }
+        // A failed cache sync may have dropped dirty pages (Linux fsync semantics): nothing
+        // written since the last good sync can be trusted, so the set stops here.
+        if !self.cfg.debug.commit_skips_cache_sync
+            && let Err(e) = self.cache.sync()
+        {
+            return self.fail(e.into());
+        }
+        if let Err(e) = self.journal.commit(last) {
+            return self.fail(e.into());
+        }
+        self.last_commit_seq.store(last, Ordering::Release);
+        Stats::add(&self.stats.journal_commits, 1);
+        if self.journal.needs_checkpoint() && !m.in_checkpoint {
+            self.checkpoint_locked(m)?;
+        }
+        Ok(())
+    }
+
+    /// Commits when too many entries are pending (bounds memory and record size).
+    pub(crate) fn maybe_commit_locked(&self, m: &mut Meta) -> CacheResult<()> {
+        let pending = self.journal.last_appended_seq().saturating_sub(self.journal.durable_seq());
+        if pending >= self.cfg.max_uncommitted_entries || self.journal.needs_checkpoint() {
+            self.commit_locked(m)?;
+        }
+        Ok(())
+    }
+
+    /// Checkpoint (crash rule 3): flush the btree, sync, write the bucket table to the slot the
+    /// last durable checkpoint does not name (synced), journal the checkpoint and commit; only
+    /// then release older journal records and free the node slots the old tree used.
+    pub(crate) fn checkpoint_locked(&self, m: &mut Meta) -> CacheResult<()> {
+        let result = self.checkpoint_inner(m);
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => self.fail(e),
+        }
+    }
+
+    fn checkpoint_inner(&self, m: &mut Meta) -> CacheResult<()> {
+        m.in_checkpoint = true;
+        let r = self.checkpoint_steps(m);
+        m.in_checkpoint = false;
+        r
+    }
+
+    fn checkpoint_steps(&self, m: &mut Meta) -> CacheResult<()> {
+        if m.tree.store().alloc.wants_gc() {
+            self.gc_locked(m)?;
+        }
+        // The flush writes every changed node to a fresh slot: make sure free buckets for them
+        // exist (reclaiming clean data if needed), or the checkpoint - the very thing that frees
+        // space - would fail for lack of space.
+        //
+        // How many nodes the flush allocates is not known in advance (the btree reports no
+        // count of changed nodes): every journal entry since the last checkpoint changed at most
+        // one leaf plus a split up the tree, and no more nodes than are cached can change.
+        let stats = m.tree.stats();
+        let entries = self.journal.last_appended_seq().saturating_sub(m.checkpoint_from) + 1;
+        let changed = (stats.cached_nodes as u64).min(entries.saturating_mul(u64::from(stats.depth.max(1))));
+        let needed = (changed * self.geometry.node_bytes())
+            .div_ceil(self.geometry.bucket_bytes())
+            .min(self.geometry.nbuckets / 4)
+            + 2;
+        while m.tree.store().alloc.free_buckets() < needed {
+            if self.reclaim_locked(m)? == 0 {
+                break;
+            }
+        }
+        let cp = m.tree.flush()?;
+        // The new nodes (and every data write they reference) durable before the checkpoint
+        // record can name them.
+        self.cache.sync()?;
+        let slot = m.table_slot.other();
+        let table_seq = m.table_seq + 1;
+        let table = m.tree.store().alloc.table(table_seq);
+        format::write_bucket_table(self.cache.as_ref(), &self.geometry, self.sb.set_uuid, slot, &table)?;
+        let replay_from = self.journal.last_appended_seq() + 1;
+        self.journal.append(&[JournalEntry::Checkpoint(CheckpointEntry {
+            root: cp.root,
+            table_slot: slot,
+            table_seq,
+            replay_from,
+        })])?;
+        for b in &self.backings {
+            if b.unsynced.swap(false, Ordering::AcqRel) {
+                b.dev.sync()?;
+            }
+        }
+        self.journal.commit_all()?;
+        m.table_slot = slot;
+        m.table_seq = table_seq;
+        m.checkpoint_from = replay_from;
+        self.journal.release_before(replay_from)?;
+        m.tree.store_mut().free_slots(&cp.freed)?;
+        Stats::add(&self.stats.checkpoints, 1);
+        Ok(())
+    }
+
+    /// Removes every stale pointer (generation behind its bucket) from the btree, so bucket
+    /// generations may keep advancing without wrapping onto an old pointer.
+    fn gc_locked(&self, m: &mut Meta) -> CacheResult<()> {
+        let snapshot = m.tree.store().alloc.gc_begin();
+        let keys = all_keys(&mut m.tree)?;
+        for k in keys {
+            let b = self.bucket_of(k.ptr.offset);
+            let current = m.tree.store().alloc.bucket(b).map(|x| x.generation);
+            if current != Some(k.ptr.generation) {
+                self.invalidate_locked(m, k.dev, k.start(), k.end)?;
+            }
+        }
+        m.tree.store_mut().alloc.gc_finish(&snapshot);
+        Ok(())
+    }
+
+    /// Invalidates up to `reclaim_batch` clean buckets for reuse (crash rule 2: the generation
+    /// bumps are journalled and committed before the buckets become allocatable). Returns how
+    /// many buckets were freed.
+    pub(crate) fn reclaim_locked(&self, m: &mut Meta) -> CacheResult<usize> {
+        if m.tree.store().alloc.wants_gc() {
+            self.gc_locked(m)?;
+        }
+        let changes = m.tree.store_mut().alloc.reclaim(&self.cfg.reclaim_policy, self.cfg.reclaim_batch);
+        let Some(last) = changes.last().map(|c| c.token) else {
+            return Ok(0);
+        };
+        let entries: Vec<JournalEntry> = changes.iter().map(crate::alloc::GenChange::entry).collect();
+        self.append_locked(m, &entries)?;
+        if !self.cfg.debug.reuse_bucket_before_gen_durable {
+            self.commit_locked(m)?;
+        }
+        let freed = m.tree.store_mut().alloc.mark_gens_durable(last);
+        Stats::add(&self.stats.buckets_reclaimed, freed as u64);
+        Ok(freed)
+    }
+
+    /// Allocates up to `sectors` data sectors (pinned), reclaiming clean buckets if needed.
+    /// `None`: nothing can be freed without writeback.
+    pub(crate) fn alloc_data_locked(&self, m: &mut Meta, sectors: u32) -> CacheResult<Option<SectorAlloc>> {
+        for _ in 0..4 {
+            match m.tree.store_mut().alloc.alloc_sectors(OpenKind::Data, sectors) {
+                Ok(a) => return Ok(Some(a)),
+                Err(AllocError::NoSpace { .. }) => {
+                    if self.reclaim_locked(m)? == 0 {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Allocates `sectors` in as many pieces as needed; on failure unpins what it got.
+    pub(crate) fn alloc_extents_locked(
+        &self,
+        m: &mut Meta,
+        sectors: u64,
+    ) -> CacheResult<Option<Vec<SectorAlloc>>> {
+        let mut got: Vec<SectorAlloc> = Vec::new();
+        let mut left = sectors;
+        while left > 0 {
+            let want = left.min(u64::from(self.geometry.bucket_sectors)) as u32;
+            match self.alloc_data_locked(m, want)? {
+                Some(a) => {
+                    left -= u64::from(a.sectors);
+                    got.push(a);
+                }
+                None => {
+                    for a in &got {
+                        m.tree.store_mut().alloc.unpin(a.bucket)?;
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(got))
+    }
+
+    /// Writes the backing superblock with a new state (and the current mode), synced.
+    pub(crate) fn set_backing_state(&self, b: &Backing, state: BackingState) -> CacheResult<()> {
+        let mut g = b.sb.lock();
+        Self::write_backing_state(b, &mut g, state)
+    }
+
+    fn write_backing_state(b: &Backing, g: &mut BackingSb, state: BackingState) -> CacheResult<()> {
+        let mode = stored_mode(b.mode());
+        if g.sb.state == state && g.sb.cache_mode == mode {
+            return Ok(());
+        }
+        let mut next = g.sb.clone();
+        next.state = state;
+        next.cache_mode = mode;
+        next.seq += 1;
+        format::write_backing_superblock(b.dev.as_ref(), &next)?;
+        g.sb = next;
+        Ok(())
+    }
+
+    /// Enters a write that may add dirty keys: the backing superblock says Dirty (durably)
+    /// before the write is acknowledged, and writeback cannot mark it Clean until
+    /// [`Shared::end_dirty_write`].
+    pub(crate) fn begin_dirty_write(&self, b: &Backing) -> CacheResult<()> {
+        let mut g = b.sb.lock();
+        Self::write_backing_state(b, &mut g, BackingState::Dirty)?;
+        g.dirty_writers += 1;
+        Ok(())
+    }
+
+    pub(crate) fn end_dirty_write(&self, b: &Backing) {
+        let mut g = b.sb.lock();
+        g.dirty_writers = g.dirty_writers.saturating_sub(1);
+    }
+
+    /// Writes back up to `max_keys` dirty keys: read cache, write backing, sync backing, then
+    /// journal each key clean with replace semantics (crash rule 4). Holds the writeback range
+    /// lock of each key meanwhile, so no bypass write to backing can be overtaken (rule 6).
+    pub(crate) fn writeback_step(&self, max_keys: usize) -> CacheResult<usize> {
+        let _pass = self.writeback_pass.lock();
+        let mut keys = Vec::new();
+        {
+            let mut m = self.lock_meta()?;
+            let from = m.wb_cursor;
+            // Only keys of attached devices: dirty data of a device that is not here stays cached.
+            let attached: Vec<u32> = self.backings.iter().map(|b| b.dev_id).collect();
+            let wanted = |k: &Key| k.dirty && attached.contains(&k.dev);
+            let next = m.tree.scan(from, &wanted, max_keys.max(1), &mut keys)?;
+            m.wb_cursor = next.unwrap_or(Pos::MIN);
+            if keys.is_empty() && from != Pos::MIN {
+                let next = m.tree.scan(Pos::MIN, &wanted, max_keys.max(1), &mut keys)?;
+                m.wb_cursor = next.unwrap_or(Pos::MIN);
+            }
+            // The dirty keys (and with them the removal of the older clean keys they replaced)
+            // must be durable before their data reaches backing: otherwise a crash could leave
+            // an older clean key durable over backing that already holds the newer data, and
+            // the sector's value would change later by itself, on eviction.
+            if !keys.is_empty() {
+                self.commit_locked(&mut m)?;
+            }
+        }
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut guards = Vec::with_capacity(keys.len());
+        let mut done = Vec::with_capacity(keys.len());
+        let mut touched: Vec<u32> = Vec::new();
+        for key in keys {
+            let Some(backing) = self.backings.iter().find(|b| b.dev_id == key.dev) else {
+                continue; // not attached: its dirty data stays in the cache
+            };
+            guards.push(self.wb_locks.lock(DevRange { dev: key.dev, start: key.start(), end: key.end }));
+            let bucket = {
+                let mut m = self.lock_meta()?;
+                match m.tree.store_mut().alloc.pin(key.ptr.offset, key.ptr.generation) {
+                    Ok(b) => b,
+                    Err(AllocError::Stale { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            let mut buf = vec![0u8; key.size as usize * SECTOR_SIZE as usize];
+            let read = self.cache.read_at(&mut buf, key.ptr.offset * SECTOR_SIZE);
+            self.lock_meta()?.tree.store_mut().alloc.unpin(bucket)?;
+            read?;
+            backing.dev.write_at(&buf, backing.data_offset + key.start() * SECTOR_SIZE)?;
+            if !touched.contains(&key.dev) {
+                touched.push(key.dev);
+            }
+            done.push(key);
+        }
+        // Backing durable before any key is journalled clean.
+        for dev in &touched {
+            if let Some(b) = self.backings.iter().find(|b| b.dev_id == *dev) {
+                b.dev.sync()?;
+            }
+        }
+        let n = done.len();
+        {
+            let mut m = self.lock_meta()?;
+            for key in done {
+                let clean = Key { dirty: false, ..key };
+                let r = self.replace_locked(&mut m, clean, Some(&key));
+                if let Err(e) = r {
+                    return self.fail(e);
+                }
+                Stats::add(&self.stats.written_back_bytes, u64::from(key.size) * SECTOR_SIZE);
+            }
+            self.maybe_commit_locked(&mut m)?;
+        }
+        drop(guards);
+        Ok(n)
+    }
+
+    /// Writes back everything, commits, and marks every attached backing device Clean.
+    pub(crate) fn flush_dirty(&self) -> CacheResult<()> {
+        loop {
+            let dirty_before = self.lock_meta()?.tree.stats().dirty_sectors;
+            if dirty_before == 0 {
+                break;
+            }
+            let n = self.writeback_step(64)?;
+            if n == 0 {
+                let stats = self.lock_meta()?.tree.stats();
+                let dirty = stats.dirty_sectors;
+                let attached_dirty: u64 = self
+                    .backings
+                    .iter()
+                    .map(|b| stats.dirty_sectors_by_dev.get(&b.dev_id).copied().unwrap_or(0))
+                    .sum();
+                if attached_dirty == 0 {
+                    // Only devices that are not attached hold dirty data: it stays cached.
+                    break;
+                }
+                if dirty >= dirty_before {
+                    return Err(CacheError::Failed(format!(
+                        "writeback made no progress with {dirty} dirty sectors"
+                    )));
+                }
+            }
+        }
+        {
+            let mut m = self.lock_meta()?;
+            self.commit_locked(&mut m)?;
+        }
+        self.mark_clean_if_no_dirty()
+    }
+
+    /// Marks each backing device without dirty keys (and no dirty write in flight) Clean.
+    pub(crate) fn mark_clean_if_no_dirty(&self) -> CacheResult<()> {
+        for b in &self.backings {
+            let mut g = b.sb.lock();
+            if g.dirty_writers > 0 || g.sb.state != BackingState::Dirty {
+                continue;
+            }
+            let dirty =
+                self.meta.lock().tree.stats().dirty_sectors_by_dev.get(&b.dev_id).copied().unwrap_or(0);
+            if dirty == 0 {
+                // The clean keys must be durable before the superblock says Clean.
+                {
+                    let mut m = self.lock_meta()?;
+                    self.commit_locked(&mut m)?;
+                }
+                Self::write_backing_state(b, &mut g, BackingState::Clean)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the mode of one backing device. Leaving writeback with `flush_first` writes all
+    /// dirty data home first.
+    pub(crate) fn set_mode(&self, b: &Backing, mode: CacheMode, flush_first: bool) -> CacheResult<()> {
+        let old = b.mode();
+        // The new mode first: writes arriving during the flush no longer add dirty data, so
+        // the flush ends even under a steady write load.
+        b.mode.store(mode.to_u8(), Ordering::Release);
+        if old == CacheMode::Writeback && mode != CacheMode::Writeback && flush_first {
+            self.flush_dirty()?;
+        }
+        let mut g = b.sb.lock();
+        let state = g.sb.state;
+        Self::write_backing_state(b, &mut g, state)
+    }
+}
