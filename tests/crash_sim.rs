@@ -351,6 +351,14 @@ fn verify(run: &Run, mode: CacheMode, rng: &mut StdRng, tally: &mut Tally, label
     }
     let cache: Arc<dyn BlockDev> = Arc::new(cache);
     let backing: Arc<dyn BlockDev> = Arc::new(backing);
+    // The offline fsck reads the crash image as it is (replaying in memory, writing nothing).
+    if stability && ubcache::format::read_backing_superblock(backing.as_ref()).is_ok() {
+        match ubcache::check::check(&cache, std::slice::from_ref(&backing)) {
+            Ok(r) if r.is_clean() => {}
+            Ok(r) => tally.violation(format!("{label}: offline check of the crash image: {:?}", r.problems)),
+            Err(e) => tally.violation(format!("{label}: offline check of the crash image failed: {e}")),
+        }
+    }
     let set = match CacheSet::open(
         Arc::clone(&cache),
         std::slice::from_ref(&backing),

@@ -96,6 +96,7 @@ impl CachedDev {
         {
             let mut m = self.shared.lock_meta()?;
             let segs = m.tree.lookup(dev, start, end)?;
+            check_mapping(&segs, start, end)?;
             for seg in segs {
                 match seg {
                     Segment::Cached(k) => {
@@ -385,6 +386,7 @@ impl CachedDev {
             if matches!(op, BackingOp::Discard) && has_dirty {
                 // Discard is advisory: dirty sectors keep their data and are not discarded.
                 let segs = m.tree.lookup(dev, start, end)?;
+                check_mapping(&segs, start, end)?;
                 targets = segs
                     .iter()
                     .filter(|s| !matches!(s, Segment::Cached(k) if k.dirty))
@@ -465,6 +467,26 @@ impl CachedDev {
             Some(item)
         })
     }
+}
+
+/// The read mapping must cover exactly `[start, end)`, in order, without gaps: the data copy
+/// below slices the buffer by it, so a btree bug becomes an error here, not a panic there.
+fn check_mapping(segs: &[Segment], start: u64, end: u64) -> CacheResult<()> {
+    let mut at = start;
+    for s in segs {
+        if s.start() != at || s.end() <= s.start() || s.end() > end {
+            return Err(CacheError::Corrupted(format!(
+                "read mapping of [{start}, {end}) has segment [{}, {}) where sector {at} was expected",
+                s.start(),
+                s.end()
+            )));
+        }
+        at = s.end();
+    }
+    if at != end {
+        return Err(CacheError::Corrupted(format!("read mapping of [{start}, {end}) ends at {at}")));
+    }
+    Ok(())
 }
 
 impl BlockDev for CachedDev {
