@@ -726,6 +726,15 @@ fn build_cached(
     // even for a read-only export; `read_only` then only refuses the clients' writes.
     let cache_dev = open_cache_file(&cache.path, opts.direct, false)?;
     let mut locks = vec![BackingLock::acquire_cache(&cache.path, false)?];
+    if let Err(e) = crate::format::read_cache_superblock(&cache_dev) {
+        return Err(ServeError::CacheUnusable {
+            path: cache.path.clone(),
+            reason: format!(
+                "it is not a formatted ubcache cache ({e}); format it with `ubcache format --cache \
+                 PATH --backing PATH`"
+            ),
+        });
+    }
     let mut backings: Vec<Arc<dyn BlockDev>> = Vec::with_capacity(specs.len());
     let writable = ServeOptions { read_only: false, ..opts.clone() };
     for spec in specs {

@@ -87,13 +87,16 @@ pub fn format_cache(req: &FormatRequest) -> Result<FormatSummary, ServeError> {
             .node_bytes
             .unwrap_or_else(|| FormatOptions::default().node_bytes.min(req.bucket_bytes.unwrap_or(u64::MAX))),
     };
-    // Check the geometry before anything is created.
-    let cache_len_hint = req.size.or_else(|| std::fs::metadata(&req.cache).ok().map(|m| m.len()));
-    if let Some(len) = cache_len_hint {
+    let geometry_check = |len: u64| {
         format::Geometry::compute(len, opts.bucket_bytes, opts.node_bytes)
-            .map_err(|e| ServeError::Usage(format!("cache geometry: {e}")))?;
-    }
+            .map(|_| ())
+            .map_err(|e| ServeError::Usage(format!("cache geometry: {e}")))
+    };
     let exists = req.cache.exists();
+    // A new file: check the geometry before creating anything.
+    if !exists && let Some(size) = req.size {
+        geometry_check(size)?;
+    }
     if !exists && req.size.is_none() {
         return Err(unusable(&req.cache, "it does not exist; pass --size (like --size 256M) to create it"));
     }
@@ -127,6 +130,7 @@ pub fn format_cache(req: &FormatRequest) -> Result<FormatSummary, ServeError> {
             format!("it already holds {what}; pass --force to format over it (its cached data is lost)"),
         ));
     }
+    geometry_check(cache.len())?;
     let mut backings: Vec<Arc<dyn BlockDev>> = Vec::with_capacity(req.backing.len());
     let mut locks = Vec::with_capacity(req.backing.len());
     for path in &req.backing {
