@@ -7,6 +7,9 @@
 //!   journal records, bucket table).
 //! - [`journal`]: the journal ring with group commit and replay.
 //! - [`alloc`]: buckets, generations, free lists, reclaim.
+//! - [`cache`]: the cache engine: `CacheSet` (format, open with crash recovery, FLUSH,
+//!   checkpoint, writeback) and `CachedDev`, a backing device served through the cache.
+//! - [`check`]: fsck, cross-checking btree x allocator x journal.
 //! - [`serve`]: `ubcache serve`: options, default files, exports, running the server.
 //! - [`cache`]: the cache set engine (`CacheSet`, per-backing `CachedDev`, modes, recovery).
 //! - [`check`]: fsck of a cache set.

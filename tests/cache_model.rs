@@ -21,6 +21,16 @@ const CACHE_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone)]
 enum Op {
+    /// Byte-granular write and read: partial sectors go through read-modify-write.
+    WriteBytes {
+        offset: u64,
+        len: u64,
+        seed: u8,
+    },
+    ReadBytes {
+        offset: u64,
+        len: u64,
+    },
     Write {
         sector: u64,
         sectors: u64,
@@ -79,6 +89,11 @@ fn op() -> impl Strategy<Value = Op> {
         10 => (range(), any::<u8>(), prop::bool::weighted(0.1))
             .prop_map(|((sector, sectors), seed, fua)| Op::Write { sector, sectors, seed, fua }),
         8 => range().prop_map(|(sector, sectors)| Op::Read { sector, sectors }),
+        2 => (0..EXPORT_SECTORS * SECTOR as u64 - 1, 1..3000u64, any::<u8>()).prop_map(|(offset, len, seed)| {
+            Op::WriteBytes { offset, len: len.min(EXPORT_SECTORS * SECTOR as u64 - offset), seed }
+        }),
+        2 => (0..EXPORT_SECTORS * SECTOR as u64 - 1, 1..3000u64)
+            .prop_map(|(offset, len)| Op::ReadBytes { offset, len: len.min(EXPORT_SECTORS * SECTOR as u64 - offset) }),
         1 => range().prop_map(|(sector, sectors)| Op::Trim { sector, sectors }),
         1 => range().prop_map(|(sector, sectors)| Op::Zeroes { sector, sectors }),
         1 => range().prop_map(|(sector, sectors)| Op::Prefetch { sector, sectors }),
@@ -202,6 +217,19 @@ fn run(initial: CacheMode, ops: &[Op]) -> StatsSnapshot {
                         &model[off + first..off + first + 8]
                     );
                 }
+            }
+            Op::WriteBytes { offset, len, seed } => {
+                let data = pattern(*seed, *offset, *len as usize);
+                h.dev.write_at(&data, *offset).unwrap();
+                model[*offset as usize..(*offset + *len) as usize].copy_from_slice(&data);
+            }
+            Op::ReadBytes { offset, len } => {
+                let mut buf = vec![0u8; *len as usize];
+                h.dev.read_at(&mut buf, *offset).unwrap();
+                assert!(
+                    buf == model[*offset as usize..(*offset + *len) as usize],
+                    "op {i}: byte read differs"
+                );
             }
             // The backing MemDev ignores discard and the engine keeps dirty data: contents stay.
             Op::Trim { sector, sectors } => {

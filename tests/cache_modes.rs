@@ -136,16 +136,32 @@ fn sequential_stream_past_the_cutoff_bypasses_the_cache() {
 }
 
 #[test]
-fn unaligned_and_out_of_range_requests_are_refused_cleanly() {
+fn unaligned_requests_use_read_modify_write_and_out_of_range_is_refused() {
     let (_, _, set) = setup(CacheMode::Writeback);
     let dev = set.device(0).unwrap();
     assert_eq!(dev.len(), EXPORT);
-    assert!(dev.write_at(&[0u8; 100], 0).is_err());
-    assert!(dev.read_at(&mut [0u8; 512], 7).is_err());
+    let mut model = vec![0u8; 8192];
+    dev.write_at(&[1u8; 4096], 0).unwrap();
+    model[..4096].fill(1);
+    dev.write_at(&[2u8; 100], 7).unwrap();
+    model[7..107].fill(2);
+    dev.write_at_fua(&[3u8; 1000], 4000).unwrap();
+    model[4000..5000].fill(3);
+    dev.write_zeroes(300, 5000, false).unwrap();
+    model[300..5300].fill(0);
+    dev.write_at(&[4u8; 10], 510).unwrap();
+    model[510..520].fill(4);
+    let mut buf = vec![0u8; 8192];
+    dev.read_at(&mut buf, 0).unwrap();
+    assert!(buf == model);
+    let mut small = [0u8; 13];
+    dev.read_at(&mut small, 505).unwrap();
+    assert_eq!(small[..], model[505..518]);
+    dev.discard(100, 2000).unwrap();
     assert!(dev.write_at(&[0u8; 512], EXPORT).is_err());
     assert!(dev.read_at(&mut [0u8; 1024], EXPORT - 512).is_err());
     assert!(dev.discard(u64::MAX - 511, 512).is_err());
-    dev.write_at(&[1u8; 512], 0).unwrap();
+    assert!(dev.write_at(&[0u8; 2], EXPORT - 1).is_err());
 }
 
 /// FUA and FLUSH on a crash-simulating cache: after power loss with every unsynced write
@@ -417,11 +433,11 @@ fn background_writeback_drains_dirty_data_and_stops_when_asked() {
         dev.write_at(&[i as u8 + 1; 4096], i * 8192).unwrap();
     }
     assert!(set.stats().dirty_bytes > 0);
-    let cfg = WritebackConfig {
-        target_percent: 0,
-        interval: std::time::Duration::from_millis(5),
-        ..WritebackConfig::default()
-    };
+    // Target 0 and a steep proportional term: the controller asks for all of it at once.
+    let mut cfg =
+        WritebackConfig { interval: std::time::Duration::from_millis(5), ..WritebackConfig::default() };
+    cfg.rate.writeback_percent = 0;
+    cfg.rate.p_term_inverse = 1;
     let wb = WritebackThread::start(&set, cfg).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while set.stats().dirty_bytes > 0 {
@@ -435,4 +451,23 @@ fn background_writeback_drains_dirty_data_and_stops_when_asked() {
     // Dropping a running thread stops and joins it (the test would hang otherwise).
     let wb = WritebackThread::start(&set, WritebackConfig::default()).unwrap();
     drop(wb);
+}
+
+/// Below the dirty target the controller runs at its minimum rate: dirty data still drains.
+#[test]
+fn background_writeback_trickles_below_the_target() {
+    use ubcache::cache::{WritebackConfig, WritebackThread};
+    let (_, backing, set) = setup(CacheMode::Writeback);
+    set.device(0).unwrap().write_at(&[9u8; 4096], 0).unwrap();
+    let cfg =
+        WritebackConfig { interval: std::time::Duration::from_millis(10), ..WritebackConfig::default() };
+    assert!(4096 < set.data_capacity_bytes() / 10, "the dirty data must be below the 10% target");
+    let wb = WritebackThread::start(&set, cfg).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while set.stats().dirty_bytes > 0 {
+        assert!(std::time::Instant::now() < deadline, "no writeback below the target");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    wb.stop().unwrap();
+    assert_eq!(backing_bytes(&backing, 0, 4096), vec![9u8; 4096]);
 }

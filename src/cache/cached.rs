@@ -1,8 +1,8 @@
 //! The data path: one backing device served through the cache set as a [`BlockDev`].
 //!
 //! Every request follows the same shape: take the metadata lock to build a read mapping or to
-//! allocate cache space, drop it for the data transfer, take it again to insert keys. Addresses
-//! and lengths must be multiples of 512 bytes (the NBD server advertises that minimum block size).
+//! allocate cache space, drop it for the data transfer, take it again to insert keys. Requests
+//! that are not whole 512-byte sectors are served by read-modify-write of the partial sectors.
 
 use super::error::{CacheError, CacheResult};
 use super::inflight::{DevRange, FillId};
@@ -60,20 +60,61 @@ impl CachedDev {
         self.shared.set_mode(&self.backing, mode, flush_first)
     }
 
-    fn sectors(&self, op: &'static str, offset: u64, len: u64) -> DevResult<(u64, u64)> {
+    /// Checks a request: device attached, range inside the export.
+    fn check(&self, op: &'static str, offset: u64, len: u64) -> DevResult<()> {
         if self.backing.detached.load(Ordering::Acquire) {
             return Err(DevError::Invalid(format!(
                 "{op}: backing device {} is detached",
                 self.backing.dev_id
             )));
         }
-        DevError::check_range(op, offset, len, self.backing.export_len)?;
-        if offset % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
-            return Err(DevError::Invalid(format!(
-                "{op} at offset {offset} length {len}: not a multiple of {SECTOR_SIZE} bytes"
-            )));
+        DevError::check_range(op, offset, len, self.backing.export_len)
+    }
+
+    /// Reads whole sectors (`offset` and `buf.len()` multiples of 512).
+    fn read_aligned(&self, buf: &mut [u8], offset: u64, force_fill: bool) -> CacheResult<()> {
+        let mut done = 0usize;
+        for (off, n) in Self::chunks(offset, buf.len() as u64) {
+            self.read_sectors(&mut buf[done..done + n as usize], off / SECTOR_SIZE, force_fill)?;
+            done += n as usize;
         }
-        Ok((offset / SECTOR_SIZE, (offset + len) / SECTOR_SIZE))
+        Ok(())
+    }
+
+    /// Writes whole sectors; with `fua` one commit at the end covers every chunk.
+    fn write_aligned(&self, buf: &[u8], offset: u64, fua: bool) -> CacheResult<()> {
+        let mut done = 0usize;
+        let chunks: Vec<_> = Self::chunks(offset, buf.len() as u64).collect();
+        let last = chunks.len().saturating_sub(1);
+        for (i, (off, n)) in chunks.into_iter().enumerate() {
+            self.write_sectors(&buf[done..done + n as usize], off / SECTOR_SIZE, fua && i == last)?;
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Any write: whole sectors directly; a partial first or last sector by read-modify-write,
+    /// under the device's RMW range lock (which every write holds) so no other write to those
+    /// sectors can slip between the read and the write.
+    fn write_any(&self, buf: &[u8], offset: u64, fua: bool) -> CacheResult<()> {
+        let len = buf.len() as u64;
+        let (a, e) = span(offset, len);
+        let _rmw = self.backing.rmw_locks.lock(self.range(a / SECTOR_SIZE, e / SECTOR_SIZE));
+        if a == offset && e == offset + len {
+            return self.write_aligned(buf, offset, fua);
+        }
+        let sector = SECTOR_SIZE as usize;
+        let mut tmp = vec![0u8; (e - a) as usize];
+        if offset != a {
+            self.read_aligned(&mut tmp[..sector], a, false)?;
+        }
+        let tail = tmp.len() - sector;
+        if offset + len != e && (tail != 0 || offset == a) {
+            self.read_aligned(&mut tmp[tail..], e - SECTOR_SIZE, false)?;
+        }
+        let from = (offset - a) as usize;
+        tmp[from..from + buf.len()].copy_from_slice(buf);
+        self.write_aligned(&tmp, a, fua)
     }
 
     fn range(&self, start: u64, end: u64) -> DevRange {
@@ -495,36 +536,27 @@ impl BlockDev for CachedDev {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
-        self.sectors("read", offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        for (off, n) in Self::chunks(offset, buf.len() as u64) {
-            self.read_sectors(&mut buf[done..done + n as usize], off / SECTOR_SIZE, false)?;
-            done += n as usize;
+        let len = buf.len() as u64;
+        self.check("read", offset, len)?;
+        let (a, e) = span(offset, len);
+        if a == offset && e == offset + len {
+            return Ok(self.read_aligned(buf, offset, false)?);
         }
+        let mut tmp = vec![0u8; (e - a) as usize];
+        self.read_aligned(&mut tmp, a, false)?;
+        let from = (offset - a) as usize;
+        buf.copy_from_slice(&tmp[from..from + buf.len()]);
         Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        self.sectors("write", offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        for (off, n) in Self::chunks(offset, buf.len() as u64) {
-            self.write_sectors(&buf[done..done + n as usize], off / SECTOR_SIZE, false)?;
-            done += n as usize;
-        }
-        Ok(())
+        self.check("write", offset, buf.len() as u64)?;
+        Ok(self.write_any(buf, offset, false)?)
     }
 
     fn write_at_fua(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        self.sectors("write", offset, buf.len() as u64)?;
-        let mut done = 0usize;
-        let chunks: Vec<_> = Self::chunks(offset, buf.len() as u64).collect();
-        let last = chunks.len().saturating_sub(1);
-        for (i, (off, n)) in chunks.into_iter().enumerate() {
-            // One commit at the end covers every chunk.
-            self.write_sectors(&buf[done..done + n as usize], off / SECTOR_SIZE, i == last)?;
-            done += n as usize;
-        }
-        Ok(())
+        self.check("write", offset, buf.len() as u64)?;
+        Ok(self.write_any(buf, offset, true)?)
     }
 
     fn sync(&self) -> DevResult<()> {
@@ -533,7 +565,10 @@ impl BlockDev for CachedDev {
     }
 
     fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
-        let (start, end) = self.sectors("discard", offset, len)?;
+        self.check("discard", offset, len)?;
+        // Advisory: only the whole sectors inside the range are discarded.
+        let start = offset.div_ceil(SECTOR_SIZE);
+        let end = (offset + len) / SECTOR_SIZE;
         if start < end {
             self.write_backing(BackingOp::Discard, start, end, false)?;
         }
@@ -541,10 +576,22 @@ impl BlockDev for CachedDev {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> DevResult<()> {
-        let (start, end) = self.sectors("write_zeroes", offset, len)?;
-        if start == end {
-            return Ok(());
+        self.check("write_zeroes", offset, len)?;
+        let first = offset.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+        let last = (offset + len) / SECTOR_SIZE * SECTOR_SIZE;
+        if first >= last {
+            // Inside one or two partial sectors.
+            return Ok(self.write_any(&vec![0u8; len as usize], offset, false)?);
         }
+        if offset < first {
+            self.write_any(&vec![0u8; (first - offset) as usize], offset, false)?;
+        }
+        if last < offset + len {
+            self.write_any(&vec![0u8; (offset + len - last) as usize], last, false)?;
+        }
+        let (start, end) = (first / SECTOR_SIZE, last / SECTOR_SIZE);
+        let _rmw = self.backing.rmw_locks.lock(self.range(start, end));
+        let len = last - first;
         let mode = self.mode();
         // Zeroing is a write: in writeback mode over dirty data, and for small ranges in the
         // caching modes, it goes through the normal write path so the cache holds the zeros;
@@ -556,7 +603,7 @@ impl BlockDev for CachedDev {
         };
         if through_cache {
             let zeros = vec![0u8; MAX_CHUNK_BYTES.min(len) as usize];
-            for (off, n) in Self::chunks(offset, len) {
+            for (off, n) in Self::chunks(first, len) {
                 self.write_sectors(&zeros[..n as usize], off / SECTOR_SIZE, false)?;
             }
             return Ok(());
@@ -566,14 +613,22 @@ impl BlockDev for CachedDev {
     }
 
     fn prefetch(&self, offset: u64, len: u64) -> DevResult<()> {
-        self.sectors("prefetch", offset, len)?;
+        self.check("prefetch", offset, len)?;
         if self.mode() == CacheMode::None {
             return Ok(());
         }
-        let mut buf = vec![0u8; MAX_CHUNK_BYTES.min(len) as usize];
-        for (off, n) in Self::chunks(offset, len) {
-            self.read_sectors(&mut buf[..n as usize], off / SECTOR_SIZE, true)?;
+        let (a, e) = span(offset, len);
+        let mut buf = vec![0u8; MAX_CHUNK_BYTES.min(e - a) as usize];
+        for (off, n) in Self::chunks(a, e - a) {
+            self.read_aligned(&mut buf[..n as usize], off, true)?;
         }
         Ok(())
     }
+}
+
+/// The whole-sector span `[a, e)` (bytes) covering `[offset, offset + len)`.
+fn span(offset: u64, len: u64) -> (u64, u64) {
+    let a = offset / SECTOR_SIZE * SECTOR_SIZE;
+    let e = (offset + len).div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
+    (a, e)
 }

@@ -27,7 +27,9 @@
 //!   dirty key dropped. A crash in between keeps the dirty key, which wins and is written back.
 //! - **TRIM keeps dirty data** (TRIM is advisory; reads return old contents or zeros) and only
 //!   discards the non-dirty sectors on backing.
-//! - **Requests must be multiples of 512 bytes** (offset and length); others fail with EINVAL.
+//! - **Partial sectors are read-modify-written** under a per-device range lock that every write
+//!   holds, so an unaligned write never loses a concurrent write to the same sector. TRIM of
+//!   partial sectors is ignored (advisory).
 //! - **Recovery ends with a checkpoint**, so a crash during recovery replays from the same (or the
 //!   new, complete) checkpoint. Node slots of the checkpointed tree stay counted until then even
 //!   if replay merged nodes away.
@@ -39,8 +41,9 @@
 //! - A bit flip in the *last* journal record cannot be told from a torn write: replay drops it
 //!   (`RecoveryReport::torn_tail`), losing the entries of that last commit.
 //! - No data checksums: corruption of cached *data* is not detected (metadata is checksummed).
-//! - The writeback thread ([`WritebackThread`]) paces by a proportional rule (burst above the
-//!   dirty target, trickle below), not bcache's full PI controller.
+//! - The writeback thread ([`WritebackThread`]) writes whole keys in offset order at the PI
+//!   controller's rate; it does not yet coalesce adjacent keys into larger backing writes
+//!   (`wbpolicy::coalesce`).
 
 pub mod cached;
 pub mod error;
@@ -56,4 +59,4 @@ pub use error::{CacheError, CacheResult};
 pub use policy::{CacheMode, SequentialDetector, WriteRoute};
 pub use set::{CacheConfig, CacheSet, DebugKnobs, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};
-pub use writeback::{WritebackConfig, WritebackThread, writeback_pace};
+pub use writeback::{WritebackConfig, WritebackThread, tick_budget};

@@ -131,6 +131,9 @@ pub(crate) struct Backing {
     pub(crate) sb: Mutex<BackingSb>,
     /// Detached from the set: every request fails.
     pub(crate) detached: AtomicBool,
+    /// Held by every write over its sector range, so a read-modify-write of a partial sector
+    /// never interleaves with another write to that sector.
+    pub(crate) rmw_locks: RangeLocks,
 }
 
 #[derive(Debug)]
@@ -294,6 +297,7 @@ impl CacheSet {
                 unsynced: AtomicBool::new(false),
                 sb: Mutex::new(BackingSb { sb: bsb, dirty_writers: 0 }),
                 detached: AtomicBool::new(false),
+                rmw_locks: RangeLocks::default(),
             }));
         }
 

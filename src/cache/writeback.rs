@@ -1,58 +1,47 @@
-//! Background writeback: a thread that copies dirty data home toward a dirty target, with a stop
-//! signal and a join (nothing is left running on shutdown).
+//! Background writeback: a thread that copies dirty data home at the rate the PI controller of
+//! [`crate::wbpolicy::RateController`] (bcache's `writeback_percent` controller) asks for, with
+//! a stop signal and a join (nothing is left running on shutdown).
 //!
-//! The pace is a pure function of the dirty amount ([`writeback_pace`]), like bcache's
-//! `writeback_percent` controller reduced to its proportional part: above the target it writes
-//! back as fast as it can, below it it trickles (so an idle cache still drains slowly and a
-//! crash leaves little dirty data), at zero dirty it sleeps.
+//! Every `interval` the thread updates the controller with the dirty byte count and writes back
+//! `rate x interval` bytes (whole keys, in offset order, via [`CacheSet::writeback_step`]); at
+//! zero dirty data it only sleeps.
 
-use super::error::CacheResult;
+use super::error::{CacheError, CacheResult};
 use super::set::CacheSet;
 use crate::dev::SECTOR_SIZE;
+use crate::wbpolicy::{RateConfig, RateController};
 use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Tuning of the writeback thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WritebackConfig {
-    /// Dirty data the thread lets stand, as a percentage of the cache's data capacity (bcache's
-    /// `writeback_percent`, default 10).
-    pub target_percent: u8,
-    /// Keys written back per step when above the target.
-    pub burst_keys: usize,
-    /// Keys per step when below the target.
-    pub trickle_keys: usize,
-    /// Pause between trickle steps, and the idle poll interval.
+    /// Controller tuning; `cache_bytes` is filled in from the cache set when the thread starts.
+    pub rate: RateConfig,
+    /// Keys per [`CacheSet::writeback_step`] call.
+    pub keys_per_step: usize,
+    /// Controller update period (bcache updates every 5 s; shorter here so small budgets are
+    /// spread out).
     pub interval: Duration,
 }
 
 impl Default for WritebackConfig {
     fn default() -> Self {
-        Self { target_percent: 10, burst_keys: 64, trickle_keys: 4, interval: Duration::from_millis(100) }
+        Self {
+            rate: RateConfig::with_cache_bytes(0),
+            keys_per_step: 16,
+            interval: Duration::from_millis(100),
+        }
     }
 }
 
-/// What the thread does next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pace {
-    /// Keys to write back now (0: none).
-    pub keys: usize,
-    /// How long to wait before the next decision.
-    pub pause: Duration,
-}
-
-/// The writeback pace for `dirty_bytes` of dirty data against `target_bytes`. Pure.
+/// Bytes to write back in one tick of `interval` at `rate` bytes per second (at least one
+/// sector, so a tiny rate still makes progress). Pure.
 #[must_use]
-pub fn writeback_pace(dirty_bytes: u64, target_bytes: u64, cfg: &WritebackConfig) -> Pace {
-    if dirty_bytes == 0 {
-        Pace { keys: 0, pause: cfg.interval }
-    } else if dirty_bytes > target_bytes {
-        Pace { keys: cfg.burst_keys.max(1), pause: Duration::ZERO }
-    } else {
-        Pace { keys: cfg.trickle_keys.max(1), pause: cfg.interval }
-    }
+pub fn tick_budget(rate: u64, interval: Duration) -> u64 {
+    ((rate as f64 * interval.as_secs_f64()) as u64).max(SECTOR_SIZE)
 }
 
 #[derive(Debug, Default)]
@@ -70,31 +59,45 @@ pub struct WritebackThread {
 
 impl WritebackThread {
     /// Starts writing back dirty data of `set` in the background.
-    pub fn start(set: &CacheSet, cfg: WritebackConfig) -> std::io::Result<WritebackThread> {
+    pub fn start(set: &CacheSet, cfg: WritebackConfig) -> CacheResult<WritebackThread> {
+        let rate_cfg = RateConfig { cache_bytes: set.data_capacity_bytes(), ..cfg.rate };
+        let mut controller = RateController::new(rate_cfg).map_err(|e| CacheError::Invalid(e.to_string()))?;
         let signal = Arc::new(StopSignal::default());
         let set = set.clone();
         let sig = Arc::clone(&signal);
-        let capacity = set.data_capacity_bytes();
-        let target = capacity / 100 * u64::from(cfg.target_percent.min(100));
-        let handle = std::thread::Builder::new().name("ubcache-writeback".into()).spawn(move || {
-            loop {
-                if *sig.stop.lock() {
-                    return Ok(());
-                }
-                let dirty = set.stats().dirty_bytes;
-                let pace = writeback_pace(dirty, target, &cfg);
-                if pace.keys > 0 {
-                    // An error (e.g. the backing device fails) ends the thread; `stop` returns it.
-                    set.writeback_step(pace.keys)?;
-                }
-                if !pace.pause.is_zero() {
+        let started = Instant::now();
+        let handle = std::thread::Builder::new()
+            .name("ubcache-writeback".into())
+            .spawn(move || {
+                loop {
+                    let tick = Instant::now();
+                    let dirty = set.stats().dirty_bytes;
+                    let rate = controller.update(dirty, started.elapsed());
+                    if dirty > 0 {
+                        let budget = tick_budget(rate, cfg.interval);
+                        let before = set.stats().written_back_bytes;
+                        while set.stats().written_back_bytes - before < budget && !*sig.stop.lock() {
+                            // An error (e.g. the backing device fails) ends the thread; `stop`
+                            // returns it.
+                            if set.writeback_step(cfg.keys_per_step.max(1))? == 0 {
+                                break;
+                            }
+                        }
+                    }
                     let mut stop = sig.stop.lock();
-                    if !*stop {
-                        sig.wake.wait_for(&mut stop, pace.pause);
+                    if *stop {
+                        return Ok(());
+                    }
+                    let left = cfg.interval.saturating_sub(tick.elapsed());
+                    if !left.is_zero() {
+                        sig.wake.wait_for(&mut stop, left);
+                    }
+                    if *stop {
+                        return Ok(());
                     }
                 }
-            }
-        })?;
+            })
+            .map_err(|e| CacheError::Invalid(format!("cannot start the writeback thread: {e}")))?;
         Ok(WritebackThread { signal, handle: Some(handle) })
     }
 
@@ -108,7 +111,7 @@ impl WritebackThread {
         self.signal.wake.notify_all();
         match self.handle.take().map(JoinHandle::join) {
             Some(Ok(result)) => result,
-            Some(Err(_)) => Err(super::CacheError::Failed("writeback thread panicked".into())),
+            Some(Err(_)) => Err(CacheError::Failed("writeback thread panicked".into())),
             None => Ok(()),
         }
     }
@@ -136,12 +139,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pace_bursts_above_target_trickles_below_and_idles_when_clean() {
-        let cfg = WritebackConfig::default();
-        assert_eq!(writeback_pace(0, 100, &cfg), Pace { keys: 0, pause: cfg.interval });
-        assert_eq!(writeback_pace(101, 100, &cfg), Pace { keys: cfg.burst_keys, pause: Duration::ZERO });
-        assert_eq!(writeback_pace(50, 100, &cfg), Pace { keys: cfg.trickle_keys, pause: cfg.interval });
-        let zero = WritebackConfig { burst_keys: 0, trickle_keys: 0, ..cfg };
-        assert_eq!(writeback_pace(5, 0, &zero).keys, 1, "never a step of zero keys while dirty");
+    fn tick_budget_scales_with_rate_and_never_stalls() {
+        assert_eq!(tick_budget(1 << 20, Duration::from_millis(100)), 104_857);
+        assert_eq!(tick_budget(0, Duration::from_millis(100)), SECTOR_SIZE);
+        assert_eq!(tick_budget(4096, Duration::from_secs(5)), 20480);
     }
 }
