@@ -16,12 +16,14 @@
 mod fault;
 mod file;
 mod mem;
+mod nbd_dev;
 mod sim;
 mod slow;
 
 pub use fault::{FaultCounts, FaultDev, FaultOp, FaultRule, OpFilter, OpInfo, RuleId};
 pub use file::{FileDev, FileDevOptions};
 pub use mem::MemDev;
+pub use nbd_dev::{NbdDev, NbdDevOptions};
 pub use sim::{CrashMode, SimDev, SimStats, UnsyncedWrite, WriteFate};
 pub use slow::{SlowDev, SlowDevConfig, SlowStats};
 
