@@ -15,6 +15,8 @@
 //! - [`check`]: fsck of a cache set.
 //! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics.
 //! - [`wbpolicy`]: writeback policy as pure functions (rate controller, extent coalescing).
+//! - [`writeback`]: the background writeback thread (key buffer, coalescing, rate control).
+//! - [`engine_ctl`]: the cache engine behind the control socket ([`ctl::ControlTarget`]).
 //!
 //! The btree of extent keys lives in its own crate, `ubcache-btree`, with no I/O of its own.
 
@@ -23,8 +25,10 @@ pub mod cache;
 pub mod check;
 pub mod ctl;
 pub mod dev;
+pub mod engine_ctl;
 pub mod format;
 pub mod journal;
 pub mod nbd;
 pub mod serve;
 pub mod wbpolicy;
+pub mod writeback;

@@ -7,6 +7,8 @@
 //! - [`policy`]: mode decisions and the sequential-cutoff detector, as pure functions.
 //! - [`inflight`]: fill/collision tracking and the writeback range lock.
 //! - [`writeback`]: the background writeback thread and its pace policy.
+//! - [`wb_io`]: hooks for [`crate::writeback`] and [`crate::engine_ctl`] (dirty scan, coalescing
+//!   writeback of a key batch, usage report).
 //! - [`crate::check`]: the fsck (offline [`crate::check::check`], online [`CacheSet::check`]).
 //!
 //! # Decisions beyond DESIGN.md / CACHE_DESIGN.md
@@ -52,6 +54,7 @@ pub mod policy;
 pub mod set;
 pub mod stats;
 mod store;
+pub mod wb_io;
 pub mod writeback;
 
 pub use cached::CachedDev;
@@ -59,4 +62,5 @@ pub use error::{CacheError, CacheResult};
 pub use policy::{CacheMode, SequentialDetector, WriteRoute};
 pub use set::{CacheConfig, CacheSet, DebugKnobs, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};
+pub use wb_io::{CacheUsage, DirtyScan, WritebackReport};
 pub use writeback::{WritebackConfig, WritebackThread, tick_budget};

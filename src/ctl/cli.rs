@@ -35,7 +35,7 @@ impl SocketArgs {
 }
 
 fn parse_mode(text: &str) -> Result<CacheMode, String> {
-    text.parse::<CacheMode>().map_err(|e| e.to_string())
+    super::knobs::parse_mode(text).map_err(|e| e.to_string())
 }
 
 /// Control commands sent to a running server.

@@ -7,7 +7,6 @@
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::str::FromStr;
 
 /// Why a knob name or value was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -29,53 +28,21 @@ pub enum KnobError {
     UnknownMode(String),
 }
 
-/// How a backing device is cached (bcache's `cache_mode`). Same names, order and serde form as
-/// the engine's `cache::CacheMode`, so that one can replace this one at integration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CacheMode {
-    /// Writes go to backing and cache; acknowledged when both are done.
-    Writethrough,
-    /// Writes go to the cache only (dirty); written home later by writeback.
-    Writeback,
-    /// Writes go to backing and invalidate the cached range; reads still fill the cache.
-    Writearound,
-    /// Backing only; dirty data already cached is still served.
-    None,
-}
+/// How a backing device is cached: the engine's own type, so a mode parsed here is the one the
+/// engine acts on.
+pub use crate::cache::CacheMode;
 
-impl CacheMode {
-    /// Every mode, in the order the help text lists them.
-    pub const ALL: [CacheMode; 4] =
-        [CacheMode::Writethrough, CacheMode::Writeback, CacheMode::Writearound, CacheMode::None];
-
-    /// The lowercase name used by the CLI and the control socket.
-    #[must_use]
-    pub fn name(self) -> &'static str {
-        match self {
-            CacheMode::Writethrough => "writethrough",
-            CacheMode::Writeback => "writeback",
-            CacheMode::Writearound => "writearound",
-            CacheMode::None => "none",
-        }
-    }
-}
-
-impl fmt::Display for CacheMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for CacheMode {
-    type Err = KnobError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let wanted = s.trim();
-        CacheMode::ALL
-            .into_iter()
-            .find(|m| m.name().eq_ignore_ascii_case(wanted))
-            .ok_or_else(|| KnobError::UnknownMode(s.to_owned()))
-    }
+/// Parses a cache mode by name, ignoring case and surrounding blanks (the CLI's and the control
+/// socket's spelling; the engine's `FromStr` is exact).
+///
+/// # Errors
+/// [`KnobError::UnknownMode`] naming the four modes.
+pub fn parse_mode(text: &str) -> Result<CacheMode, KnobError> {
+    let wanted = text.trim();
+    CacheMode::ALL
+        .into_iter()
+        .find(|m| m.name().eq_ignore_ascii_case(wanted))
+        .ok_or_else(|| KnobError::UnknownMode(text.to_owned()))
 }
 
 /// Which reclaimable bucket is invalidated first when the cache needs space.
@@ -479,11 +446,11 @@ mod tests {
     #[test]
     fn modes_parse_by_name_only() {
         for m in CacheMode::ALL {
-            assert_eq!(m.name().parse::<CacheMode>(), Ok(m));
-            assert_eq!(m.name().to_uppercase().parse::<CacheMode>(), Ok(m));
+            assert_eq!(parse_mode(m.name()), Ok(m));
+            assert_eq!(parse_mode(&m.name().to_uppercase()), Ok(m));
         }
-        let err = "fast".parse::<CacheMode>().unwrap_err();
+        let err = parse_mode("fast").unwrap_err();
         assert!(err.to_string().contains("writethrough, writeback, writearound or none"));
-        assert!("".parse::<CacheMode>().is_err());
+        assert!(parse_mode("").is_err());
     }
 }

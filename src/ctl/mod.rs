@@ -1,6 +1,7 @@
 //! Control plane: the control socket, statistics and Prometheus metrics.
 //!
-//! None of this knows the cache engine's types. The engine implements [`ControlTarget`]; the
+//! Apart from [`CacheMode`] (the engine's type, re-exported) none of this knows the cache
+//! engine's types. The engine implements [`ControlTarget`] (`crate::engine_ctl`); the
 //! [`server`] answers JSON requests on a Unix socket by calling it, the [`metrics`] responder
 //! renders its [`StatsSnapshot`] for Prometheus, and the [`client`] is what `ubcache stats`,
 //! `set-mode`, `set`, `flush`, `detach` and `attach` call.
@@ -26,7 +27,7 @@ pub mod stats;
 
 pub use client::{CtlArgs, render_flush_progress, render_stats, request, run_ctl_command, wait_for_flush};
 pub use flush::FlushRunner;
-pub use knobs::{CacheMode, KnobError, KnobSetting, Knobs, ReplacementPolicy};
+pub use knobs::{CacheMode, KnobError, KnobSetting, Knobs, ReplacementPolicy, parse_mode};
 pub use metrics::{MetricsServer, render_prometheus};
 pub use protocol::{Request, dispatch, handle_line, parse_request};
 pub use server::{CtlServer, CtlServerConfig};

@@ -1,0 +1,315 @@
+//! Engine hooks for the background writeback thread ([`crate::writeback`]) and the control
+//! target ([`crate::engine_ctl`]): a dirty-key scan for a key buffer, a coalescing writeback of
+//! a batch of keys, and a usage report. Additive: nothing else in the engine calls these.
+//!
+//! # Crash ordering of [`CacheSet::write_back_keys`] (rules 4 and 6)
+//! 1. Commit every pending journal entry first: the dirty keys (and with them the removal of the
+//!    older clean keys they replaced) are durable before their data reaches backing. Otherwise a
+//!    durable older clean key could survive a crash over backing that already holds newer data,
+//!    and the sector's value would change later by itself, on eviction.
+//! 2. Per coalesced write: take the writeback range lock of the whole range, *then* check under
+//!    the metadata lock that every key is still in the tree exactly as scanned (and pin its
+//!    bucket). The keys come from a key buffer filled earlier; a writethrough or bypass write
+//!    may have written newer data to backing since. Such a write holds the range lock from its
+//!    backing write to its tree update, so once we hold the lock and still find the key, no
+//!    newer backing write of the range exists or can start until we are done: a stale copy can
+//!    never land on backing after newer data.
+//! 3. Read the cache, write backing, sync every backing device written.
+//! 4. Only then journal each key clean with replace semantics: a key overwritten meanwhile (a
+//!    writeback-mode write does not take the range lock) stays dirty and is written back later.
+
+use super::CachedDev;
+use super::error::{CacheError, CacheResult};
+use super::inflight::DevRange;
+use super::set::CacheSet;
+use super::stats::Stats;
+use crate::alloc::{AllocError, BucketState, OpenKind, ReclaimPolicy};
+use crate::dev::SECTOR_SIZE;
+use crate::wbpolicy::{CoalesceLimits, DirtyExtent, coalesce};
+use std::sync::atomic::Ordering;
+use ubcache_btree::{Key, Pos, Segment};
+
+/// Dirty keys found by [`CacheSet::scan_dirty`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtyScan {
+    /// Dirty keys of attached devices, in (device, offset) order.
+    pub keys: Vec<Key>,
+    /// Where the next scan continues; `None` at the end of the tree (a full pass is done).
+    pub next: Option<Pos>,
+}
+
+/// What one [`CacheSet::write_back_keys`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WritebackReport {
+    /// Keys written home and journalled clean (a key overwritten after its backing write is
+    /// counted here too; it stays dirty in the tree).
+    pub keys_written: usize,
+    /// Keys skipped: overwritten, invalidated or reclaimed since the scan, not dirty, of a
+    /// detached device, or overlapping an earlier key of the same call.
+    pub keys_skipped: usize,
+    /// Bytes written to backing.
+    pub bytes_written: u64,
+    /// Backing writes issued (contiguous keys are coalesced into one write).
+    pub backing_writes: usize,
+}
+
+/// Space use of the cache device and the journal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheUsage {
+    pub bucket_bytes: u64,
+    pub buckets_total: u64,
+    /// Allocatable now or once a generation bump is durable.
+    pub buckets_free: u64,
+    /// Data buckets (sealed or open) without dirty sectors.
+    pub buckets_clean: u64,
+    /// Data buckets (sealed or open) holding dirty sectors.
+    pub buckets_dirty: u64,
+    /// Btree nodes, journal, superblocks and bucket tables.
+    pub buckets_metadata: u64,
+    /// Dirty bytes in the whole tree (including devices not attached now).
+    pub dirty_bytes: u64,
+    /// Dirty bytes of attached devices: what writeback can write home now.
+    pub attached_dirty_bytes: u64,
+    /// Bytes of the cache that can hold data.
+    pub data_capacity_bytes: u64,
+    pub journal_used_bytes: u64,
+    pub journal_capacity_bytes: u64,
+}
+
+impl CacheSet {
+    fn is_attached(&self, dev: u32) -> bool {
+        self.shared.backings.iter().any(|b| b.dev_id == dev && !b.detached.load(Ordering::Acquire))
+    }
+
+    /// Up to `max` dirty keys of attached devices sorting after `from`, in offset order (the
+    /// refill of a writeback key buffer).
+    pub fn scan_dirty(&self, from: Pos, max: usize) -> CacheResult<DirtyScan> {
+        let attached: Vec<u32> = self
+            .shared
+            .backings
+            .iter()
+            .filter(|b| !b.detached.load(Ordering::Acquire))
+            .map(|b| b.dev_id)
+            .collect();
+        let wanted = |k: &Key| k.dirty && attached.contains(&k.dev);
+        let mut keys = Vec::new();
+        let next = self.shared.lock_meta()?.tree.scan(from, &wanted, max.max(1), &mut keys)?;
+        Ok(DirtyScan { keys, next })
+    }
+
+    /// Writes `keys` home (see the module doc for the ordering): contiguous keys of one device
+    /// are coalesced into one backing write within `limits` (in sectors). Keys no longer in the
+    /// tree as given are skipped, so a key buffer filled earlier is safe to pass.
+    pub fn write_back_keys(&self, keys: &[Key], limits: CoalesceLimits) -> CacheResult<WritebackReport> {
+        let sh = &self.shared;
+        let mut report = WritebackReport::default();
+        let mut wanted: Vec<Key> =
+            keys.iter().filter(|k| k.dirty && self.is_attached(k.dev)).copied().collect();
+        report.keys_skipped += keys.len() - wanted.len();
+        wanted.sort_by_key(|k| (k.dev, k.start()));
+        // Keys of one scan never overlap; keys from two scans might. Keep the first of any
+        // overlap (the other is re-read from the tree by a later scan).
+        let mut sorted: Vec<Key> = Vec::with_capacity(wanted.len());
+        for k in wanted {
+            match sorted.last() {
+                Some(p) if p.dev == k.dev && k.start() < p.end => report.keys_skipped += 1,
+                _ => sorted.push(k),
+            }
+        }
+        if sorted.is_empty() {
+            return Ok(report);
+        }
+        // Rule (1) of the module doc.
+        {
+            let mut m = sh.lock_meta()?;
+            sh.commit_locked(&mut m)?;
+        }
+        let extents: Vec<DirtyExtent> =
+            sorted.iter().map(|k| (k.dev, k.start(), u64::from(k.size))).collect();
+        let batches =
+            coalesce(&extents, limits).map_err(|e| CacheError::Invalid(format!("writeback batch: {e}")))?;
+        // Locks are taken in (device, offset) order; every other holder of several range locks
+        // does the same, and foreground writers hold one at a time, so they cannot deadlock.
+        let mut guards = Vec::with_capacity(batches.len());
+        let mut done: Vec<Key> = Vec::new();
+        let mut touched: Vec<u32> = Vec::new();
+        for batch in batches {
+            let Some(backing) = sh.backings.iter().find(|b| b.dev_id == batch.dev) else {
+                report.keys_skipped += batch.extents.len();
+                continue;
+            };
+            guards.push(sh.wb_locks.lock(DevRange {
+                dev: batch.dev,
+                start: batch.start,
+                end: batch.start + batch.len,
+            }));
+            // Rule (2): validate and pin under the lock.
+            let mut pinned: Vec<(Key, u64)> = Vec::new();
+            {
+                let mut m = sh.lock_meta()?;
+                for k in &sorted[batch.extents.clone()] {
+                    let current = m.tree.lookup(k.dev, k.start(), k.end)?;
+                    if current.as_slice() != [Segment::Cached(*k)] {
+                        report.keys_skipped += 1;
+                        continue;
+                    }
+                    match m.tree.store_mut().alloc.pin(k.ptr.offset, k.ptr.generation) {
+                        Ok(bucket) => pinned.push((*k, bucket)),
+                        Err(AllocError::Stale { .. }) => report.keys_skipped += 1,
+                        Err(e) => {
+                            for (_, b) in &pinned {
+                                m.tree.store_mut().alloc.unpin(*b)?;
+                            }
+                            return sh.fail(e.into());
+                        }
+                    }
+                }
+            }
+            // Keys skipped above may split the batch: one backing write per contiguous run.
+            let mut at = 0;
+            while at < pinned.len() {
+                let mut end = at + 1;
+                while end < pinned.len() && pinned[end].0.start() == pinned[end - 1].0.end {
+                    end += 1;
+                }
+                let run = &pinned[at..end];
+                let result = self.write_run(backing.dev.as_ref(), backing.data_offset, run);
+                {
+                    let mut m = sh.meta.lock();
+                    for (_, b) in run {
+                        m.tree.store_mut().alloc.unpin(*b)?;
+                    }
+                }
+                if let Err(e) = result {
+                    // Unpin the rest before giving up; the keys stay dirty.
+                    let mut m = sh.meta.lock();
+                    for (_, b) in &pinned[end..] {
+                        m.tree.store_mut().alloc.unpin(*b)?;
+                    }
+                    return Err(e);
+                }
+                report.backing_writes += 1;
+                report.bytes_written += run.iter().map(|(k, _)| u64::from(k.size) * SECTOR_SIZE).sum::<u64>();
+                done.extend(run.iter().map(|(k, _)| *k));
+                if !touched.contains(&batch.dev) {
+                    touched.push(batch.dev);
+                }
+                at = end;
+            }
+        }
+        // Rule (3): backing durable before any key is journalled clean.
+        for dev in &touched {
+            if let Some(b) = sh.backings.iter().find(|b| b.dev_id == *dev) {
+                b.dev.sync()?;
+            }
+        }
+        // Rule (4).
+        {
+            let mut m = sh.lock_meta()?;
+            for key in &done {
+                let clean = Key { dirty: false, ..*key };
+                if let Err(e) = sh.replace_locked(&mut m, clean, Some(key)) {
+                    return sh.fail(e);
+                }
+                Stats::add(&sh.stats.written_back_bytes, u64::from(key.size) * SECTOR_SIZE);
+            }
+            sh.maybe_commit_locked(&mut m)?;
+        }
+        drop(guards);
+        report.keys_written = done.len();
+        Ok(report)
+    }
+
+    /// Reads the cached data of a contiguous run of pinned keys and writes it to backing in one
+    /// write.
+    fn write_run(
+        &self,
+        dev: &dyn crate::dev::BlockDev,
+        data_offset: u64,
+        run: &[(Key, u64)],
+    ) -> CacheResult<()> {
+        let Some((first, _)) = run.first() else {
+            return Ok(());
+        };
+        let sectors: u64 = run.iter().map(|(k, _)| u64::from(k.size)).sum();
+        let mut buf = vec![0u8; (sectors * SECTOR_SIZE) as usize];
+        let mut at = 0usize;
+        for (k, _) in run {
+            let n = k.size as usize * SECTOR_SIZE as usize;
+            self.shared.cache.read_at(&mut buf[at..at + n], k.ptr.offset * SECTOR_SIZE)?;
+            at += n;
+        }
+        dev.write_at(&buf, data_offset + first.start() * SECTOR_SIZE)?;
+        Ok(())
+    }
+
+    /// Ends a flush: commits, and marks every attached backing device without dirty data (and
+    /// no dirty write in flight) Clean in its superblock.
+    pub fn finish_flush(&self) -> CacheResult<()> {
+        {
+            let mut m = self.shared.lock_meta()?;
+            self.shared.commit_locked(&mut m)?;
+        }
+        self.shared.mark_clean_if_no_dirty()
+    }
+
+    /// Bucket, dirty and journal usage now.
+    pub fn usage(&self) -> CacheResult<CacheUsage> {
+        let sh = &self.shared;
+        let g = &sh.geometry;
+        let mut u = CacheUsage {
+            bucket_bytes: g.bucket_bytes(),
+            buckets_total: g.nbuckets,
+            data_capacity_bytes: self.data_capacity_bytes(),
+            journal_capacity_bytes: g.journal_region().len_bytes,
+            ..CacheUsage::default()
+        };
+        u.journal_used_bytes = sh.journal.stats().used_sectors * SECTOR_SIZE;
+        let m = sh.lock_meta()?;
+        for b in m.tree.store().alloc.buckets() {
+            match b.state {
+                BucketState::Free | BucketState::FreePending { .. } => u.buckets_free += 1,
+                BucketState::Data | BucketState::Open(OpenKind::Data) if b.dirty_sectors > 0 => {
+                    u.buckets_dirty += 1;
+                }
+                BucketState::Data | BucketState::Open(OpenKind::Data) => u.buckets_clean += 1,
+                BucketState::Btree
+                | BucketState::Open(OpenKind::Btree)
+                | BucketState::Journal
+                | BucketState::Reserved => {
+                    u.buckets_metadata += 1;
+                }
+            }
+        }
+        let stats = m.tree.stats();
+        drop(m);
+        u.dirty_bytes = stats.dirty_sectors * SECTOR_SIZE;
+        u.attached_dirty_bytes = stats
+            .dirty_sectors_by_dev
+            .iter()
+            .filter(|(dev, _)| self.is_attached(**dev))
+            .map(|(_, s)| s * SECTOR_SIZE)
+            .sum();
+        Ok(u)
+    }
+
+    /// The sequential cutoff in force (bytes; 0: never bypass).
+    #[must_use]
+    pub fn sequential_cutoff(&self) -> u64 {
+        self.shared.seq.lock().cutoff()
+    }
+
+    /// The bucket replacement policy (fixed when the set is opened).
+    #[must_use]
+    pub fn reclaim_policy(&self) -> ReclaimPolicy {
+        self.shared.cfg.reclaim_policy
+    }
+}
+
+impl CachedDev {
+    /// Whether the device was detached from its cache set (every request then fails).
+    #[must_use]
+    pub fn is_detached(&self) -> bool {
+        self.backing.detached.load(Ordering::Acquire)
+    }
+}
