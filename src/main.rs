@@ -38,6 +38,9 @@ enum Command {
     Show(ShowArgs),
     /// Check a cache set offline (read-only fsck). Exit 0 clean, 1 problems, 3 could not check.
     Check(CheckArgs),
+    /// Control commands sent to a running cached `ubcache serve` over its control socket.
+    #[command(flatten)]
+    Ctl(ubcache::ctl::cli::CtlCommand),
 }
 
 #[derive(Debug, Args)]
@@ -146,6 +149,14 @@ struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = serve::parse_size)]
     size: Option<u64>,
 
+    /// Control socket of a cached serve [default: <DATA_DIR>/ubcache.ctl].
+    #[arg(long, value_name = "PATH")]
+    ctl_socket: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (needs a cache).
+    #[arg(long, value_name = "HOST:PORT", value_parser = serve::parse_listen_addr)]
+    metrics: Option<std::net::SocketAddr>,
+
     /// Worker threads of the server [default: one per CPU].
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
@@ -180,6 +191,8 @@ impl From<ServeArgs> for ServeOptions {
             data_dir: args.data_dir,
             size: args.size,
             threads: args.threads,
+            ctl_socket: args.ctl_socket,
+            metrics: args.metrics,
             device_calls: match args.device_calls {
                 DeviceCallsArg::Workers => DeviceCalls::OnWorkers,
                 DeviceCallsArg::Pool => DeviceCalls::BlockingPool,
@@ -197,6 +210,7 @@ fn main() -> ExitCode {
         Command::Format(args) => run_format(&args),
         Command::Show(args) => run_show(&args),
         Command::Check(args) => run_check(&args),
+        Command::Ctl(command) => run_ctl(&command),
     };
     match result {
         Ok(code) => code,
@@ -204,6 +218,23 @@ fn main() -> ExitCode {
             // Not through the logger: the reason must reach the user even with RUST_LOG=off.
             eprintln!("ubcache: error: {err}");
             ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(1))
+        }
+    }
+}
+
+fn run_ctl(command: &ubcache::ctl::cli::CtlCommand) -> Result<ExitCode, ServeError> {
+    let mut out = std::io::stdout();
+    let mut progress = std::io::stderr();
+    match ubcache::ctl::cli::run_cli(
+        command,
+        std::path::Path::new(serve::DEFAULT_DATA_DIR),
+        &mut out,
+        &mut progress,
+    ) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("ubcache: error: {}", e.message());
+            Ok(ExitCode::from(1))
         }
     }
 }

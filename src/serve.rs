@@ -24,10 +24,11 @@ pub mod admin;
 pub mod devs;
 
 pub use crate::cache::CacheMode;
-use crate::cache::{
-    CacheConfig, CacheError, CacheSet, FormatOptions, RecoveryReport, WritebackConfig, WritebackThread,
-};
+use crate::cache::{CacheConfig, CacheError, CacheSet, CachedDev, FormatOptions, RecoveryReport};
+use crate::ctl::metrics::MetricsServer;
+use crate::ctl::server::{CtlServer, CtlServerConfig};
 use crate::format::{BackingState, BackingSuperblock};
+use crate::writeback::{WritebackConfig, WritebackThread};
 use devs::{AlignedDev, OffsetDev};
 
 use crate::dev::{BlockDev, DevError, FileDev, FileDevOptions, SECTOR_SIZE};
@@ -90,6 +91,10 @@ pub struct ServeOptions {
     pub size: Option<u64>,
     /// Server worker threads; `None` means one per CPU.
     pub threads: Option<usize>,
+    /// The control socket of a cached serve; `None` means `<data_dir>/ubcache.ctl`.
+    pub ctl_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address (needs a cache).
+    pub metrics: Option<SocketAddr>,
     /// Where device calls run: on the workers (cheap for page-cache hits) or on a blocking pool
     /// (a slow call, like an fsync, does not hold a worker).
     pub device_calls: DeviceCalls,
@@ -110,6 +115,8 @@ impl Default for ServeOptions {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             size: None,
             threads: None,
+            ctl_socket: None,
+            metrics: None,
             device_calls: DeviceCalls::default(),
         }
     }
@@ -127,6 +134,9 @@ pub enum ServeError {
     /// The cache file cannot be used (missing, not formatted, locked, a system call failed).
     #[error("cache file {path}: {reason}")]
     CacheUnusable { path: PathBuf, reason: String },
+    /// The control socket or the metrics listener could not start.
+    #[error("control plane: {0}")]
+    Ctl(#[from] crate::ctl::CtlError),
     /// The cache engine refused or failed to open the set, or failed on shutdown.
     #[error("cache set {path}: {source}")]
     Cache { path: PathBuf, source: CacheError },
@@ -240,6 +250,11 @@ pub fn validate(opts: &ServeOptions) -> Result<(), ServeError> {
                 )));
             }
         }
+    }
+    if opts.metrics.is_some() && cache_choice(opts).is_none() {
+        return Err(ServeError::Usage(
+            "--metrics needs a cache (the metrics are the cache's statistics); add --cache PATH".into(),
+        ));
     }
     if let Some(cache) = &opts.cache
         && let Some(backing) = opts.backing.iter().find(|b| same_file(b, cache))
@@ -432,6 +447,8 @@ pub struct PreparedExports {
     locks: Vec<BackingLock>,
     /// The open cache set; [`CacheSet::close`] it after serving so the next start replays nothing.
     pub cache_set: Option<CacheSet>,
+    /// The cached devices by export name (for the control socket).
+    pub cached: Vec<(String, Arc<CachedDev>)>,
 }
 
 impl PreparedExports {
@@ -573,7 +590,7 @@ fn build_passthrough(opts: &ServeOptions, specs: &[ExportSpec]) -> Result<Prepar
             read_only: opts.read_only,
         });
     }
-    Ok(PreparedExports { exports, locks, cache_set: None })
+    Ok(PreparedExports { exports, locks, cache_set: None, cached: Vec::new() })
 }
 
 /// A backing device with a superblock served without its cache: refused when that loses data
@@ -774,8 +791,11 @@ fn build_cached(
     log::info!("{}", recovery_line(&cache.path, &set, set.recovery()));
     let devices = set.devices();
     let mut exports = Vec::with_capacity(specs.len());
+    let mut cached = Vec::with_capacity(specs.len());
     // `CacheSet::open` returns the devices in the order the backings were given.
     for (spec, dev) in specs.iter().zip(devices) {
+        let dev = Arc::new(dev);
+        cached.push((spec.name.clone(), Arc::clone(&dev)));
         log::info!(
             "export {:?}: {} cached by {} ({} bytes, mode {mode}, dev id {}{})",
             spec.name,
@@ -792,11 +812,11 @@ fn build_cached(
                 file_name(&spec.backing),
                 file_name(&cache.path)
             ),
-            dev: Arc::new(AlignedDev::new(Arc::new(dev))),
+            dev: Arc::new(AlignedDev::new(dev)),
             read_only: opts.read_only,
         });
     }
-    Ok(PreparedExports { exports, locks, cache_set: Some(set) })
+    Ok(PreparedExports { exports, locks, cache_set: Some(set), cached })
 }
 
 /// The URI a client uses to reach `export_name` through `addr` (the NBD URI specification:
@@ -839,25 +859,20 @@ pub fn ready_line(export_name: &str, uri: &str) -> String {
 /// until SIGINT or SIGTERM. On the first signal the server stops accepting, finishes in-flight
 /// requests and syncs every export; a second signal exits at once.
 pub fn run(opts: &ServeOptions) -> Result<(), ServeError> {
-    let (exports, _locks, cache_set) = build_exports(opts)?.into_parts();
+    let mut prepared = build_exports(opts)?;
+    let cached = std::mem::take(&mut prepared.cached);
+    let (exports, _locks, cache_set) = prepared.into_parts();
     let listen = listen_addrs(opts);
-    // The writeback thread runs whenever there is a cache: it idles while nothing is dirty, and
-    // writes back dirty data left by an earlier run in writeback mode whatever the mode is now.
-    let writeback = match &cache_set {
-        Some(set) => {
-            Some(WritebackThread::start(set, WritebackConfig::default()).map_err(ServeError::Runtime)?)
-        }
+    let plane = match &cache_set {
+        Some(set) => Some(ControlPlane::start(opts, set, cached)?),
         None => None,
     };
     let served = build_runtime(opts.threads).map_err(ServeError::Runtime).and_then(|runtime| {
         let config = ServerConfig { exports, device_calls: opts.device_calls, ..ServerConfig::default() };
         runtime.block_on(serve_until_signal(config, &listen))
     });
-    // Stop writeback before closing: close checkpoints, and a step racing it would only redo work.
-    if let Some(thread) = writeback
-        && let Err(e) = thread.stop()
-    {
-        log::error!("the writeback thread stopped with an error: {e}");
+    if let Some(plane) = plane {
+        plane.stop();
     }
     if let Some(set) = cache_set {
         let path = opts.cache.clone().unwrap_or_else(|| opts.data_dir.join(DEFAULT_CACHE_FILE));
@@ -868,6 +883,59 @@ pub fn run(opts: &ServeOptions) -> Result<(), ServeError> {
         );
     }
     served
+}
+
+/// What runs next to a cached export: the writeback thread, the control socket and, if asked,
+/// the metrics endpoint.
+struct ControlPlane {
+    writeback: WritebackThread,
+    ctl: CtlServer,
+    metrics: Option<MetricsServer>,
+}
+
+impl ControlPlane {
+    fn start(
+        opts: &ServeOptions,
+        set: &CacheSet,
+        cached: Vec<(String, Arc<CachedDev>)>,
+    ) -> Result<Self, ServeError> {
+        let set = Arc::new(set.clone());
+        // The writeback thread runs whenever there is a cache: it idles while nothing is dirty,
+        // and writes back dirty data left by an earlier run in writeback mode whatever the mode
+        // is now (or after `ubcache set-mode`).
+        let writeback = WritebackThread::start(Arc::clone(&set), WritebackConfig::default());
+        let target = crate::engine_ctl::control_target(set, cached);
+        let socket = opts.ctl_socket.clone().unwrap_or_else(|| crate::ctl::socket_path(&opts.data_dir));
+        if let Some(dir) = socket.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| ServeError::DataDir { path: dir.to_path_buf(), source })?;
+        }
+        let ctl = CtlServer::start(&socket, Arc::clone(&target), CtlServerConfig::default())?;
+        log::info!("control socket at {} (ubcache stats|set-mode|set|knobs|flush|detach)", socket.display());
+        let metrics = match opts.metrics {
+            Some(addr) => {
+                let server = MetricsServer::start(addr, target)?;
+                log::info!("metrics at http://{}/metrics", server.local_addr());
+                Some(server)
+            }
+            None => None,
+        };
+        Ok(Self { writeback, ctl, metrics })
+    }
+
+    /// Stops the control plane, then writeback (before the set is closed: close checkpoints,
+    /// and a writeback step racing it would only redo work).
+    fn stop(self) {
+        self.ctl.stop();
+        if let Some(m) = self.metrics {
+            m.stop();
+        }
+        if let Err(e) = self.writeback.stop() {
+            log::error!("the writeback thread stopped with an error: {e}");
+        }
+    }
 }
 
 async fn serve_until_signal(config: ServerConfig, listen: &[ListenAddr]) -> Result<(), ServeError> {

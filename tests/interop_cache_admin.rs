@@ -112,6 +112,8 @@ fn a_cache_with_the_wrong_backing_device_is_refused() {
     assert!(stderr.contains("belongs to cache set"), "{stderr}");
     // The right pair serves.
     let mut server = UbcacheServer::start(&[
+        "--data-dir",
+        s(dir.path()),
         "--cache",
         s(&cache_one),
         "--backing",
@@ -134,6 +136,8 @@ fn a_dirty_backing_device_without_its_cache_is_refused_unless_forced() {
     let dir = tempfile::tempdir().unwrap();
     let (backing, cache) = format_pair(dir.path(), 16 << 20, 8 << 20);
     let mut server = UbcacheServer::start(&[
+        "--data-dir",
+        s(dir.path()),
         "--cache",
         s(&cache),
         "--backing",
@@ -173,8 +177,16 @@ fn a_dirty_backing_device_without_its_cache_is_refused_unless_forced() {
     assert!(forced.stop().success());
 
     // With its cache the write is there, and recovery says what it found.
-    let mut server =
-        UbcacheServer::start(&["--cache", s(&cache), "--backing", s(&backing), "--listen", "127.0.0.1:0"]);
+    let mut server = UbcacheServer::start(&[
+        "--data-dir",
+        s(dir.path()),
+        "--cache",
+        s(&cache),
+        "--backing",
+        s(&backing),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     let log = server.stderr_with("recovery replayed");
     assert!(!log.contains("recovery replayed 0 "), "{log}");
     let out =

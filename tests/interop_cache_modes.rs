@@ -102,8 +102,13 @@ fn fio_verify(uri: &str, extra: &[&str]) {
     );
 }
 
+/// Serves the pair; the control socket goes next to the files (`--data-dir`), so tests running
+/// in parallel do not meet on the default one.
 fn serve(cache: &Path, backing: &Path, mode: &str) -> UbcacheServer {
+    let data_dir = cache.parent().unwrap();
     UbcacheServer::start(&[
+        "--data-dir",
+        s(data_dir),
         "--cache",
         s(cache),
         "--backing",
@@ -210,15 +215,17 @@ fn writeback_data_reaches_home_after_a_switch_to_writethrough() {
     let mut server = serve(&cache, &backing, "writethrough");
     let log = server.stderr_with("recovery replayed");
     assert!(!log.contains(" 0 dirty bytes"), "the SIGKILLed writeback run left dirty data: {log}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    loop {
-        let image = std::fs::read(&backing).unwrap();
-        if &image[(8192 + QEMU_BASE) as usize..] == qemu_model().as_slice() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "dirty data was not written home within 60 s");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    // `ubcache flush` over the control socket writes it all home and waits for the end.
+    let data_dir = s(dir.path());
+    common::ubcache_ok(&["flush", "--data-dir", data_dir]);
+    let image = std::fs::read(&backing).unwrap();
+    assert!(
+        &image[(8192 + QEMU_BASE) as usize..] == qemu_model().as_slice(),
+        "after `ubcache flush` the backing file holds every write"
+    );
+    let stats = common::ubcache_ok(&["stats", "--json", "--data-dir", data_dir]);
+    assert!(stats.contains("dirty"), "{stats}");
+    common::ubcache_ok(&["set-mode", "writearound", "--data-dir", data_dir]);
     qemu_io(server.uri(), &qemu_reads());
     stop_and_check(&mut server, &cache, &backing);
 }
