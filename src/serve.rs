@@ -439,6 +439,36 @@ pub fn open_backing(spec: &ExportSpec, opts: &ServeOptions) -> Result<FileDev, S
     }
 }
 
+/// Whether a `--backing` argument is an NBD URI (a remote backing device) rather than a path.
+#[must_use]
+pub fn is_nbd_uri(backing: &Path) -> bool {
+    backing.to_str().is_some_and(|s| s.starts_with("nbd://") || s.starts_with("nbd+unix://"))
+}
+
+/// Opens the backing device of `spec`: a local file or block device (locked, see
+/// [`BackingLock`]), or a remote NBD export through [`crate::dev::NbdDev`] (no lock: the remote
+/// server owns it).
+pub fn open_backing_dev(
+    spec: &ExportSpec,
+    opts: &ServeOptions,
+) -> Result<(Arc<dyn BlockDev>, Option<BackingLock>), ServeError> {
+    if is_nbd_uri(&spec.backing) {
+        let uri = spec.backing.to_string_lossy();
+        let dev = crate::dev::NbdDev::connect(&uri)
+            .map_err(|source| ServeError::Backing { path: spec.backing.clone(), source })?;
+        if dev.is_empty() {
+            return Err(ServeError::BackingUnusable {
+                path: spec.backing.clone(),
+                reason: "the export is empty".into(),
+            });
+        }
+        return Ok((Arc::new(dev), None));
+    }
+    let dev = open_backing(spec, opts)?;
+    let lock = BackingLock::acquire(dev.path(), opts.read_only)?;
+    Ok((Arc::new(dev), Some(lock)))
+}
+
 /// The exports to serve, with the locks that keep other ubcache processes off their files for
 /// as long as this value lives, and the cache set behind them (if any).
 #[derive(Debug)]
@@ -551,10 +581,9 @@ fn build_passthrough(opts: &ServeOptions, specs: &[ExportSpec]) -> Result<Prepar
     let mut exports = Vec::with_capacity(specs.len());
     let mut locks = Vec::with_capacity(specs.len());
     for spec in specs {
-        let dev = open_backing(spec, opts)?;
-        locks.push(BackingLock::acquire(dev.path(), opts.read_only)?);
-        let path = dev.path().to_path_buf();
-        let dev: Arc<dyn BlockDev> = Arc::new(dev);
+        let (dev, lock) = open_backing_dev(spec, opts)?;
+        locks.extend(lock);
+        let path = spec.backing.clone();
         let sb = crate::format::read_backing_superblock(dev.as_ref()).map_err(|e| {
             ServeError::BackingUnusable {
                 path: path.clone(),
@@ -755,9 +784,9 @@ fn build_cached(
     let mut backings: Vec<Arc<dyn BlockDev>> = Vec::with_capacity(specs.len());
     let writable = ServeOptions { read_only: false, ..opts.clone() };
     for spec in specs {
-        let dev = open_backing(spec, &writable)?;
-        locks.push(BackingLock::acquire(dev.path(), false)?);
-        match crate::format::read_backing_superblock(&dev) {
+        let (dev, lock) = open_backing_dev(spec, &writable)?;
+        locks.extend(lock);
+        match crate::format::read_backing_superblock(dev.as_ref()) {
             Ok(Some(_)) => {}
             Ok(None) => {
                 return Err(ServeError::Refused {
@@ -781,7 +810,7 @@ fn build_cached(
                 });
             }
         }
-        backings.push(Arc::new(dev));
+        backings.push(dev);
     }
     let mode = opts.mode.unwrap_or(DEFAULT_CACHED_MODE);
     let cfg = CacheConfig { mode, ..CacheConfig::default() };

@@ -134,9 +134,17 @@ pub fn format_cache(req: &FormatRequest) -> Result<FormatSummary, ServeError> {
     let mut backings: Vec<Arc<dyn BlockDev>> = Vec::with_capacity(req.backing.len());
     let mut locks = Vec::with_capacity(req.backing.len());
     for path in &req.backing {
-        let dev = FileDev::open(path, &FileDevOptions::default())
-            .map_err(|source| ServeError::Backing { path: path.clone(), source })?;
-        locks.push(BackingLock::acquire(path, false)?);
+        let dev: Arc<dyn BlockDev> = if super::is_nbd_uri(path) {
+            Arc::new(
+                crate::dev::NbdDev::connect(&path.to_string_lossy())
+                    .map_err(|source| ServeError::Backing { path: path.clone(), source })?,
+            )
+        } else {
+            let dev = FileDev::open(path, &FileDevOptions::default())
+                .map_err(|source| ServeError::Backing { path: path.clone(), source })?;
+            locks.push(BackingLock::acquire(path, false)?);
+            Arc::new(dev)
+        };
         if dev.len() <= format::BACKING_DATA_OFFSET_BYTES {
             return Err(ServeError::BackingUnusable {
                 path: path.clone(),
@@ -147,8 +155,8 @@ pub fn format_cache(req: &FormatRequest) -> Result<FormatSummary, ServeError> {
                 ),
             });
         }
-        check_backing_for_format(path, &dev, req.force)?;
-        backings.push(Arc::new(dev));
+        check_backing_for_format(path, dev.as_ref(), req.force)?;
+        backings.push(dev);
     }
     let cache: Arc<dyn BlockDev> = Arc::new(cache);
     let set_uuid = crate::cache::format(&cache, &backings, opts)
@@ -173,7 +181,7 @@ pub fn format_cache(req: &FormatRequest) -> Result<FormatSummary, ServeError> {
     })
 }
 
-fn check_backing_for_format(path: &Path, dev: &FileDev, force: bool) -> Result<(), ServeError> {
+fn check_backing_for_format(path: &Path, dev: &dyn BlockDev, force: bool) -> Result<(), ServeError> {
     let problem = match format::read_backing_superblock(dev) {
         Ok(Some(sb)) => match sb.state {
             BackingState::Dirty => Some(format!(
