@@ -194,7 +194,7 @@ impl EngineControl {
     /// Writes every dirty byte home (coalesced batches, full speed), then marks the backing
     /// devices Clean.
     fn drain(&self) -> Result<(), CtlError> {
-        FlushStep::new(Arc::clone(&self.set), WritebackConfig::default())
+        FlushStep::new(Arc::clone(&self.set), WritebackConfig::for_flush())
             .run_to_end()
             .map(drop)
             .map_err(failed)
@@ -306,7 +306,7 @@ impl ControlTarget for EngineControl {
     }
 
     fn start_flush(&self) -> Result<(), CtlError> {
-        let mut step = FlushStep::new(Arc::clone(&self.set), WritebackConfig::default());
+        let mut step = FlushStep::new(Arc::clone(&self.set), WritebackConfig::for_flush());
         self.flush.start(move || step.step().map_err(|e| e.to_string()))
     }
 

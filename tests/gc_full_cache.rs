@@ -102,6 +102,9 @@ fn sustained_random_writes(with_thread: bool) -> (Arc<CacheSet>, Arc<dyn BlockDe
     // Not a speed check: a generous bound that a deadlock would blow.
     assert!(started.elapsed() < Duration::from_secs(120), "the workload took {:?}", started.elapsed());
     if let Some(t) = thread {
+        let status = t.status();
+        // The cache fills with dirty data: the thread must have gone full speed.
+        assert!(status.urgent_batches > 0, "{status:?}");
         t.stop().unwrap();
     }
     let mut all = vec![0u8; model.len()];

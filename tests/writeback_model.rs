@@ -255,15 +255,19 @@ fn mode_switches_in_every_direction_under_load_keep_data_correct() {
             mine
         }));
     }
+    // Switches go through the control target (flush-first drains with `FlushStep`, as
+    // `ubcache set-mode --flush-first` does).
+    let target =
+        ubcache::engine_ctl::control_target(Arc::clone(&set), vec![("d".to_owned(), Arc::clone(&dev))]);
     let mut switches = 0;
     for from in CacheMode::ALL {
         for to in CacheMode::ALL {
             if from == to {
                 continue;
             }
-            dev.set_mode(from, false).unwrap();
+            target.set_mode(None, from, false).unwrap();
             std::thread::sleep(Duration::from_millis(5));
-            dev.set_mode(to, switches % 2 == 0).unwrap();
+            target.set_mode(Some("d"), to, switches % 2 == 0).unwrap();
             switches += 1;
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -147,8 +147,8 @@ macro_rules! define_counters {
 }
 
 define_counters! {
-    ReadHits => read_hits: "Read requests served entirely from the cache.",
-    ReadMisses => read_misses: "Read requests that needed the backing device.",
+    ReadHits => read_hits: "Read hits: sectors served from the cache.",
+    ReadMisses => read_misses: "Read misses: sectors read from the backing device.",
     WriteCached => write_cached: "Write requests whose data went into the cache.",
     BypassMode => bypass_mode: "Requests that bypassed the cache because of the cache mode (writearound or none).",
     BypassSequential => bypass_sequential: "Requests that bypassed the cache: part of a sequential stream past the cutoff.",

@@ -1,0 +1,137 @@
+//! Rule 6 against a key buffer filled earlier: a writethrough write that replaces a dirty key on
+//! backing *between* the writeback scan and the writeback of that key must win. The writeback
+//! of the first key is parked on its backing write (so the scan is done and the second key is
+//! still queued) while a writethrough write of the second key's range completes; then the
+//! writeback resumes.
+//!
+//! - `ubcache::writeback` (`CacheSet::write_back_keys`) re-checks each key under the range
+//!   lock and skips the replaced one: backing ends with the newer data.
+//! - The engine's own `CacheSet::writeback_step` (used by `flush_dirty`, `set_mode` with
+//!   flush-first, `detach` and the write path when the cache is full) does not re-check: it
+//!   writes the stale copy over the newer data while a clean key claims the newer data. That
+//!   test is `#[ignore]`d until the engine is fixed (run: `cargo test --test writeback_races --
+//!   --ignored`).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod cache_support;
+
+use cache_support::{format_open, tiny_config};
+use parking_lot::{Condvar, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
+use ubcache::cache::{CacheMode, CacheSet};
+use ubcache::dev::{BlockDev, DevResult, MemDev};
+use ubcache::format::read_backing_superblock;
+use ubcache::wbpolicy::CoalesceLimits;
+use ubcache_btree::Pos;
+
+const SECTOR: u64 = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Off,
+    Armed(u64),
+    Parked,
+    Released,
+}
+
+/// A MemDev whose next write at one offset parks until released.
+#[derive(Debug)]
+struct GatedDev {
+    inner: MemDev,
+    gate: Mutex<Gate>,
+    changed: Condvar,
+}
+
+impl GatedDev {
+    fn new(len: u64) -> Self {
+        Self { inner: MemDev::new(len), gate: Mutex::new(Gate::Off), changed: Condvar::new() }
+    }
+    fn wait_parked(&self) {
+        let mut g = self.gate.lock();
+        while *g != Gate::Parked {
+            assert!(!self.changed.wait_for(&mut g, Duration::from_secs(30)).timed_out(), "never parked");
+        }
+    }
+    fn release(&self) {
+        *self.gate.lock() = Gate::Released;
+        self.changed.notify_all();
+    }
+}
+
+impl BlockDev for GatedDev {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        {
+            let mut g = self.gate.lock();
+            if *g == Gate::Armed(offset) {
+                *g = Gate::Parked;
+                self.changed.notify_all();
+                while *g == Gate::Parked {
+                    self.changed.wait(&mut g);
+                }
+            }
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> DevResult<()> {
+        self.inner.sync()
+    }
+}
+
+/// Runs the race with `writeback` as the writeback under test; returns whether backing holds
+/// the newer data of the second range afterwards.
+fn race(writeback: impl FnOnce(&CacheSet) + Send + 'static) -> bool {
+    let cache: Arc<dyn BlockDev> = Arc::new(MemDev::new(1 << 20));
+    let gated = Arc::new(GatedDev::new(8192 + (1 << 20)));
+    let backing: Arc<dyn BlockDev> = Arc::clone(&gated) as Arc<dyn BlockDev>;
+    let set = Arc::new(format_open(&cache, &backing, tiny_config(CacheMode::Writeback)));
+    set.set_sequential_cutoff(0);
+    let dev = set.devices().remove(0);
+    let data_offset = read_backing_superblock(backing.as_ref()).unwrap().unwrap().data_offset_bytes;
+    // Two dirty keys with a gap between them (never merged, never coalesced).
+    dev.write_at(&[1u8; 4096], 0).unwrap();
+    dev.write_at(&[2u8; 4096], 64 * SECTOR).unwrap();
+    *gated.gate.lock() = Gate::Armed(data_offset);
+    let wb_set = Arc::clone(&set);
+    let handle = std::thread::spawn(move || writeback(&wb_set));
+    gated.wait_parked();
+    // The first key's writeback is parked; the second key was scanned and waits. A
+    // writethrough write replaces the second key's data on backing and in the cache.
+    dev.set_mode(CacheMode::Writethrough, false).unwrap();
+    dev.write_at(&[3u8; 4096], 64 * SECTOR).unwrap();
+    gated.release();
+    handle.join().unwrap();
+    let mut read = vec![0u8; 4096];
+    dev.read_at(&mut read, 64 * SECTOR).unwrap();
+    assert_eq!(read, vec![3u8; 4096], "the cache serves the newer data");
+    let mut raw = vec![0u8; 4096];
+    backing.read_at(&mut raw, data_offset + 64 * SECTOR).unwrap();
+    raw == vec![3u8; 4096]
+}
+
+#[test]
+fn write_back_keys_skips_a_key_replaced_on_backing_after_the_scan() {
+    let newest_on_backing = race(|set| {
+        let keys = set.scan_dirty(Pos::MIN, 100).unwrap().keys;
+        assert_eq!(keys.len(), 2);
+        let report =
+            set.write_back_keys(&keys, CoalesceLimits { max_io_len: 2048, max_extents: 64 }).unwrap();
+        assert_eq!((report.keys_written, report.keys_skipped), (1, 1), "{report:?}");
+    });
+    assert!(newest_on_backing, "the stale copy of the second key overwrote the newer data on backing");
+}
+
+#[test]
+#[ignore = "engine bug: CacheSet::writeback_step does not re-check keys under the range lock"]
+fn engine_writeback_step_skips_a_key_replaced_on_backing_after_the_scan() {
+    let newest_on_backing = race(|set| {
+        set.writeback_step(16).unwrap();
+    });
+    assert!(newest_on_backing, "the stale copy of the second key overwrote the newer data on backing");
+}
