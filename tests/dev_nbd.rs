@@ -224,6 +224,84 @@ fn trim_write_zeroes_and_prefetch_reach_the_server() {
     dev.prefetch(0, 1 << 20).unwrap();
 }
 
+/// Records which `BlockDev` call the server made for each request.
+#[derive(Debug)]
+struct RecordingDev {
+    inner: MemDev,
+    calls: parking_lot::Mutex<Vec<String>>,
+}
+
+impl RecordingDev {
+    fn new(len: u64) -> Self {
+        Self { inner: MemDev::new(len), calls: parking_lot::Mutex::new(Vec::new()) }
+    }
+    fn record(&self, call: String) {
+        self.calls.lock().push(call);
+    }
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.calls.lock())
+    }
+}
+
+impl BlockDev for RecordingDev {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        self.record(format!("write {offset} {}", buf.len()));
+        self.inner.write_at(buf, offset)
+    }
+    fn write_at_fua(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        self.record(format!("write_fua {offset} {}", buf.len()));
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> DevResult<()> {
+        self.record("sync".into());
+        Ok(())
+    }
+    fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
+        self.record(format!("discard {offset} {len}"));
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> DevResult<()> {
+        self.record(format!("write_zeroes {offset} {len} may_unmap={may_unmap}"));
+        ubcache::dev::write_zeroes_by_writing(&self.inner, offset, len)
+    }
+    fn prefetch(&self, offset: u64, len: u64) -> DevResult<()> {
+        self.record(format!("prefetch {offset} {len}"));
+        Ok(())
+    }
+}
+
+#[test]
+fn each_call_reaches_the_server_as_its_own_command_and_flags() {
+    let rec = Arc::new(RecordingDev::new(1 << 20));
+    let server = TestServer::serving(rec.clone());
+    let dev = NbdDev::connect(&server.uri).unwrap();
+    let block = [3u8; 4096];
+    dev.write_at(&block, 4096).unwrap();
+    assert_eq!(rec.take(), ["write 4096 4096"]);
+    dev.write_at_fua(&block, 8192).unwrap();
+    assert_eq!(rec.take(), ["write_fua 8192 4096"], "FUA must travel as the FUA flag, not a FLUSH");
+    dev.sync().unwrap();
+    assert_eq!(rec.take(), ["sync"]);
+    dev.discard(0, 65536).unwrap();
+    assert_eq!(rec.take(), ["discard 0 65536"]);
+    dev.write_zeroes(0, 8192, false).unwrap();
+    assert_eq!(
+        rec.take(),
+        ["write_zeroes 0 8192 may_unmap=false"],
+        "NO_HOLE when the range must stay allocated"
+    );
+    dev.write_zeroes(8192, 8192, true).unwrap();
+    assert_eq!(rec.take(), ["write_zeroes 8192 8192 may_unmap=true"]);
+    dev.prefetch(0, 1 << 20).unwrap();
+    assert_eq!(rec.take(), ["prefetch 0 1048576"]);
+}
+
 /// A device that fails writes with a chosen error per 4 KiB block: the server turns each into
 /// its NBD errno, and `NbdDev` must turn it back into the same kind.
 #[derive(Debug)]
