@@ -893,7 +893,16 @@ pub fn run(opts: &ServeOptions) -> Result<(), ServeError> {
     let (exports, _locks, cache_set) = prepared.into_parts();
     let listen = listen_addrs(opts);
     let plane = match &cache_set {
-        Some(set) => Some(ControlPlane::start(opts, set, cached)?),
+        Some(set) => match ControlPlane::start(opts, set, cached) {
+            Ok(plane) => Some(plane),
+            Err(e) => {
+                // Nothing was served: close the set so the next start replays nothing.
+                if let Err(close) = set.clone().close() {
+                    log::error!("closing the cache set after a failed start: {close}");
+                }
+                return Err(e);
+            }
+        },
         None => None,
     };
     let served = build_runtime(opts.threads).map_err(ServeError::Runtime).and_then(|runtime| {
