@@ -226,3 +226,44 @@ fn check_finds_damage_and_says_so_in_its_exit_code() {
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
+
+#[test]
+fn a_cached_serve_exposes_metrics_and_its_control_socket() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (backing, cache) = format_pair(dir.path(), 8 << 20, 8 << 20);
+    let mut server = UbcacheServer::start(&[
+        "--data-dir",
+        s(dir.path()),
+        "--cache",
+        s(&cache),
+        "--backing",
+        s(&backing),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+    ]);
+    let log = server.stderr_with("/metrics");
+    let addr = log
+        .split("metrics at http://")
+        .nth(1)
+        .and_then(|rest| rest.split("/metrics").next())
+        .expect("the metrics address is logged")
+        .to_string();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.") && body.contains("ubcache_"), "{body}");
+    let stats = ubcache_ok(&["stats", "--json", "--data-dir", s(dir.path())]);
+    let _: serde_json::Value = json(&stats);
+    assert!(server.stop().success());
+    // The control socket is removed on a clean stop.
+    assert!(!dir.path().join("ubcache.ctl").exists());
+    // Without a cache there are no statistics to serve.
+    let (code, stderr) = serve_expect_failure(&["--backing", s(&backing), "--metrics", "127.0.0.1:0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--metrics needs a cache"), "{stderr}");
+}
