@@ -11,6 +11,8 @@
 //!   checkpoint, writeback) and `CachedDev`, a backing device served through the cache.
 //! - [`check`]: fsck, cross-checking btree x allocator x journal.
 //! - [`serve`]: `ubcache serve`: options, default files, exports, running the server.
+//! - [`cache`]: the cache set engine (`CacheSet`, per-backing `CachedDev`, modes, recovery).
+//! - [`check`]: fsck of a cache set.
 //! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics.
 //! - [`wbpolicy`]: writeback policy as pure functions (rate controller, extent coalescing).
 //! - [`writeback`]: the background writeback thread (key buffer, coalescing, rate control).

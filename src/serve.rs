@@ -1,17 +1,39 @@
 //! `ubcache serve`: turns command-line options into NBD exports and runs the server until
 //! SIGINT or SIGTERM asks it to stop.
 //!
-//! Until the cache set exists every export is a passthrough of its backing file (mode `none`);
-//! asking for a cache or a caching mode is refused with [`ServeError::NotYetSupported`] rather
-//! than silently serving something else than what was asked for.
+//! Three ways to serve (decided by [`cache_choice`]):
+//! - **no arguments**: the default pair in the data directory, `backing.img` (1 GiB) cached by
+//!   `cache.img` (256 MiB); both are created and formatted on the first start (only when both are
+//!   missing: a half-present pair is refused with a hint, never silently replaced).
+//! - **`--cache C --backing B...`**: a formatted cache set (see `ubcache format`) serving each
+//!   backing device through the cache, default mode writethrough (like bcache).
+//! - **`--backing B...` without a cache**: a passthrough (mode `none`). A raw image is served
+//!   whole; a device with a ubcache backing superblock is served from its data offset (8 KiB),
+//!   and refused when its cache may hold data it lacks (state Dirty) or would go stale (attached,
+//!   writable), unless `--force`.
+//!
+//! A raw backing image (no ubcache superblock) given with `--cache` is refused with a hint to run
+//! `ubcache format`: formatting writes an 8 KiB header at its start and shifts the export, which
+//! must be a deliberate act, never a side effect of serving.
 //!
 //! The library half of the CLI lives here (validation, default files, building exports, running
 //! the server) so it can be unit-tested without spawning a process; `main.rs` only parses flags.
+//! `ubcache format`, `show` and `check` live in [`admin`].
+
+pub mod admin;
+pub mod devs;
+
+pub use crate::cache::CacheMode;
+use crate::cache::{CacheConfig, CacheError, CacheSet, CachedDev, FormatOptions, RecoveryReport};
+use crate::ctl::metrics::MetricsServer;
+use crate::ctl::server::{CtlServer, CtlServerConfig};
+use crate::format::{BackingState, BackingSuperblock};
+use crate::writeback::{WritebackConfig, WritebackThread};
+use devs::{AlignedDev, OffsetDev};
 
 use crate::dev::{BlockDev, DevError, FileDev, FileDevOptions, SECTOR_SIZE};
 use crate::nbd::server::DeviceCalls;
 use crate::nbd::{Export, ListenAddr, Server, ServerConfig, ServerError, build_runtime};
-use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,37 +53,20 @@ pub const DEFAULT_BACKING_SIZE: u64 = 1 << 30;
 pub const MAX_EXPORT_NAME_BYTES: usize = 4096;
 /// Largest size we accept: file offsets are `off_t`, a signed 64-bit integer.
 pub const MAX_SIZE: u64 = i64::MAX as u64;
-
-/// How writes use the cache. Only [`CacheMode::None`] works until the cache set exists.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum CacheMode {
-    /// Write the backing device and the cache; acknowledge when both are done.
-    Writethrough,
-    /// Write the cache only; a background thread copies dirty data home later.
-    Writeback,
-    /// Write the backing device and invalidate the cached range; reads still populate the cache.
-    Writearound,
-    /// Backing device only: a passthrough.
-    None,
-}
-
-impl fmt::Display for CacheMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CacheMode::Writethrough => "writethrough",
-            CacheMode::Writeback => "writeback",
-            CacheMode::Writearound => "writearound",
-            CacheMode::None => "none",
-        })
-    }
-}
+/// The name of the cache file created in the data directory when no argument names the files.
+pub const DEFAULT_CACHE_FILE: &str = "cache.img";
+/// Size of the default cache file: 256 MiB, created sparse.
+pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
+/// The mode of a cached export when `--mode` is not given (bcache's default too).
+pub const DEFAULT_CACHED_MODE: CacheMode = CacheMode::Writethrough;
 
 /// Everything `ubcache serve` needs, already parsed.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// The backing files or block devices, one per export; empty means `<data_dir>/backing.img`.
     pub backing: Vec<PathBuf>,
-    /// The cache file or device (not supported yet).
+    /// The cache file or device (formatted with `ubcache format`). `None` with an empty
+    /// `backing` means the default pair in `data_dir`; `None` with `backing` is a passthrough.
     pub cache: Option<PathBuf>,
     /// TCP addresses to listen on. Empty with no `socket` means [`DEFAULT_LISTEN`].
     pub listen: Vec<SocketAddr>,
@@ -70,8 +75,11 @@ pub struct ServeOptions {
     /// The export names clients ask for, one per `backing`, in the same order. Empty means one
     /// export named `""` (the default export).
     pub export_names: Vec<String>,
-    /// The cache mode; `None` picks `none` (the only mode that works without a cache).
+    /// The cache mode; `None` picks [`DEFAULT_CACHED_MODE`] with a cache, `none` without.
     pub mode: Option<CacheMode>,
+    /// Serve what would otherwise be refused to protect data: a Dirty backing device without
+    /// its cache (its cached writes are lost), an attached one writable without its cache.
+    pub force: bool,
     /// Refuse writes.
     pub read_only: bool,
     /// Open backing files with O_DIRECT where the file system allows it (bypasses the page cache;
@@ -83,6 +91,10 @@ pub struct ServeOptions {
     pub size: Option<u64>,
     /// Server worker threads; `None` means one per CPU.
     pub threads: Option<usize>,
+    /// The control socket of a cached serve; `None` means `<data_dir>/ubcache.ctl`.
+    pub ctl_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics over HTTP on this address (needs a cache).
+    pub metrics: Option<SocketAddr>,
     /// Where device calls run: on the workers (cheap for page-cache hits) or on a blocking pool
     /// (a slow call, like an fsync, does not hold a worker).
     pub device_calls: DeviceCalls,
@@ -97,11 +109,14 @@ impl Default for ServeOptions {
             socket: None,
             export_names: Vec::new(),
             mode: None,
+            force: false,
             read_only: false,
             direct: false,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             size: None,
             threads: None,
+            ctl_socket: None,
+            metrics: None,
             device_calls: DeviceCalls::default(),
         }
     }
@@ -113,11 +128,18 @@ pub enum ServeError {
     /// The options contradict each other or are out of range.
     #[error("{0}")]
     Usage(String),
-    /// A feature that is planned but not built yet.
-    #[error(
-        "{0} is not yet supported: the cache is not implemented yet; only --mode none (passthrough) works"
-    )]
-    NotYetSupported(String),
+    /// Serving this would lose or hide data; `--force` overrides where that is allowed.
+    #[error("{path}: {reason}")]
+    Refused { path: PathBuf, reason: String },
+    /// The cache file cannot be used (missing, not formatted, locked, a system call failed).
+    #[error("cache file {path}: {reason}")]
+    CacheUnusable { path: PathBuf, reason: String },
+    /// The control socket or the metrics listener could not start.
+    #[error("control plane: {0}")]
+    Ctl(#[from] crate::ctl::CtlError),
+    /// The cache engine refused or failed to open the set, or failed on shutdown.
+    #[error("cache set {path}: {source}")]
+    Cache { path: PathBuf, source: CacheError },
     /// The backing file named with `--backing` does not exist.
     #[error(
         "backing file {path} does not exist (pass --size to create it, or omit --backing to use {default})"
@@ -149,7 +171,7 @@ impl ServeError {
     #[must_use]
     pub fn exit_code(&self) -> i32 {
         match self {
-            ServeError::Usage(_) | ServeError::NotYetSupported(_) => 2,
+            ServeError::Usage(_) => 2,
             _ => 1,
         }
     }
@@ -211,12 +233,36 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
 
 /// Checks the options that need no file system access.
 pub fn validate(opts: &ServeOptions) -> Result<(), ServeError> {
-    if let Some(cache) = &opts.cache {
-        return Err(ServeError::NotYetSupported(format!("--cache {}", cache.display())));
+    if opts.cache.is_some() && opts.backing.is_empty() {
+        return Err(ServeError::Usage(
+            "--cache needs the backing device(s) it caches: add --backing PATH (or give neither \
+             to serve the default pair in the data directory)"
+                .into(),
+        ));
     }
-    match opts.mode {
-        None | Some(CacheMode::None) => {}
-        Some(mode) => return Err(ServeError::NotYetSupported(format!("--mode {mode}"))),
+    if cache_choice(opts).is_none() {
+        match opts.mode {
+            None | Some(CacheMode::None) => {}
+            Some(mode) => {
+                return Err(ServeError::Usage(format!(
+                    "--mode {mode} needs a cache: add --cache PATH (format one with `ubcache format \
+                     --cache PATH --backing PATH --size 256M`); without a cache only --mode none works"
+                )));
+            }
+        }
+    }
+    if opts.metrics.is_some() && cache_choice(opts).is_none() {
+        return Err(ServeError::Usage(
+            "--metrics needs a cache (the metrics are the cache's statistics); add --cache PATH".into(),
+        ));
+    }
+    if let Some(cache) = &opts.cache
+        && let Some(backing) = opts.backing.iter().find(|b| same_file(b, cache))
+    {
+        return Err(ServeError::Usage(format!(
+            "{} is given as both the cache and a backing device",
+            backing.display()
+        )));
     }
     for name in &opts.export_names {
         if name.len() > MAX_EXPORT_NAME_BYTES {
@@ -393,26 +439,61 @@ pub fn open_backing(spec: &ExportSpec, opts: &ServeOptions) -> Result<FileDev, S
     }
 }
 
-/// The exports to serve, with the locks that keep other ubcache processes off their backing
-/// files for as long as this value lives.
+/// Whether a `--backing` argument is an NBD URI (a remote backing device) rather than a path.
+#[must_use]
+pub fn is_nbd_uri(backing: &Path) -> bool {
+    backing.to_str().is_some_and(|s| s.starts_with("nbd://") || s.starts_with("nbd+unix://"))
+}
+
+/// Opens the backing device of `spec`: a local file or block device (locked, see
+/// [`BackingLock`]), or a remote NBD export through [`crate::dev::NbdDev`] (no lock: the remote
+/// server owns it).
+pub fn open_backing_dev(
+    spec: &ExportSpec,
+    opts: &ServeOptions,
+) -> Result<(Arc<dyn BlockDev>, Option<BackingLock>), ServeError> {
+    if is_nbd_uri(&spec.backing) {
+        let uri = spec.backing.to_string_lossy();
+        let dev = crate::dev::NbdDev::connect(&uri)
+            .map_err(|source| ServeError::Backing { path: spec.backing.clone(), source })?;
+        if dev.is_empty() {
+            return Err(ServeError::BackingUnusable {
+                path: spec.backing.clone(),
+                reason: "the export is empty".into(),
+            });
+        }
+        return Ok((Arc::new(dev), None));
+    }
+    let dev = open_backing(spec, opts)?;
+    let lock = BackingLock::acquire(dev.path(), opts.read_only)?;
+    Ok((Arc::new(dev), Some(lock)))
+}
+
+/// The exports to serve, with the locks that keep other ubcache processes off their files for
+/// as long as this value lives, and the cache set behind them (if any).
 #[derive(Debug)]
 pub struct PreparedExports {
     pub exports: Vec<Export>,
     locks: Vec<BackingLock>,
+    /// The open cache set; [`CacheSet::close`] it after serving so the next start replays nothing.
+    pub cache_set: Option<CacheSet>,
+    /// The cached devices by export name (for the control socket).
+    pub cached: Vec<(String, Arc<CachedDev>)>,
 }
 
 impl PreparedExports {
-    /// Hands the exports to the server; the returned locks must outlive serving.
+    /// Hands the exports to the server; the returned locks must outlive serving, and the cache
+    /// set must be closed after it.
     #[must_use]
-    pub fn into_parts(self) -> (Vec<Export>, Vec<BackingLock>) {
-        (self.exports, self.locks)
+    pub fn into_parts(self) -> (Vec<Export>, Vec<BackingLock>, Option<CacheSet>) {
+        (self.exports, self.locks, self.cache_set)
     }
 }
 
-/// An advisory `flock` on a backing file: exclusive for a writable export, shared for a
-/// read-only one. Two ubcache processes writing one disk would each trust their own view of it
-/// (and, once cached, each its own cache), so the second one is refused at start-up. Released
-/// when dropped (the descriptor is closed).
+/// An advisory `flock` on a backing or cache file: exclusive for a writable export, shared for a
+/// read-only one (and for `ubcache show`/`check`). Two ubcache processes writing one disk would
+/// each trust their own view of it (and each its own cache), so the second one is refused at
+/// start-up. Released when dropped (the descriptor is closed).
 #[derive(Debug)]
 pub struct BackingLock {
     _file: std::fs::File,
@@ -421,13 +502,28 @@ pub struct BackingLock {
 impl BackingLock {
     /// Takes the lock without waiting.
     pub fn acquire(path: &Path, read_only: bool) -> Result<Self, ServeError> {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(path).map_err(|source| ServeError::BackingIo {
+        Self::try_acquire(path, read_only).map_err(|(op, source, reason)| match reason {
+            Some(reason) => ServeError::BackingUnusable { path: path.to_path_buf(), reason },
+            None => ServeError::BackingIo { path: path.to_path_buf(), op, source },
+        })
+    }
+
+    /// Like [`BackingLock::acquire`] for a cache file.
+    pub fn acquire_cache(path: &Path, shared: bool) -> Result<Self, ServeError> {
+        Self::try_acquire(path, shared).map_err(|(op, source, reason)| ServeError::CacheUnusable {
             path: path.to_path_buf(),
-            op: "open for locking",
-            source,
-        })?;
-        let mode = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
+            reason: reason.unwrap_or_else(|| format!("cannot {op}: {source}")),
+        })
+    }
+
+    /// `Err((op, io error, reason))`: `reason` is set when the file is locked by someone else.
+    fn try_acquire(
+        path: &Path,
+        shared: bool,
+    ) -> Result<Self, (&'static str, std::io::Error, Option<String>)> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(path).map_err(|e| ("open for locking", e, None))?;
+        let mode = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
         // SAFETY: flock only takes an integer fd and flags; the fd is owned by `file`, which is
         // open for the whole call.
         let rc = unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) };
@@ -440,39 +536,316 @@ impl BackingLock {
         } else {
             format!("cannot lock it: {err}")
         };
-        Err(ServeError::BackingUnusable { path: path.to_path_buf(), reason })
+        Err(("lock", err, Some(reason)))
     }
 }
 
-/// Builds the exports the options describe: a passthrough export per backing file. Everything
-/// is checked before the first file is created, so a usage error leaves nothing behind.
+/// The cache a `serve` uses, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheChoice {
+    pub path: PathBuf,
+    /// The default `<data-dir>/cache.img` (created and formatted with the default backing file
+    /// when both are missing).
+    pub is_default: bool,
+}
+
+/// `--cache` if given; the default cache file when no backing device is named either; none
+/// (a passthrough) for `--backing` alone.
+#[must_use]
+pub fn cache_choice(opts: &ServeOptions) -> Option<CacheChoice> {
+    match (&opts.cache, opts.backing.is_empty()) {
+        (Some(path), _) => Some(CacheChoice { path: path.clone(), is_default: false }),
+        (None, true) => Some(CacheChoice { path: opts.data_dir.join(DEFAULT_CACHE_FILE), is_default: true }),
+        (None, false) => None,
+    }
+}
+
+/// Builds the exports the options describe. Everything that needs no file is checked before
+/// the first file is created, so a usage error leaves nothing behind.
 pub fn build_exports(opts: &ServeOptions) -> Result<PreparedExports, ServeError> {
     validate(opts)?;
     let specs = export_specs(opts)?;
+    match cache_choice(opts) {
+        None => build_passthrough(opts, &specs),
+        Some(cache) => build_cached(opts, &specs, &cache),
+    }
+}
+
+/// The file name only: export descriptions go to every client, the server's directory layout
+/// need not.
+fn file_name(path: &Path) -> String {
+    path.file_name().unwrap_or(path.as_os_str()).to_string_lossy().into_owned()
+}
+
+fn build_passthrough(opts: &ServeOptions, specs: &[ExportSpec]) -> Result<PreparedExports, ServeError> {
     let mut exports = Vec::with_capacity(specs.len());
     let mut locks = Vec::with_capacity(specs.len());
-    for spec in &specs {
-        let dev = open_backing(spec, opts)?;
-        locks.push(BackingLock::acquire(dev.path(), opts.read_only)?);
-        // The file name only: the description goes to every client, the server's directory
-        // layout need not.
-        let file_name = dev.path().file_name().unwrap_or(dev.path().as_os_str()).to_string_lossy();
-        let description = format!("ubcache passthrough of {file_name} (mode none)");
+    for spec in specs {
+        let (dev, lock) = open_backing_dev(spec, opts)?;
+        locks.extend(lock);
+        let path = spec.backing.clone();
+        let sb = crate::format::read_backing_superblock(dev.as_ref()).map_err(|e| {
+            ServeError::BackingUnusable {
+                path: path.clone(),
+                reason: format!(
+                    "it starts with a ubcache backing superblock that does not read back ({e}); refusing \
+                 to guess where its data starts"
+                ),
+            }
+        })?;
+        let (served, kind): (Arc<dyn BlockDev>, String) = match sb {
+            None => (dev, "raw image".to_string()),
+            Some(sb) => {
+                refuse_without_cache(&path, &sb, opts)?;
+                let window = OffsetDev::new(dev, sb.data_offset_bytes)
+                    .map_err(|source| ServeError::Backing { path: path.clone(), source })?;
+                (
+                    Arc::new(window),
+                    format!("data offset {} bytes, state {:?}", sb.data_offset_bytes, sb.state),
+                )
+            }
+        };
         log::info!(
-            "export {:?}: {} ({} bytes, mode none{})",
+            "export {:?}: {} ({} bytes, mode none, {kind}{})",
             spec.name,
-            dev.path().display(),
-            dev.len(),
+            path.display(),
+            served.len(),
             if opts.read_only { ", read-only" } else { "" }
         );
         exports.push(Export {
             name: spec.name.clone(),
-            description,
-            dev: Arc::new(dev),
+            description: format!("ubcache passthrough of {} (mode none)", file_name(&path)),
+            dev: served,
             read_only: opts.read_only,
         });
     }
-    Ok(PreparedExports { exports, locks })
+    Ok(PreparedExports { exports, locks, cache_set: None, cached: Vec::new() })
+}
+
+/// A backing device with a superblock served without its cache: refused when that loses data
+/// (Dirty: the cache holds writes it lacks) or makes the cache stale (attached and writable:
+/// writes here would not invalidate what the cache holds, which would be served again once the
+/// cache is back). `--force` overrides, loudly.
+fn refuse_without_cache(path: &Path, sb: &BackingSuperblock, opts: &ServeOptions) -> Result<(), ServeError> {
+    let problem = match sb.state {
+        BackingState::Dirty => Some(format!(
+            "its superblock says Dirty: cache set {} holds writes this device does not have. Serve it \
+             with that cache (--cache PATH), or pass --force to serve it alone and LOSE those writes",
+            sb.set_uuid
+        )),
+        BackingState::Clean if !sb.set_uuid.is_nil() && !opts.read_only => Some(format!(
+            "it is attached to cache set {}: writing it without the cache would leave stale data in \
+             the cache. Serve it with its cache (--cache PATH), read-only (--read-only), or pass \
+             --force (then reformat or never reuse that cache)",
+            sb.set_uuid
+        )),
+        BackingState::Clean | BackingState::Detached => None,
+    };
+    let Some(problem) = problem else { return Ok(()) };
+    if !opts.force {
+        return Err(ServeError::Refused { path: path.to_path_buf(), reason: problem });
+    }
+    let warning =
+        format!("WARNING: --force: serving {} without its cache although {problem}", path.display());
+    // On stderr directly as well as in the log: a data-loss warning must not depend on RUST_LOG.
+    eprintln!("ubcache: {warning}");
+    log::warn!("{warning}");
+    Ok(())
+}
+
+/// Opens an existing cache file (created only by [`ensure_default_pair`] or `ubcache format`).
+fn open_cache_file(path: &Path, direct: bool, read_only: bool) -> Result<FileDev, ServeError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            return Err(ServeError::CacheUnusable {
+                path: path.to_path_buf(),
+                reason: "it is a directory".into(),
+            });
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ServeError::CacheUnusable {
+                path: path.to_path_buf(),
+                reason: "it does not exist; create and format it with `ubcache format --cache PATH \
+                         --backing PATH --size 256M`"
+                    .into(),
+            });
+        }
+        Err(e) => {
+            return Err(ServeError::CacheUnusable {
+                path: path.to_path_buf(),
+                reason: format!("cannot stat it: {e}"),
+            });
+        }
+    }
+    FileDev::open(path, &FileDevOptions { read_only, create_with_size: None, direct })
+        .map_err(|e| ServeError::CacheUnusable { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// First start without arguments: creates the default backing file and cache file and formats
+/// them as a pair. Only when *both* are missing: one without the other (a raw `backing.img` from
+/// a passthrough-only ubcache, or a lost cache) is refused with a hint, never overwritten.
+fn ensure_default_pair(opts: &ServeOptions, backing: &Path, cache: &Path) -> Result<(), ServeError> {
+    match (backing.exists(), cache.exists()) {
+        (true, true) => return Ok(()),
+        (false, false) => {}
+        (true, false) => {
+            return Err(ServeError::CacheUnusable {
+                path: cache.to_path_buf(),
+                reason: format!(
+                    "it is missing but the default backing file {} exists. Serve that file alone with \
+                     `ubcache serve --backing {}` (mode none), or pair it with a cache using `ubcache \
+                     format --cache {} --backing {} --size 256M` (writes an 8 KiB header at its start)",
+                    backing.display(),
+                    backing.display(),
+                    cache.display(),
+                    backing.display()
+                ),
+            });
+        }
+        (false, true) => {
+            return Err(ServeError::BackingMissing {
+                path: backing.to_path_buf(),
+                default: format!("{} with its cache {}", backing.display(), cache.display()),
+            });
+        }
+    }
+    std::fs::create_dir_all(&opts.data_dir)
+        .map_err(|source| ServeError::DataDir { path: opts.data_dir.clone(), source })?;
+    let backing_size = opts.size.unwrap_or(DEFAULT_BACKING_SIZE);
+    log::info!(
+        "first start: creating {} ({backing_size} bytes) and its cache {} ({DEFAULT_CACHE_SIZE} bytes), sparse",
+        backing.display(),
+        cache.display()
+    );
+    // The cache is formatted under a temporary name and renamed into place last, so a crash
+    // during the first start leaves no half-formatted `cache.img` behind.
+    let tmp = cache.with_extension("img.formatting");
+    let _ = std::fs::remove_file(&tmp);
+    let create = |path: &Path, size: u64| {
+        FileDev::open(path, &FileDevOptions { read_only: false, create_with_size: Some(size), direct: false })
+    };
+    let backing_dev: Arc<dyn BlockDev> = Arc::new(
+        create(backing, backing_size)
+            .map_err(|source| ServeError::Backing { path: backing.to_path_buf(), source })?,
+    );
+    let cache_dev: Arc<dyn BlockDev> = Arc::new(
+        create(&tmp, DEFAULT_CACHE_SIZE)
+            .map_err(|e| ServeError::CacheUnusable { path: tmp.clone(), reason: e.to_string() })?,
+    );
+    let set = crate::cache::format(&cache_dev, &[backing_dev], FormatOptions::default())
+        .map_err(|source| ServeError::Cache { path: cache.to_path_buf(), source })?;
+    std::fs::rename(&tmp, cache).map_err(|e| ServeError::CacheUnusable {
+        path: cache.to_path_buf(),
+        reason: format!("cannot rename {} into place: {e}", tmp.display()),
+    })?;
+    log::info!("formatted cache set {set}: {} caches {}", cache.display(), backing.display());
+    Ok(())
+}
+
+/// One line for the log: what recovery found when the cache set was opened.
+#[must_use]
+pub fn recovery_line(cache: &Path, set: &CacheSet, report: &RecoveryReport) -> String {
+    format!(
+        "cache set {} ({}): recovery replayed {} journal entries{}, {} keys, {} dirty bytes, {} btree nodes",
+        set.uuid(),
+        cache.display(),
+        report.replayed_entries,
+        if report.torn_tail { " (dropped a torn last record)" } else { "" },
+        report.keys,
+        report.dirty_sectors * SECTOR_SIZE,
+        report.nodes
+    )
+}
+
+fn build_cached(
+    opts: &ServeOptions,
+    specs: &[ExportSpec],
+    cache: &CacheChoice,
+) -> Result<PreparedExports, ServeError> {
+    if cache.is_default
+        && let Some(spec) = specs.first()
+    {
+        ensure_default_pair(opts, &spec.backing, &cache.path)?;
+    }
+    // The engine writes at open (recovery ends with a checkpoint), so files are opened writable
+    // even for a read-only export; `read_only` then only refuses the clients' writes.
+    let cache_dev = open_cache_file(&cache.path, opts.direct, false)?;
+    let mut locks = vec![BackingLock::acquire_cache(&cache.path, false)?];
+    if let Err(e) = crate::format::read_cache_superblock(&cache_dev) {
+        return Err(ServeError::CacheUnusable {
+            path: cache.path.clone(),
+            reason: format!(
+                "it is not a formatted ubcache cache ({e}); format it with `ubcache format --cache \
+                 PATH --backing PATH`"
+            ),
+        });
+    }
+    let mut backings: Vec<Arc<dyn BlockDev>> = Vec::with_capacity(specs.len());
+    let writable = ServeOptions { read_only: false, ..opts.clone() };
+    for spec in specs {
+        let (dev, lock) = open_backing_dev(spec, &writable)?;
+        locks.extend(lock);
+        match crate::format::read_backing_superblock(dev.as_ref()) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(ServeError::Refused {
+                    path: spec.backing.clone(),
+                    reason: format!(
+                        "it is a raw image (no ubcache backing superblock), so it cannot be cached. \
+                         Either serve it alone (`ubcache serve --backing {}`, mode none), or attach it \
+                         with `ubcache format --cache {} --backing {}`: that writes an 8 KiB header at \
+                         its start and the export then begins 8 KiB into the device (like bcache's \
+                         make-bcache -B), so do it on a new or empty device",
+                        spec.backing.display(),
+                        cache.path.display(),
+                        spec.backing.display()
+                    ),
+                });
+            }
+            Err(e) => {
+                return Err(ServeError::BackingUnusable {
+                    path: spec.backing.clone(),
+                    reason: format!("its ubcache backing superblock does not read back: {e}"),
+                });
+            }
+        }
+        backings.push(dev);
+    }
+    let mode = opts.mode.unwrap_or(DEFAULT_CACHED_MODE);
+    let cfg = CacheConfig { mode, ..CacheConfig::default() };
+    let cache_dev: Arc<dyn BlockDev> = Arc::new(cache_dev);
+    let set = CacheSet::open(cache_dev, &backings, cfg)
+        .map_err(|source| ServeError::Cache { path: cache.path.clone(), source })?;
+    log::info!("{}", recovery_line(&cache.path, &set, set.recovery()));
+    let devices = set.devices();
+    let mut exports = Vec::with_capacity(specs.len());
+    let mut cached = Vec::with_capacity(specs.len());
+    // `CacheSet::open` returns the devices in the order the backings were given.
+    for (spec, dev) in specs.iter().zip(devices) {
+        let dev = Arc::new(dev);
+        cached.push((spec.name.clone(), Arc::clone(&dev)));
+        log::info!(
+            "export {:?}: {} cached by {} ({} bytes, mode {mode}, dev id {}{})",
+            spec.name,
+            spec.backing.display(),
+            cache.path.display(),
+            dev.len(),
+            dev.dev_id(),
+            if opts.read_only { ", read-only" } else { "" }
+        );
+        exports.push(Export {
+            name: spec.name.clone(),
+            description: format!(
+                "ubcache: {} cached by {} (mode {mode})",
+                file_name(&spec.backing),
+                file_name(&cache.path)
+            ),
+            dev: Arc::new(AlignedDev::new(dev)),
+            read_only: opts.read_only,
+        });
+    }
+    Ok(PreparedExports { exports, locks, cache_set: Some(set), cached })
 }
 
 /// The URI a client uses to reach `export_name` through `addr` (the NBD URI specification:
@@ -515,11 +888,92 @@ pub fn ready_line(export_name: &str, uri: &str) -> String {
 /// until SIGINT or SIGTERM. On the first signal the server stops accepting, finishes in-flight
 /// requests and syncs every export; a second signal exits at once.
 pub fn run(opts: &ServeOptions) -> Result<(), ServeError> {
-    let (exports, _locks) = build_exports(opts)?.into_parts();
+    let mut prepared = build_exports(opts)?;
+    let cached = std::mem::take(&mut prepared.cached);
+    let (exports, _locks, cache_set) = prepared.into_parts();
     let listen = listen_addrs(opts);
-    let runtime = build_runtime(opts.threads).map_err(ServeError::Runtime)?;
-    let config = ServerConfig { exports, device_calls: opts.device_calls, ..ServerConfig::default() };
-    runtime.block_on(serve_until_signal(config, &listen))
+    let plane = match &cache_set {
+        Some(set) => match ControlPlane::start(opts, set, cached) {
+            Ok(plane) => Some(plane),
+            Err(e) => {
+                // Nothing was served: close the set so the next start replays nothing.
+                if let Err(close) = set.clone().close() {
+                    log::error!("closing the cache set after a failed start: {close}");
+                }
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    let served = build_runtime(opts.threads).map_err(ServeError::Runtime).and_then(|runtime| {
+        let config = ServerConfig { exports, device_calls: opts.device_calls, ..ServerConfig::default() };
+        runtime.block_on(serve_until_signal(config, &listen))
+    });
+    if let Some(plane) = plane {
+        plane.stop();
+    }
+    if let Some(set) = cache_set {
+        let path = opts.cache.clone().unwrap_or_else(|| opts.data_dir.join(DEFAULT_CACHE_FILE));
+        let dirty = set.stats().dirty_bytes;
+        set.close().map_err(|source| ServeError::Cache { path, source })?;
+        log::info!(
+            "cache set closed cleanly (checkpointed, nothing to replay); {dirty} dirty bytes stay cached"
+        );
+    }
+    served
+}
+
+/// What runs next to a cached export: the writeback thread, the control socket and, if asked,
+/// the metrics endpoint.
+struct ControlPlane {
+    writeback: WritebackThread,
+    ctl: CtlServer,
+    metrics: Option<MetricsServer>,
+}
+
+impl ControlPlane {
+    fn start(
+        opts: &ServeOptions,
+        set: &CacheSet,
+        cached: Vec<(String, Arc<CachedDev>)>,
+    ) -> Result<Self, ServeError> {
+        let set = Arc::new(set.clone());
+        // The writeback thread runs whenever there is a cache: it idles while nothing is dirty,
+        // and writes back dirty data left by an earlier run in writeback mode whatever the mode
+        // is now (or after `ubcache set-mode`).
+        let writeback = WritebackThread::start(Arc::clone(&set), WritebackConfig::default());
+        let target = crate::engine_ctl::control_target(set, cached);
+        let socket = opts.ctl_socket.clone().unwrap_or_else(|| crate::ctl::socket_path(&opts.data_dir));
+        if let Some(dir) = socket.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|source| ServeError::DataDir { path: dir.to_path_buf(), source })?;
+        }
+        let ctl = CtlServer::start(&socket, Arc::clone(&target), CtlServerConfig::default())?;
+        log::info!("control socket at {} (ubcache stats|set-mode|set|knobs|flush|detach)", socket.display());
+        let metrics = match opts.metrics {
+            Some(addr) => {
+                let server = MetricsServer::start(addr, target)?;
+                log::info!("metrics at http://{}/metrics", server.local_addr());
+                Some(server)
+            }
+            None => None,
+        };
+        Ok(Self { writeback, ctl, metrics })
+    }
+
+    /// Stops the control plane, then writeback (before the set is closed: close checkpoints,
+    /// and a writeback step racing it would only redo work).
+    fn stop(self) {
+        self.ctl.stop();
+        if let Some(m) = self.metrics {
+            m.stop();
+        }
+        if let Err(e) = self.writeback.stop() {
+            log::error!("the writeback thread stopped with an error: {e}");
+        }
+    }
 }
 
 async fn serve_until_signal(config: ServerConfig, listen: &[ListenAddr]) -> Result<(), ServeError> {
@@ -623,16 +1077,21 @@ mod tests {
     }
 
     #[test]
-    fn caching_modes_and_cache_are_refused_until_the_cache_exists() {
+    fn caching_modes_need_a_cache_and_a_cache_needs_backing() {
+        let dir = tempfile::tempdir().unwrap();
+        let backing = vec![dir.path().join("b.img")];
         for mode in [CacheMode::Writethrough, CacheMode::Writeback, CacheMode::Writearound] {
-            let opts = ServeOptions { mode: Some(mode), ..Default::default() };
+            let opts = ServeOptions { mode: Some(mode), backing: backing.clone(), ..Default::default() };
             let err = validate(&opts).unwrap_err();
             assert_eq!(err.exit_code(), 2);
-            assert!(err.to_string().contains(&format!("--mode {mode} is not yet supported")), "{err}");
+            assert!(err.to_string().contains(&format!("--mode {mode} needs a cache")), "{err}");
+            // The default pair has a cache, so every mode is fine there.
+            assert!(validate(&ServeOptions { mode: Some(mode), ..Default::default() }).is_ok());
         }
         let opts = ServeOptions { cache: Some("c.img".into()), ..Default::default() };
-        assert!(validate(&opts).unwrap_err().to_string().contains("--cache c.img is not yet supported"));
-        assert!(validate(&ServeOptions { mode: Some(CacheMode::None), ..Default::default() }).is_ok());
+        assert!(validate(&opts).unwrap_err().to_string().contains("--cache needs the backing"));
+        let same = ServeOptions { cache: Some(backing[0].clone()), backing, ..Default::default() };
+        assert!(validate(&same).unwrap_err().to_string().contains("both the cache and a backing"));
     }
 
     #[test]
@@ -644,28 +1103,116 @@ mod tests {
     }
 
     #[test]
-    fn creates_the_default_backing_file_sparse() {
+    fn creates_and_formats_the_default_pair_sparse_and_reopens_it() {
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("nested").join("data");
-        let opts = ServeOptions { data_dir: data_dir.clone(), ..Default::default() };
-        let exports = build_exports(&opts).unwrap().exports;
+        let opts = ServeOptions { data_dir: data_dir.clone(), size: Some(64 << 20), ..Default::default() };
+        let prepared = build_exports(&opts).unwrap();
+        let (exports, locks, set) = prepared.into_parts();
         assert_eq!(exports.len(), 1);
         assert_eq!(exports[0].name, "");
-        assert_eq!(exports[0].dev.len(), DEFAULT_BACKING_SIZE);
-        let meta = std::fs::metadata(data_dir.join(DEFAULT_BACKING_FILE)).unwrap();
-        assert_eq!(meta.len(), DEFAULT_BACKING_SIZE);
-        {
+        // The backing superblock takes the first 8 KiB of the backing file.
+        assert_eq!(exports[0].dev.len(), (64 << 20) - crate::format::BACKING_DATA_OFFSET_BYTES);
+        let set = set.expect("the default pair is cached");
+        assert_eq!(set.devices()[0].mode(), DEFAULT_CACHED_MODE);
+        for (name, size) in [(DEFAULT_BACKING_FILE, 64 << 20), (DEFAULT_CACHE_FILE, DEFAULT_CACHE_SIZE)] {
+            let meta = std::fs::metadata(data_dir.join(name)).unwrap();
+            assert_eq!(meta.len(), size, "{name}");
             use std::os::unix::fs::MetadataExt;
-            assert!(meta.blocks() * 512 < 1 << 20, "the default backing file must be sparse");
+            assert!(meta.blocks() * 512 < size / 2, "{name} must be created sparse");
         }
-        // A second start reuses the file and keeps what was written.
-        exports[0].dev.write_at(&[0x5a; 512], 4096).unwrap();
+        // Unaligned writes work through the cached export (the engine takes whole sectors).
+        exports[0].dev.write_at(&[0x5a; 700], 4097).unwrap();
         exports[0].dev.sync().unwrap();
         drop(exports);
-        let again = build_exports(&opts).unwrap().exports;
-        let mut buf = [0; 512];
+        set.close().unwrap();
+        drop(locks);
+        // A second start opens the same pair and keeps what was written.
+        let (again, _locks, set) = build_exports(&opts).unwrap().into_parts();
+        assert_eq!(set.as_ref().unwrap().recovery().replayed_entries, 0, "a clean close replays nothing");
+        let mut buf = [0; 702];
         again[0].dev.read_at(&mut buf, 4096).unwrap();
-        assert_eq!(buf, [0x5a; 512]);
+        assert_eq!(buf[0], 0);
+        assert_eq!(buf[1..701], [0x5a; 700]);
+        assert_eq!(buf[701], 0);
+    }
+
+    #[test]
+    fn a_half_present_default_pair_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(DEFAULT_BACKING_FILE), vec![3u8; 1 << 20]).unwrap();
+        let opts = ServeOptions { data_dir: dir.path().to_path_buf(), ..Default::default() };
+        let err = build_exports(&opts).unwrap_err();
+        assert!(err.to_string().contains("serve --backing"), "{err}");
+        assert!(!dir.path().join(DEFAULT_CACHE_FILE).exists());
+        assert_eq!(std::fs::read(dir.path().join(DEFAULT_BACKING_FILE)).unwrap(), vec![3u8; 1 << 20]);
+    }
+
+    #[test]
+    fn a_raw_backing_with_a_cache_is_refused_with_a_format_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("d");
+        let opts = ServeOptions { data_dir: data_dir.clone(), size: Some(16 << 20), ..Default::default() };
+        drop(build_exports(&opts).unwrap());
+        let raw = dir.path().join("raw.img");
+        std::fs::write(&raw, vec![1u8; 1 << 20]).unwrap();
+        let opts = ServeOptions {
+            cache: Some(data_dir.join(DEFAULT_CACHE_FILE)),
+            backing: vec![raw.clone()],
+            ..Default::default()
+        };
+        let err = build_exports(&opts).unwrap_err();
+        assert!(err.to_string().contains("raw image") && err.to_string().contains("ubcache format"), "{err}");
+        assert_eq!(std::fs::read(&raw).unwrap(), vec![1u8; 1 << 20], "nothing written to the raw image");
+    }
+
+    #[test]
+    fn an_attached_backing_alone_is_refused_unless_read_only_or_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("d");
+        let opts = ServeOptions { data_dir: data_dir.clone(), size: Some(16 << 20), ..Default::default() };
+        drop(build_exports(&opts).unwrap());
+        let backing = data_dir.join(DEFAULT_BACKING_FILE);
+        let alone = ServeOptions { backing: vec![backing], ..Default::default() };
+        let err = build_exports(&alone).unwrap_err();
+        assert!(err.to_string().contains("attached to cache set"), "{err}");
+        let ro = build_exports(&ServeOptions { read_only: true, ..alone.clone() }).unwrap();
+        assert_eq!(ro.exports[0].dev.len(), (16 << 20) - 8192, "served from the data offset");
+        drop(ro);
+        assert!(build_exports(&ServeOptions { force: true, ..alone }).is_ok());
+    }
+
+    #[test]
+    fn a_dirty_backing_alone_is_refused_even_read_only_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("d");
+        let cached = ServeOptions {
+            data_dir: data_dir.clone(),
+            size: Some(16 << 20),
+            mode: Some(CacheMode::Writeback),
+            ..Default::default()
+        };
+        let (exports, locks, set) = build_exports(&cached).unwrap().into_parts();
+        exports[0].dev.write_at(&[0xd1; 4096], 0).unwrap();
+        exports[0].dev.sync().unwrap();
+        set.unwrap().close().unwrap();
+        drop((exports, locks));
+        let backing = data_dir.join(DEFAULT_BACKING_FILE);
+        for read_only in [false, true] {
+            let alone = ServeOptions { backing: vec![backing.clone()], read_only, ..Default::default() };
+            let err = build_exports(&alone).unwrap_err();
+            assert!(err.to_string().contains("Dirty") && err.to_string().contains("--force"), "{err}");
+        }
+        let forced = ServeOptions { backing: vec![backing], force: true, ..Default::default() };
+        let exports = build_exports(&forced).unwrap().exports;
+        let mut buf = [0u8; 4096];
+        exports[0].dev.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0; 4096], "the write lives only in the cache: exactly what --force loses");
+        drop(exports);
+        // With its cache the data is there.
+        let (exports, _locks, _set) = build_exports(&cached).unwrap().into_parts();
+        exports[0].dev.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0xd1; 4096]);
     }
 
     #[test]

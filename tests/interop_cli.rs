@@ -66,23 +66,45 @@ fn unix_socket_and_tcp_together_print_one_uri_each() {
 }
 
 #[test]
-fn default_backing_file_is_created_in_the_data_dir() {
+fn default_pair_is_created_formatted_and_served_cached() {
     let dir = tempfile::tempdir().unwrap();
-    // No --backing and no --data-dir: the default data dir is relative to the working directory.
+    // No arguments but a listener: the default data dir is relative to the working directory,
+    // and the first start creates and formats backing.img (1 GiB) with cache.img (256 MiB).
     let mut server = UbcacheServer::start_in(Some(dir.path()), &["--listen", "127.0.0.1:0"], 1);
-    let backing = dir.path().join("ubcache-data").join("backing.img");
-    let meta = std::fs::metadata(&backing).expect("default backing file");
-    assert_eq!(meta.len(), 1 << 30, "default size is 1 GiB");
-    {
+    let data_dir = dir.path().join("ubcache-data");
+    for (name, size) in [("backing.img", 1u64 << 30), ("cache.img", 256 << 20)] {
+        let meta = std::fs::metadata(data_dir.join(name)).expect("default file");
+        assert_eq!(meta.len(), size, "{name}");
         use std::os::unix::fs::MetadataExt;
-        assert!(meta.blocks() * 512 < 1 << 20, "the default backing file must be sparse");
+        assert!(meta.blocks() * 512 < 16 << 20, "{name} must be created sparse");
     }
-    assert!(server.stop().success());
+    let stderr = server.stderr_with("recovery replayed");
+    assert!(stderr.contains("first start: creating"), "{stderr}");
+    assert!(stderr.contains("mode writethrough"), "the default mode with a cache: {stderr}");
+    assert!(stderr.contains("recovery replayed 0 journal entries"), "{stderr}");
+    // The backing superblock takes the first 8 KiB: the export is 8 KiB smaller than the file.
+    assert!(stderr.contains(&format!("{} bytes", (1u64 << 30) - 8192)), "{stderr}");
+    assert!(server.stop().success(), "{}", server.stderr.text());
+    assert!(server.stderr.text().contains("cache set closed cleanly"), "{}", server.stderr.text());
+
+    // The second start opens the same pair instead of creating it.
+    let mut again = UbcacheServer::start_in(Some(dir.path()), &["--listen", "127.0.0.1:0"], 1);
+    assert!(!again.stderr_with("recovery replayed").contains("first start"));
+    assert!(again.stop().success());
 
     let data_dir = dir.path().join("elsewhere");
-    let mut server =
-        UbcacheServer::start(&["--data-dir", s(&data_dir), "--size", "8M", "--listen", "127.0.0.1:0"]);
+    let mut server = UbcacheServer::start(&[
+        "--data-dir",
+        s(&data_dir),
+        "--size",
+        "8M",
+        "--mode",
+        "writeback",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(std::fs::metadata(data_dir.join("backing.img")).unwrap().len(), 8 << 20);
+    server.stderr_with("mode writeback");
     assert!(server.stop().success());
 }
 
@@ -148,21 +170,27 @@ fn bad_listen_addresses_are_usage_errors() {
 }
 
 #[test]
-fn caching_modes_and_cache_are_not_yet_supported() {
+fn caching_modes_need_a_cache_and_a_cache_must_be_formatted() {
     let dir = tempfile::tempdir().unwrap();
     let backing = make_file(dir.path(), "b.img", 1 << 20);
-    for args in [
-        vec!["--mode", "writeback"],
-        vec!["--mode", "writethrough"],
-        vec!["--mode", "writearound"],
-        vec!["--cache", "cache.img"],
-    ] {
-        let mut full = vec!["--backing", s(&backing), "--listen", "127.0.0.1:0"];
-        full.extend_from_slice(&args);
-        let (code, stderr) = serve_expect_failure(&full);
-        assert_eq!(code, 2, "{args:?}: {stderr}");
-        assert!(stderr.contains("not yet supported"), "{args:?}: {stderr}");
+    for mode in ["writeback", "writethrough", "writearound"] {
+        let (code, stderr) =
+            serve_expect_failure(&["--backing", s(&backing), "--listen", "127.0.0.1:0", "--mode", mode]);
+        assert_eq!(code, 2, "{mode}: {stderr}");
+        assert!(stderr.contains(&format!("--mode {mode} needs a cache")), "{mode}: {stderr}");
     }
+    let missing = dir.path().join("cache.img");
+    let (code, stderr) = serve_expect_failure(&["--backing", s(&backing), "--cache", s(&missing)]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("does not exist") && stderr.contains("ubcache format"), "{stderr}");
+    assert!(!missing.exists(), "serve never creates an explicit cache file");
+    let unformatted = make_file(dir.path(), "zero.img", 8 << 20);
+    let (code, stderr) = serve_expect_failure(&["--backing", s(&backing), "--cache", s(&unformatted)]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not a formatted ubcache cache"), "{stderr}");
+    let (code, stderr) = serve_expect_failure(&["--cache", s(&unformatted)]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--cache needs the backing"), "{stderr}");
     let (code, stderr) = serve_expect_failure(&["--backing", s(&backing), "--mode", "fast"]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("invalid value 'fast'"), "{stderr}");

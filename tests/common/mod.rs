@@ -162,6 +162,20 @@ impl UbcacheServer {
         Self::start_with(args, 1)
     }
 
+    /// Stderr once it contains `needle` (waits up to 10 s: the log reader thread may lag behind
+    /// the ready line on stdout); fails the test otherwise.
+    pub fn stderr_with(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.stderr.text();
+            if text.contains(needle) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "stderr never contained {needle:?}:\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The first URI.
     pub fn uri(&self) -> &str {
         &self.uris[0]
@@ -301,4 +315,46 @@ pub fn pseudo_random_bytes(len: usize, seed: u64) -> Vec<u8> {
 /// The tool name as `str` for a path argument.
 pub fn s(path: &Path) -> &str {
     path.to_str().expect("test paths are UTF-8")
+}
+
+/// Runs `ubcache ARGS` (any subcommand) to completion with a timeout.
+pub fn ubcache(args: &[&str]) -> Output {
+    run_bounded(Command::new(ubcache_bin()).args(args), TOOL_TIMEOUT)
+}
+
+/// Runs `ubcache ARGS` and fails the test unless it succeeds; returns stdout.
+pub fn ubcache_ok(args: &[&str]) -> String {
+    run_ok(Command::new(ubcache_bin()).args(args))
+}
+
+/// A formatted pair in `dir`: a sparse backing file of `backing_bytes` and a cache file of
+/// `cache_bytes` with small buckets (64 KiB) and nodes (16 KiB), so that tests fill, evict and
+/// write back quickly. Returns (backing, cache).
+pub fn format_pair(dir: &Path, backing_bytes: u64, cache_bytes: u64) -> (PathBuf, PathBuf) {
+    let backing = make_file(dir, "backing.img", backing_bytes);
+    let cache = dir.join("cache.img");
+    ubcache_ok(&[
+        "format",
+        "--cache",
+        s(&cache),
+        "--size",
+        &cache_bytes.to_string(),
+        "--backing",
+        s(&backing),
+        "--bucket-size",
+        "64K",
+        "--node-size",
+        "16K",
+    ]);
+    (backing, cache)
+}
+
+/// `ubcache check --json` on a stopped pair: (exit code, parsed JSON).
+pub fn check_json(cache: &Path, backing: &Path) -> (i32, serde_json::Value) {
+    let out = ubcache(&["check", "--cache", s(cache), "--backing", s(backing), "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!("check --json printed no JSON ({e}):\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr))
+    });
+    (out.status.code().expect("check exited by a signal"), json)
 }
