@@ -6,7 +6,6 @@
 //! - [`cached`]: [`CachedDev`], the per-backing data path for every [`CacheMode`].
 //! - [`policy`]: mode decisions and the sequential-cutoff detector, as pure functions.
 //! - [`inflight`]: fill/collision tracking and the writeback range lock.
-//! - [`writeback`]: the background writeback thread and its pace policy.
 //! - [`wb_io`]: hooks for [`crate::writeback`] and [`crate::engine_ctl`] (dirty scan, coalescing
 //!   writeback of a key batch, usage report).
 //! - [`crate::check`]: the fsck (offline [`crate::check::check`], online [`CacheSet::check`]).
@@ -37,15 +36,11 @@
 //!   if replay merged nodes away.
 //!
 //! # Known limitations
-//! - The backing superblock is one 4 KiB copy whose crc sits in its last sector; a crash that
-//!   tears its rewrite (Clean <-> Dirty) leaves it unreadable (format branch; the crash tests
-//!   count these states apart).
 //! - A bit flip in the *last* journal record cannot be told from a torn write: replay drops it
 //!   (`RecoveryReport::torn_tail`), losing the entries of that last commit.
 //! - No data checksums: corruption of cached *data* is not detected (metadata is checksummed).
-//! - The writeback thread ([`WritebackThread`]) writes whole keys in offset order at the PI
-//!   controller's rate; it does not yet coalesce adjacent keys into larger backing writes
-//!   (`wbpolicy::coalesce`).
+//! - Background writeback lives in [`crate::writeback`] (key buffer, coalescing, PI rate
+//!   control); the engine provides the synchronous steps it drives.
 
 pub mod cached;
 pub mod error;
@@ -55,7 +50,6 @@ pub mod set;
 pub mod stats;
 mod store;
 pub mod wb_io;
-pub mod writeback;
 
 pub use cached::CachedDev;
 pub use error::{CacheError, CacheResult};
@@ -63,4 +57,3 @@ pub use policy::{CacheMode, SequentialDetector, WriteRoute};
 pub use set::{CacheConfig, CacheSet, DebugKnobs, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};
 pub use wb_io::{CacheUsage, DirtyScan, WritebackReport};
-pub use writeback::{WritebackConfig, WritebackThread, tick_budget};

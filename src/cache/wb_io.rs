@@ -313,3 +313,13 @@ impl CachedDev {
         self.backing.detached.load(Ordering::Acquire)
     }
 }
+
+impl CacheSet {
+    /// Bytes of the cache device that can hold data (buckets outside the fixed metadata): the
+    /// cache size the writeback rate controller's dirty target is a percentage of.
+    #[must_use]
+    pub fn data_capacity_bytes(&self) -> u64 {
+        let g = &self.shared.geometry;
+        g.nbuckets.saturating_sub(g.first_free_bucket()) * u64::from(g.bucket_sectors) * SECTOR_SIZE
+    }
+}
