@@ -29,7 +29,7 @@ use crate::ctl::metrics::MetricsServer;
 use crate::ctl::server::{CtlServer, CtlServerConfig};
 use crate::format::{BackingState, BackingSuperblock};
 use crate::writeback::{WritebackConfig, WritebackThread};
-use devs::{AlignedDev, OffsetDev};
+use devs::OffsetDev;
 
 use crate::dev::{BlockDev, DevError, FileDev, FileDevOptions, SECTOR_SIZE};
 use crate::nbd::server::DeviceCalls;
@@ -841,7 +841,7 @@ fn build_cached(
                 file_name(&spec.backing),
                 file_name(&cache.path)
             ),
-            dev: Arc::new(AlignedDev::new(dev)),
+            dev,
             read_only: opts.read_only,
         });
     }

@@ -43,6 +43,10 @@ fn qemu_writes() -> Vec<(u64, u64, u8, bool)> {
         (QEMU_BASE + (64 << 10), 4 << 10, 0xb2, false),
         (QEMU_BASE + (1 << 20), 1 << 20, 0xc3, true),
         (QEMU_BASE + (1 << 20) + 3584, 1024, 0xd4, true),
+        // Not sector-aligned at either end: the engine's own read-modify-write (the server
+        // advertises a 1-byte minimum block size, so qemu sends it as it is).
+        (QEMU_BASE + (64 << 10) + 1001, 777, 0xf6, false),
+        (QEMU_BASE + (1 << 20) + 510, 3, 0x17, true),
         // The last 8 KiB of the export.
         (BACKING_BYTES - 8192 - (8 << 10), 8 << 10, 0xe5, true),
     ]
