@@ -27,6 +27,7 @@ pub mod ctl;
 pub mod dev;
 pub mod engine_ctl;
 pub mod format;
+pub mod fuzzing;
 pub mod journal;
 pub mod nbd;
 pub mod serve;

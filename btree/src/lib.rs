@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod format;
+pub mod fuzzing;
 pub mod key;
 pub mod store;
 pub mod tree;
