@@ -3,6 +3,7 @@
 pub mod error;
 pub mod format;
 pub mod key;
+mod leaf;
 pub mod store;
 pub mod tree;
 

@@ -1,0 +1,778 @@
+//! The in-memory body of a leaf: its keys in order, laid out so a search touches few cache lines.
+//!
+//! A leaf of a 256 KiB node holds thousands of keys, and random lookups over a 1M-key tree miss
+//! the CPU caches at every dependent load. A std `BTreeMap` walks about four levels of 11-key
+//! nodes, each a dependent miss. Here a leaf is a sorted list of small *blocks* of at most
+//! [`BLOCK_CAP`] keys each, plus a dense *fence* array holding the last position of every block:
+//!
+//! ```text
+//! fences: [ f0 | f1 | f2 | ... ]           one u128 (dev << 64 | sector) per block
+//! blocks: [ *b0 | *b1 | *b2 | ... ]        boxed, so splitting a block moves pointers only
+//! block:  len | devs[CAP] (u32) | sectors[CAP] (u64) | vals[CAP] (offset, size, gen, dirty)
+//! ```
+//!
+//! A search is a binary search of the fence array (a few cache lines, shared by every search of
+//! this leaf and so usually cached), then one branch-free count over the block's `devs` and
+//! `sectors` (a few lines, all independent loads the CPU fetches in parallel), then one load
+//! of the value. An insert or remove moves at most one block's tail; a full block splits in
+//! two, a block below a quarter full merges with (or borrows from) a neighbour. Splitting the
+//! whole leaf moves block pointers, not keys.
+//!
+//! The leaf is a map from position `(dev, end)` to value, exactly like the `BTreeMap` it
+//! replaces: nothing here checks key overlap or node range (the tree checks every iteration
+//! step), and nothing here is persistent — the on-disk bsets are built from [`Leaf::iter`].
+
+use crate::key::{Key, Pos, Ptr};
+#[cfg(target_arch = "x86_64")]
+use core::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+
+/// Hint to load the cache line at `p` into L1.
+///
+/// # Safety
+/// Needs SSE (part of the x86_64 baseline). A prefetch never faults, whatever `p` is.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn prefetch(p: *const i8) {
+    // SAFETY: the caller's contract (SSE is always there on x86_64).
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
+}
+
+/// Keys per block. 32 keys are 128 + 256 bytes of search keys (6 cache lines, loaded in
+/// parallel by the count) and 512 bytes of values; larger blocks scan more lines per lookup,
+/// smaller ones make the fence array (one binary search step per doubling) longer.
+pub(crate) const BLOCK_CAP: usize = 32;
+/// A block with fewer keys than this after a removal merges with a neighbour (or borrows).
+const BLOCK_MIN: usize = BLOCK_CAP / 4;
+/// Keys per block when a leaf is built from a sorted list (a node read from disk): room is left
+/// so the next inserts do not split every block at once.
+const BUILD_FILL: usize = BLOCK_CAP * 3 / 4;
+
+/// The value of a leaf entry; the key's position `(dev, end)` is stored apart, for searching.
+#[derive(Clone, Copy, Debug, Default)]
+struct Val {
+    offset: u64,
+    size: u32,
+    generation: u8,
+    dirty: bool,
+}
+
+impl Val {
+    fn of(k: &Key) -> Val {
+        Val { offset: k.ptr.offset, size: k.size, generation: k.ptr.generation, dirty: k.dirty }
+    }
+}
+
+/// A position as one integer with the same order: `(dev, sector)` compares like `dev << 64 |
+/// sector`.
+fn pack(p: Pos) -> u128 {
+    (u128::from(p.dev) << 64) | u128::from(p.sector)
+}
+
+/// Slots past `len` hold the sentinel position `(u32::MAX, u64::MAX)`, so the search can count
+/// over all [`BLOCK_CAP`] slots without first loading `len` (see [`Block::count`]). `repr(C)`
+/// keeps `len` and the search keys in the first cache lines and the values after them.
+#[repr(C)]
+struct Block {
+    len: usize,
+    devs: [u32; BLOCK_CAP],
+    sectors: [u64; BLOCK_CAP],
+    vals: [Val; BLOCK_CAP],
+}
+
+impl Block {
+    fn new() -> Box<Block> {
+        Box::new(Block {
+            len: 0,
+            devs: [u32::MAX; BLOCK_CAP],
+            sectors: [u64::MAX; BLOCK_CAP],
+            vals: [Val::default(); BLOCK_CAP],
+        })
+    }
+
+    fn pos(&self, i: usize) -> Pos {
+        Pos { dev: self.devs[i], sector: self.sectors[i] }
+    }
+
+    fn key(&self, i: usize) -> Key {
+        let v = &self.vals[i];
+        Key {
+            dev: self.devs[i],
+            end: self.sectors[i],
+            size: v.size,
+            ptr: Ptr { offset: v.offset, generation: v.generation },
+            dirty: v.dirty,
+        }
+    }
+
+    fn last(&self) -> u128 {
+        pack(self.pos(self.len - 1))
+    }
+
+    /// Number of keys at or before `p` (`le`) or strictly before it (`!le`). A branch-free count
+    /// over every slot instead of a binary search: each cache line of the keys is an independent
+    /// load, so they miss in parallel instead of one after another, and the fixed length means
+    /// the loads need not wait for `len` either. Sentinel slots sort after every position below
+    /// `Pos::MAX`; the `min` covers `p == Pos::MAX`.
+    fn count(&self, p: Pos, le: bool) -> usize {
+        let mut c = 0;
+        for (d, s) in self.devs.iter().zip(&self.sectors) {
+            let before = (*d < p.dev) | ((*d == p.dev) & ((*s < p.sector) | (le & (*s == p.sector))));
+            c += usize::from(before);
+        }
+        c.min(self.len)
+    }
+
+    /// Starts loading the values while the search counts keys: the value read after the search
+    /// then does not wait for a second cache miss.
+    #[inline]
+    fn prefetch_vals(&self) {
+        #[cfg(target_arch = "x86_64")]
+        for i in (0..BLOCK_CAP).step_by(64 / std::mem::size_of::<Val>()) {
+            let p: *const Val = &self.vals[i];
+            // SAFETY: SSE is part of the x86_64 baseline, so the intrinsic's target feature is
+            // always present; a prefetch is only a hint, never faults and changes no state, and
+            // `p` points into this block anyway.
+            unsafe { prefetch(p.cast::<i8>()) }
+        }
+    }
+
+    /// Resets slots `from..to` (past the new `len`) to the sentinel.
+    fn clear_slots(&mut self, from: usize, to: usize) {
+        self.devs[from..to].fill(u32::MAX);
+        self.sectors[from..to].fill(u64::MAX);
+    }
+
+    fn insert_at(&mut self, i: usize, k: &Key) {
+        let n = self.len;
+        debug_assert!(n < BLOCK_CAP && i <= n);
+        self.devs.copy_within(i..n, i + 1);
+        self.sectors.copy_within(i..n, i + 1);
+        self.vals.copy_within(i..n, i + 1);
+        self.devs[i] = k.dev;
+        self.sectors[i] = k.end;
+        self.vals[i] = Val::of(k);
+        self.len = n + 1;
+    }
+
+    fn remove_at(&mut self, i: usize) -> Key {
+        let k = self.key(i);
+        let n = self.len;
+        self.devs.copy_within(i + 1..n, i);
+        self.sectors.copy_within(i + 1..n, i);
+        self.vals.copy_within(i + 1..n, i);
+        self.clear_slots(n - 1, n);
+        self.len = n - 1;
+        k
+    }
+
+    /// Moves the entries from `at` on into a new block.
+    fn split_off(&mut self, at: usize) -> Box<Block> {
+        let mut right = Block::new();
+        right.append_range(self, at, self.len);
+        self.clear_slots(at, self.len);
+        self.len = at;
+        right
+    }
+
+    /// Appends `src[from..to]` (the caller knows they sort after this block's keys).
+    fn append_range(&mut self, src: &Block, from: usize, to: usize) {
+        let n = self.len;
+        let m = to - from;
+        debug_assert!(n + m <= BLOCK_CAP);
+        self.devs[n..n + m].copy_from_slice(&src.devs[from..to]);
+        self.sectors[n..n + m].copy_from_slice(&src.sectors[from..to]);
+        self.vals[n..n + m].copy_from_slice(&src.vals[from..to]);
+        self.len = n + m;
+    }
+
+    /// Moves the first `m` entries of `right` (which follows this block) to the end of this one.
+    fn take_front(&mut self, right: &mut Block, m: usize) {
+        self.append_range(right, 0, m);
+        let rn = right.len;
+        right.devs.copy_within(m..rn, 0);
+        right.sectors.copy_within(m..rn, 0);
+        right.vals.copy_within(m..rn, 0);
+        right.clear_slots(rn - m, rn);
+        right.len = rn - m;
+    }
+
+    /// Moves the last `m` entries of this block to the front of `right` (which follows it).
+    fn give_back(&mut self, right: &mut Block, m: usize) {
+        let (n, rn) = (self.len, right.len);
+        debug_assert!(rn + m <= BLOCK_CAP && m <= n);
+        right.devs.copy_within(0..rn, m);
+        right.sectors.copy_within(0..rn, m);
+        right.vals.copy_within(0..rn, m);
+        right.devs[..m].copy_from_slice(&self.devs[n - m..n]);
+        right.sectors[..m].copy_from_slice(&self.sectors[n - m..n]);
+        right.vals[..m].copy_from_slice(&self.vals[n - m..n]);
+        right.len = rn + m;
+        self.clear_slots(n - m, n);
+        self.len = n - m;
+    }
+}
+
+/// Where a key is in a leaf: block index and slot in the block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Loc {
+    block: usize,
+    slot: usize,
+}
+
+/// The ordered keys of one leaf. Invariants (kept by every method, checked by the unit tests'
+/// `audit`): blocks are non-empty, hold at most [`BLOCK_CAP`] keys each and, unless there is only
+/// one, at least `BLOCK_MIN`; their positions strictly increase across the whole leaf, `fences[i]` is the packed last position of `blocks[i]`, and
+/// `len` is the total key count.
+#[derive(Default)]
+pub(crate) struct Leaf {
+    fences: Vec<u128>,
+    #[expect(
+        clippy::vec_box,
+        reason = "splitting a block inserts into this Vec: it moves pointers, not 900-byte blocks"
+    )]
+    blocks: Vec<Box<Block>>,
+    len: usize,
+}
+
+impl std::fmt::Debug for Leaf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Leaf").field("keys", &self.len).field("blocks", &self.blocks.len()).finish()
+    }
+}
+
+impl Leaf {
+    /// An empty leaf.
+    pub(crate) fn new() -> Leaf {
+        Leaf::default()
+    }
+
+    /// A leaf holding `keys`, which must be sorted by position without duplicates (a decoded,
+    /// verified node).
+    pub(crate) fn from_sorted(keys: &[Key]) -> Leaf {
+        let mut leaf = Leaf::new();
+        for chunk in keys.chunks(BUILD_FILL) {
+            let mut b = Block::new();
+            for (i, k) in chunk.iter().enumerate() {
+                b.devs[i] = k.dev;
+                b.sectors[i] = k.end;
+                b.vals[i] = Val::of(k);
+            }
+            b.len = chunk.len();
+            leaf.fences.push(b.last());
+            leaf.blocks.push(b);
+        }
+        leaf.len = keys.len();
+        if let Some(last) = leaf.blocks.len().checked_sub(1) {
+            leaf.rebalance(last);
+        }
+        leaf
+    }
+
+    /// Number of keys.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Bytes of heap this leaf uses (for the tree's memory estimate).
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.blocks.len() * std::mem::size_of::<Block>()
+            + self.fences.capacity() * std::mem::size_of::<u128>()
+            + self.blocks.capacity() * std::mem::size_of::<Box<Block>>()
+    }
+
+    /// The location of the first key.
+    pub(crate) fn first(&self) -> Option<Loc> {
+        if self.len == 0 { None } else { Some(Loc { block: 0, slot: 0 }) }
+    }
+
+    /// The location of the first key sorting strictly after `p`.
+    pub(crate) fn first_after(&self, p: Pos) -> Option<Loc> {
+        let pp = pack(p);
+        let block = self.fences.partition_point(|f| *f <= pp);
+        let b = self.blocks.get(block)?;
+        b.prefetch_vals();
+        // The block's last key is after `p`, so the slot is inside the block.
+        Some(Loc { block, slot: b.count(p, true) })
+    }
+
+    /// The location following `loc`.
+    pub(crate) fn next(&self, loc: Loc) -> Option<Loc> {
+        if loc.slot + 1 < self.blocks[loc.block].len {
+            Some(Loc { block: loc.block, slot: loc.slot + 1 })
+        } else if loc.block + 1 < self.blocks.len() {
+            Some(Loc { block: loc.block + 1, slot: 0 })
+        } else {
+            None
+        }
+    }
+
+    /// The key at `loc` (a location this leaf returned since its last change).
+    pub(crate) fn key(&self, loc: Loc) -> Key {
+        self.blocks[loc.block].key(loc.slot)
+    }
+
+    /// Replaces the value of the key at `loc` with `k`'s, which must have the same position.
+    pub(crate) fn set(&mut self, loc: Loc, k: &Key) {
+        let b = &mut self.blocks[loc.block];
+        debug_assert!(b.pos(loc.slot) == k.pos());
+        b.vals[loc.slot] = Val::of(k);
+    }
+
+    /// The last position, if any.
+    pub(crate) fn last_pos(&self) -> Option<Pos> {
+        self.blocks.last().map(|b| b.pos(b.len - 1))
+    }
+
+    /// Inserts `k` at its position; returns false (and changes nothing) when a key with the same
+    /// position is present.
+    pub(crate) fn insert(&mut self, k: &Key) -> bool {
+        let p = k.pos();
+        if self.blocks.is_empty() {
+            let mut b = Block::new();
+            b.insert_at(0, k);
+            self.fences.push(b.last());
+            self.blocks.push(b);
+            self.len = 1;
+            return true;
+        }
+        let pp = pack(p);
+        // The first block whose last key is at or after `p`; past every key, the last block.
+        let mut block = self.fences.partition_point(|f| *f < pp).min(self.blocks.len() - 1);
+        let mut slot = self.blocks[block].count(p, false);
+        {
+            let b = &self.blocks[block];
+            if slot < b.len && b.pos(slot) == p {
+                return false;
+            }
+        }
+        if self.blocks[block].len == BLOCK_CAP {
+            let half = BLOCK_CAP / 2;
+            let right = self.blocks[block].split_off(half);
+            self.fences[block] = self.blocks[block].last();
+            self.fences.insert(block + 1, right.last());
+            self.blocks.insert(block + 1, right);
+            if slot > half {
+                block += 1;
+                slot -= half;
+            }
+        }
+        let b = &mut self.blocks[block];
+        b.insert_at(slot, k);
+        if slot + 1 == b.len {
+            self.fences[block] = pp;
+        }
+        self.len += 1;
+        true
+    }
+
+    /// Removes and returns the key at position `p`.
+    pub(crate) fn remove(&mut self, p: Pos) -> Option<Key> {
+        let pp = pack(p);
+        let block = self.fences.partition_point(|f| *f < pp);
+        let b = self.blocks.get_mut(block)?;
+        let slot = b.count(p, false);
+        if slot >= b.len || b.pos(slot) != p {
+            return None;
+        }
+        let k = b.remove_at(slot);
+        self.len -= 1;
+        if b.len == 0 {
+            self.blocks.remove(block);
+            self.fences.remove(block);
+        } else {
+            if slot == b.len {
+                self.fences[block] = b.last();
+            }
+            self.rebalance(block);
+        }
+        Some(k)
+    }
+
+    /// Restores the size bound of the underfull block `block`: merges it with a neighbour, or
+    /// evens the two out when together they would not fit one block. A merge may still leave a
+    /// small block (two small neighbours), so it repeats until the bound holds or one block is
+    /// left.
+    fn rebalance(&mut self, mut block: usize) {
+        while self.blocks.len() >= 2 && self.blocks[block].len < BLOCK_MIN {
+            let a = if block + 1 < self.blocks.len() { block } else { block - 1 };
+            let (left, right) = self.blocks.split_at_mut(a + 1);
+            let (l, r) = (&mut left[a], &mut right[0]);
+            let total = l.len + r.len;
+            if total <= BLOCK_CAP {
+                l.append_range(r, 0, r.len);
+                self.fences[a] = self.fences[a + 1];
+                self.blocks.remove(a + 1);
+                self.fences.remove(a + 1);
+                block = a;
+            } else {
+                // Both end with more than BLOCK_CAP / 2 keys.
+                let want = total / 2;
+                if l.len < want {
+                    l.take_front(r, want - l.len);
+                } else {
+                    l.give_back(r, l.len - want);
+                }
+                self.fences[a] = l.last();
+                return;
+            }
+        }
+    }
+
+    /// Splits the leaf at its middle key (index `len / 2` goes right, as `BTreeMap::split_off`
+    /// at that key would) and returns the right half. `None` below two keys.
+    pub(crate) fn split_half(&mut self) -> Option<Leaf> {
+        if self.len < 2 {
+            return None;
+        }
+        let mut at = self.len / 2;
+        let mut block = 0;
+        while at >= self.blocks[block].len {
+            at -= self.blocks[block].len;
+            block += 1;
+        }
+        if at > 0 {
+            // The middle falls inside a block: cut it there first.
+            let right = self.blocks[block].split_off(at);
+            self.fences[block] = self.blocks[block].last();
+            self.fences.insert(block + 1, right.last());
+            self.blocks.insert(block + 1, right);
+            block += 1;
+        }
+        let blocks = self.blocks.split_off(block);
+        let fences = self.fences.split_off(block);
+        let moved: usize = blocks.iter().map(|b| b.len).sum();
+        self.len -= moved;
+        let mut right = Leaf { fences, blocks, len: moved };
+        // Cutting a block can leave a small one on either side of the cut.
+        self.rebalance(self.blocks.len() - 1);
+        right.rebalance(0);
+        Some(right)
+    }
+
+    /// Appends `right`, whose keys all sort after this leaf's.
+    pub(crate) fn append(&mut self, mut right: Leaf) {
+        let seam = self.blocks.len();
+        self.len += right.len;
+        self.blocks.append(&mut right.blocks);
+        self.fences.append(&mut right.fences);
+        // The two blocks meeting at the seam may be small (an emptying leaf): keep the bound.
+        if seam > 0 {
+            let mut i = seam - 1;
+            while i < self.blocks.len().min(seam + 1) {
+                if self.blocks.len() > 1 && self.blocks[i].len < BLOCK_MIN {
+                    // Merges (fewer blocks) or evens out (block i is then big enough).
+                    self.rebalance(i);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// Every key in order.
+    pub(crate) fn iter(&self) -> Iter<'_> {
+        Iter { leaf: self, loc: self.first() }
+    }
+
+    /// The keys sorting strictly after `p`, in order.
+    pub(crate) fn iter_after(&self, p: Pos) -> Iter<'_> {
+        Iter { leaf: self, loc: self.first_after(p) }
+    }
+}
+
+/// In-order iterator over a leaf's keys.
+pub(crate) struct Iter<'a> {
+    leaf: &'a Leaf,
+    loc: Option<Loc>,
+}
+
+impl Iterator for Iter<'_> {
+    type Item = Key;
+
+    fn next(&mut self) -> Option<Key> {
+        let loc = self.loc?;
+        self.loc = self.leaf.next(loc);
+        Some(self.leaf.key(loc))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn key(dev: u32, end: u64, size: u32) -> Key {
+        Key {
+            dev,
+            end,
+            size,
+            ptr: Ptr { offset: end.wrapping_mul(3), generation: (end % 251) as u8 },
+            dirty: end % 2 == 0,
+        }
+    }
+
+    /// Checks every structural invariant of the leaf.
+    fn audit(l: &Leaf) {
+        assert_eq!(l.fences.len(), l.blocks.len());
+        let mut total = 0;
+        let mut prev: Option<Pos> = None;
+        for (b, f) in l.blocks.iter().zip(&l.fences) {
+            assert!(b.len > 0 && b.len <= BLOCK_CAP, "block size {}", b.len);
+            assert!(b.len >= BLOCK_MIN || l.blocks.len() == 1, "underfull block: {:?}", block_sizes(l));
+            for i in 0..b.len {
+                if let Some(p) = prev {
+                    assert!(p < b.pos(i), "order: {p} then {}", b.pos(i));
+                }
+                prev = Some(b.pos(i));
+            }
+            assert_eq!(*f, b.last(), "fence");
+            for i in b.len..BLOCK_CAP {
+                assert_eq!((b.devs[i], b.sectors[i]), (u32::MAX, u64::MAX), "sentinel slot {i}");
+            }
+            total += b.len;
+        }
+        assert_eq!(total, l.len);
+    }
+
+    fn contents(l: &Leaf) -> Vec<Key> {
+        l.iter().collect()
+    }
+
+    fn block_sizes(l: &Leaf) -> Vec<usize> {
+        l.blocks.iter().map(|b| b.len).collect()
+    }
+
+    #[test]
+    fn insert_splits_a_full_block_in_the_middle_and_at_both_ends() {
+        let mut l = Leaf::new();
+        for i in 0..BLOCK_CAP as u64 {
+            assert!(l.insert(&key(1, 10 + i * 10, 1)));
+        }
+        assert_eq!(block_sizes(&l), vec![BLOCK_CAP]);
+        // Into the middle of the full block: it splits, the key lands in order.
+        assert!(l.insert(&key(1, 105, 1)));
+        audit(&l);
+        assert_eq!(l.blocks.len(), 2);
+        // Before the first key and after the last key.
+        assert!(l.insert(&key(1, 1, 1)));
+        assert!(l.insert(&key(1, 100_000, 1)));
+        audit(&l);
+        let ends: Vec<u64> = contents(&l).iter().map(|k| k.end).collect();
+        let mut want: Vec<u64> = (0..BLOCK_CAP as u64).map(|i| 10 + i * 10).collect();
+        want.extend([1, 105, 100_000]);
+        want.sort_unstable();
+        assert_eq!(ends, want);
+        // Duplicate positions are refused without change.
+        assert!(!l.insert(&key(1, 105, 3)));
+        assert_eq!(l.len(), BLOCK_CAP + 3);
+    }
+
+    #[test]
+    fn key_exactly_at_a_fence_is_found_and_replaced_in_its_block() {
+        let mut l = Leaf::new();
+        for i in 0..(3 * BLOCK_CAP) as u64 {
+            l.insert(&key(1, i * 8 + 8, 8));
+        }
+        audit(&l);
+        assert!(l.blocks.len() >= 3);
+        let fence_pos = l.blocks[0].pos(l.blocks[0].len - 1);
+        assert!(!l.insert(&key(fence_pos.dev, fence_pos.sector, 8)), "fence key is a duplicate");
+        // first_after the fence is the first key of the next block.
+        let loc = l.first_after(fence_pos).unwrap();
+        assert_eq!(loc, Loc { block: 1, slot: 0 });
+        assert_eq!(l.key(loc).end, fence_pos.sector + 8);
+        // first_after just before the fence is the fence key itself.
+        let loc = l.first_after(Pos::new(1, fence_pos.sector - 1)).unwrap();
+        assert_eq!(l.key(loc).pos(), fence_pos);
+        let new = Key { dirty: true, ..key(1, fence_pos.sector, 8) };
+        l.set(loc, &new);
+        assert_eq!(l.key(loc), new);
+        // Removing the fence key moves the fence to the block's new last key.
+        assert_eq!(l.remove(fence_pos), Some(new));
+        audit(&l);
+        assert_eq!(l.remove(fence_pos), None);
+    }
+
+    #[test]
+    fn removals_merge_and_borrow_between_blocks() {
+        let mut l = Leaf::new();
+        let n = 6 * BLOCK_CAP as u64;
+        for i in 0..n {
+            l.insert(&key(1, i + 1, 1));
+        }
+        audit(&l);
+        let before = l.blocks.len();
+        // Empty the second block almost entirely: it must merge or borrow, never stay tiny.
+        let second: Vec<Pos> = (0..l.blocks[1].len).map(|i| l.blocks[1].pos(i)).collect();
+        for p in &second[..second.len() - 1] {
+            assert!(l.remove(*p).is_some());
+            audit(&l);
+            assert!(l.blocks.iter().all(|b| b.len >= BLOCK_MIN) || l.blocks.len() == 1);
+        }
+        assert!(l.blocks.len() < before, "the emptied block was merged away");
+        // Remove everything from the back, then the front: the leaf ends empty and consistent.
+        for i in (n / 2..n).rev() {
+            l.remove(Pos::new(1, i + 1));
+            audit(&l);
+        }
+        for i in 0..n / 2 {
+            l.remove(Pos::new(1, i + 1));
+            audit(&l);
+        }
+        assert_eq!(l.len(), 0);
+        assert!(l.blocks.is_empty() && l.first().is_none() && l.first_after(Pos::MIN).is_none());
+    }
+
+    #[test]
+    fn an_underfull_block_borrows_from_a_full_neighbour_both_ways() {
+        // Underfull left block, full right block: the left one takes keys from the right.
+        let keys: Vec<Key> = (0..2 * BUILD_FILL as u64).map(|i| key(1, i * 10 + 10, 1)).collect();
+        let mut l = Leaf::from_sorted(&keys);
+        assert_eq!(block_sizes(&l), vec![BUILD_FILL, BUILD_FILL]);
+        let mut extra = Vec::new();
+        for i in 0..(BLOCK_CAP - BUILD_FILL) as u64 {
+            let k = key(1, keys[BUILD_FILL].end + 1 + i, 1);
+            assert!(l.insert(&k));
+            extra.push(k);
+        }
+        assert_eq!(block_sizes(&l), vec![BUILD_FILL, BLOCK_CAP]);
+        for k in &keys[..BUILD_FILL - BLOCK_MIN + 1] {
+            assert!(l.remove(k.pos()).is_some());
+        }
+        audit(&l);
+        let sizes = block_sizes(&l);
+        assert_eq!(sizes.len(), 2, "{sizes:?}");
+        assert!(sizes.iter().all(|s| *s > BLOCK_CAP / 2), "evened out: {sizes:?}");
+        let mut want: Vec<Key> = keys[BUILD_FILL - BLOCK_MIN + 1..].to_vec();
+        want.extend(extra);
+        want.sort_by_key(Key::pos);
+        assert_eq!(contents(&l), want);
+        for k in &want {
+            assert_eq!(l.first_after(Pos::new(k.dev, k.end - 1)).map(|loc| l.key(loc)), Some(*k));
+        }
+
+        // Full left block, underfull right block (the last one): it takes keys from the left.
+        let mut l = Leaf::from_sorted(&keys);
+        for i in 0..(BLOCK_CAP - BUILD_FILL) as u64 {
+            assert!(l.insert(&key(1, keys[0].end + 1 + i, 1)));
+        }
+        assert_eq!(block_sizes(&l), vec![BLOCK_CAP, BUILD_FILL]);
+        for k in &keys[BUILD_FILL..2 * BUILD_FILL - BLOCK_MIN + 1] {
+            assert!(l.remove(k.pos()).is_some());
+        }
+        audit(&l);
+        let sizes = block_sizes(&l);
+        assert!(sizes.len() == 2 && sizes.iter().all(|s| *s > BLOCK_CAP / 2), "{sizes:?}");
+    }
+
+    #[test]
+    fn iteration_crosses_block_boundaries_and_devices() {
+        let mut l = Leaf::new();
+        let mut want = Vec::new();
+        for dev in [1u32, 2, 7] {
+            for i in 0..(2 * BLOCK_CAP) as u64 {
+                let k = key(dev, u64::MAX - 1000 + i * 3, 2);
+                l.insert(&k);
+                want.push(k);
+            }
+        }
+        want.sort_by_key(Key::pos);
+        audit(&l);
+        assert_eq!(contents(&l), want);
+        for (i, k) in want.iter().enumerate() {
+            let after: Vec<Key> = l.iter_after(k.pos()).collect();
+            assert_eq!(after, want[i + 1..], "iter_after {}", k.pos());
+            let from_just_before: Vec<Key> = l.iter_after(Pos::new(k.dev, k.end - 1)).collect();
+            assert_eq!(from_just_before, want[i..]);
+        }
+        assert_eq!(l.iter_after(Pos::new(1, 5)).count(), want.len());
+        assert!(l.first_after(Pos::MAX).is_none());
+        assert!(l.iter_after(Pos::new(7, u64::MAX)).next().is_none());
+        assert_eq!(l.last_pos(), want.last().map(Key::pos));
+    }
+
+    #[test]
+    fn split_half_matches_a_split_at_the_middle_key_and_append_restores() {
+        for n in [2usize, 3, 5, BLOCK_CAP, BLOCK_CAP + 1, 5 * BLOCK_CAP + 7] {
+            let keys: Vec<Key> = (0..n as u64).map(|i| key(1, i * 4 + 4, 4)).collect();
+            for mut l in [Leaf::from_sorted(&keys), {
+                let mut l = Leaf::new();
+                for k in keys.iter().rev() {
+                    l.insert(k);
+                }
+                l
+            }] {
+                audit(&l);
+                let right = l.split_half().unwrap();
+                audit(&l);
+                audit(&right);
+                assert_eq!(contents(&l), keys[..n / 2], "left half of {n}");
+                assert_eq!(contents(&right), keys[n / 2..], "right half of {n}");
+                l.append(right);
+                audit(&l);
+                assert_eq!(contents(&l), keys);
+            }
+        }
+        assert!(Leaf::from_sorted(&[key(1, 8, 8)]).split_half().is_none());
+    }
+
+    #[test]
+    fn append_rebalances_small_blocks_at_the_seam() {
+        // Two single-block leaves of a few keys each (an emptying leaf and its neighbour): the
+        // seam blocks merge.
+        let mut left = Leaf::from_sorted(&[key(1, 1, 1), key(1, 2, 1)]);
+        left.append(Leaf::from_sorted(&[key(1, 1000, 1)]));
+        audit(&left);
+        assert_eq!(block_sizes(&left), vec![3]);
+        // A big leaf and a one-key leaf: the small block joins its neighbour.
+        let big: Vec<Key> = (0..(3 * BLOCK_CAP) as u64).map(|i| key(1, i + 1, 1)).collect();
+        let mut left = Leaf::from_sorted(&big);
+        left.append(Leaf::from_sorted(&[key(1, 1000, 1)]));
+        audit(&left);
+        let mut right = Leaf::from_sorted(&[key(1, 0, 0)]);
+        right.append(Leaf::from_sorted(&big[1..]));
+        audit(&right);
+        assert_eq!(left.len(), 3 * BLOCK_CAP + 1);
+    }
+
+    /// Random operations against a `BTreeMap`: the same content, order and lookups after each.
+    #[test]
+    fn random_ops_match_btreemap() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut l = Leaf::new();
+        let mut m: BTreeMap<Pos, Key> = BTreeMap::new();
+        for step in 0..20_000 {
+            let p = Pos::new((rnd() % 3) as u32, rnd() % 600 + 1);
+            match rnd() % 4 {
+                0 | 1 => {
+                    let k = key(p.dev, p.sector, 1);
+                    assert_eq!(l.insert(&k), !m.contains_key(&p));
+                    m.entry(p).or_insert(k);
+                }
+                2 => assert_eq!(l.remove(p), m.remove(&p)),
+                _ => {
+                    let got = l.first_after(p).map(|loc| l.key(loc));
+                    let want = m.range((std::ops::Bound::Excluded(p), std::ops::Bound::Unbounded)).next();
+                    assert_eq!(got.as_ref(), want.map(|(_, k)| k));
+                }
+            }
+            if step % 97 == 0 {
+                audit(&l);
+                assert_eq!(contents(&l), m.values().copied().collect::<Vec<_>>());
+            }
+            if step % 1999 == 0 && l.len() >= 2 {
+                let right = l.split_half().unwrap();
+                audit(&right);
+                l.append(right);
+            }
+        }
+        audit(&l);
+        assert_eq!(contents(&l), m.values().copied().collect::<Vec<_>>());
+    }
+}
