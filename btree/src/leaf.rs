@@ -6,8 +6,8 @@
 //! [`BLOCK_CAP`] keys each, plus a dense *fence* array holding the last position of every block:
 //!
 //! ```text
-//! fences: [ f0 | f1 | f2 | ... ]           one u128 (dev << 64 | sector) per block
-//! blocks: [ *b0 | *b1 | *b2 | ... ]        boxed, so splitting a block moves pointers only
+//! refs:   [ f0 *b0 | f1 *b1 | f2 *b2 | ... ]   fence: u128 (dev << 64 | sector) of the block's
+//!                                              last key, beside the boxed block's pointer
 //! block:  len | devs[CAP] (u32) | sectors[CAP] (u64) | vals[CAP] (offset, size, gen, dirty)
 //! ```
 //!
@@ -219,24 +219,35 @@ pub(crate) struct Loc {
     slot: usize,
 }
 
+/// A block with its fence (the packed position of its last key) beside the pointer: the last
+/// probes of the fence search load the pointer too, so reaching the block costs no further
+/// dependent load.
+struct BlockRef {
+    fence: u128,
+    block: Box<Block>,
+}
+
+impl BlockRef {
+    fn new(block: Box<Block>) -> BlockRef {
+        BlockRef { fence: block.last(), block }
+    }
+}
+
 /// The ordered keys of one leaf. Invariants (kept by every method, checked by the unit tests'
 /// `audit`): blocks are non-empty, hold at most [`BLOCK_CAP`] keys each and, unless there is only
-/// one, at least `BLOCK_MIN`; their positions strictly increase across the whole leaf, `fences[i]` is the packed last position of `blocks[i]`, and
-/// `len` is the total key count.
+/// one, at least `BLOCK_MIN`; their positions strictly increase across the whole leaf; each
+/// fence is the packed last position of its block; `len` is the total key count.
 #[derive(Default)]
 pub(crate) struct Leaf {
-    fences: Vec<u128>,
-    #[expect(
-        clippy::vec_box,
-        reason = "splitting a block inserts into this Vec: it moves pointers, not 900-byte blocks"
-    )]
-    blocks: Vec<Box<Block>>,
+    /// In key order. Splitting a block inserts into this Vec: it moves 32-byte entries, never
+    /// 900-byte blocks.
+    refs: Vec<BlockRef>,
     len: usize,
 }
 
 impl std::fmt::Debug for Leaf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Leaf").field("keys", &self.len).field("blocks", &self.blocks.len()).finish()
+        f.debug_struct("Leaf").field("keys", &self.len).field("blocks", &self.refs.len()).finish()
     }
 }
 
@@ -258,11 +269,10 @@ impl Leaf {
                 b.vals[i] = Val::of(k);
             }
             b.len = chunk.len();
-            leaf.fences.push(b.last());
-            leaf.blocks.push(b);
+            leaf.refs.push(BlockRef::new(b));
         }
         leaf.len = keys.len();
-        if let Some(last) = leaf.blocks.len().checked_sub(1) {
+        if let Some(last) = leaf.refs.len().checked_sub(1) {
             leaf.rebalance(last);
         }
         leaf
@@ -275,9 +285,8 @@ impl Leaf {
 
     /// Bytes of heap this leaf uses (for the tree's memory estimate).
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<Block>()
-            + self.fences.capacity() * std::mem::size_of::<u128>()
-            + self.blocks.capacity() * std::mem::size_of::<Box<Block>>()
+        self.refs.len() * std::mem::size_of::<Block>()
+            + self.refs.capacity() * std::mem::size_of::<BlockRef>()
     }
 
     /// The location of the first key.
@@ -288,8 +297,8 @@ impl Leaf {
     /// The location of the first key sorting strictly after `p`.
     pub(crate) fn first_after(&self, p: Pos) -> Option<Loc> {
         let pp = pack(p);
-        let block = self.fences.partition_point(|f| *f <= pp);
-        let b = self.blocks.get(block)?;
+        let block = self.refs.partition_point(|r| r.fence <= pp);
+        let b = &self.refs.get(block)?.block;
         b.prefetch_vals();
         // The block's last key is after `p`, so the slot is inside the block.
         Some(Loc { block, slot: b.count(p, true) })
@@ -297,9 +306,9 @@ impl Leaf {
 
     /// The location following `loc`.
     pub(crate) fn next(&self, loc: Loc) -> Option<Loc> {
-        if loc.slot + 1 < self.blocks[loc.block].len {
+        if loc.slot + 1 < self.refs[loc.block].block.len {
             Some(Loc { block: loc.block, slot: loc.slot + 1 })
-        } else if loc.block + 1 < self.blocks.len() {
+        } else if loc.block + 1 < self.refs.len() {
             Some(Loc { block: loc.block + 1, slot: 0 })
         } else {
             None
@@ -308,80 +317,83 @@ impl Leaf {
 
     /// The key at `loc` (a location this leaf returned since its last change).
     pub(crate) fn key(&self, loc: Loc) -> Key {
-        self.blocks[loc.block].key(loc.slot)
+        self.refs[loc.block].block.key(loc.slot)
     }
 
     /// Replaces the value of the key at `loc` with `k`'s, which must have the same position.
     pub(crate) fn set(&mut self, loc: Loc, k: &Key) {
-        let b = &mut self.blocks[loc.block];
+        let b = &mut self.refs[loc.block].block;
         debug_assert!(b.pos(loc.slot) == k.pos());
         b.vals[loc.slot] = Val::of(k);
     }
 
     /// The last position, if any.
     pub(crate) fn last_pos(&self) -> Option<Pos> {
-        self.blocks.last().map(|b| b.pos(b.len - 1))
+        self.refs.last().map(|r| r.block.pos(r.block.len - 1))
     }
 
     /// Inserts `k` at its position; returns false (and changes nothing) when a key with the same
     /// position is present.
     pub(crate) fn insert(&mut self, k: &Key) -> bool {
         let p = k.pos();
-        if self.blocks.is_empty() {
+        if self.refs.is_empty() {
             let mut b = Block::new();
             b.insert_at(0, k);
-            self.fences.push(b.last());
-            self.blocks.push(b);
+            self.refs.push(BlockRef::new(b));
             self.len = 1;
             return true;
         }
         let pp = pack(p);
         // The first block whose last key is at or after `p`; past every key, the last block.
-        let mut block = self.fences.partition_point(|f| *f < pp).min(self.blocks.len() - 1);
-        let mut slot = self.blocks[block].count(p, false);
+        let mut block = self.refs.partition_point(|r| r.fence < pp).min(self.refs.len() - 1);
+        let mut slot = self.refs[block].block.count(p, false);
         {
-            let b = &self.blocks[block];
+            let b = &self.refs[block].block;
             if slot < b.len && b.pos(slot) == p {
                 return false;
             }
         }
-        if self.blocks[block].len == BLOCK_CAP {
+        if self.refs[block].block.len == BLOCK_CAP {
             let half = BLOCK_CAP / 2;
-            let right = self.blocks[block].split_off(half);
-            self.fences[block] = self.blocks[block].last();
-            self.fences.insert(block + 1, right.last());
-            self.blocks.insert(block + 1, right);
+            self.split_block(block, half);
             if slot > half {
                 block += 1;
                 slot -= half;
             }
         }
-        let b = &mut self.blocks[block];
-        b.insert_at(slot, k);
-        if slot + 1 == b.len {
-            self.fences[block] = pp;
+        let r = &mut self.refs[block];
+        r.block.insert_at(slot, k);
+        if slot + 1 == r.block.len {
+            r.fence = pp;
         }
         self.len += 1;
         true
     }
 
+    /// Cuts block `block` before slot `at` (both parts non-empty).
+    fn split_block(&mut self, block: usize, at: usize) {
+        let r = &mut self.refs[block];
+        let right = r.block.split_off(at);
+        r.fence = r.block.last();
+        self.refs.insert(block + 1, BlockRef::new(right));
+    }
+
     /// Removes and returns the key at position `p`.
     pub(crate) fn remove(&mut self, p: Pos) -> Option<Key> {
         let pp = pack(p);
-        let block = self.fences.partition_point(|f| *f < pp);
-        let b = self.blocks.get_mut(block)?;
-        let slot = b.count(p, false);
-        if slot >= b.len || b.pos(slot) != p {
+        let block = self.refs.partition_point(|r| r.fence < pp);
+        let r = self.refs.get_mut(block)?;
+        let slot = r.block.count(p, false);
+        if slot >= r.block.len || r.block.pos(slot) != p {
             return None;
         }
-        let k = b.remove_at(slot);
+        let k = r.block.remove_at(slot);
         self.len -= 1;
-        if b.len == 0 {
-            self.blocks.remove(block);
-            self.fences.remove(block);
+        if r.block.len == 0 {
+            self.refs.remove(block);
         } else {
-            if slot == b.len {
-                self.fences[block] = b.last();
+            if slot == r.block.len {
+                r.fence = r.block.last();
             }
             self.rebalance(block);
         }
@@ -393,26 +405,25 @@ impl Leaf {
     /// small block (two small neighbours), so it repeats until the bound holds or one block is
     /// left.
     fn rebalance(&mut self, mut block: usize) {
-        while self.blocks.len() >= 2 && self.blocks[block].len < BLOCK_MIN {
-            let a = if block + 1 < self.blocks.len() { block } else { block - 1 };
-            let (left, right) = self.blocks.split_at_mut(a + 1);
+        while self.refs.len() >= 2 && self.refs[block].block.len < BLOCK_MIN {
+            let a = if block + 1 < self.refs.len() { block } else { block - 1 };
+            let (left, right) = self.refs.split_at_mut(a + 1);
             let (l, r) = (&mut left[a], &mut right[0]);
-            let total = l.len + r.len;
+            let total = l.block.len + r.block.len;
             if total <= BLOCK_CAP {
-                l.append_range(r, 0, r.len);
-                self.fences[a] = self.fences[a + 1];
-                self.blocks.remove(a + 1);
-                self.fences.remove(a + 1);
+                l.block.append_range(&r.block, 0, r.block.len);
+                l.fence = r.fence;
+                self.refs.remove(a + 1);
                 block = a;
             } else {
                 // Both end with more than BLOCK_CAP / 2 keys.
                 let want = total / 2;
-                if l.len < want {
-                    l.take_front(r, want - l.len);
+                if l.block.len < want {
+                    l.block.take_front(&mut r.block, want - l.block.len);
                 } else {
-                    l.give_back(r, l.len - want);
+                    l.block.give_back(&mut r.block, l.block.len - want);
                 }
-                self.fences[a] = l.last();
+                l.fence = l.block.last();
                 return;
             }
         }
@@ -426,40 +437,35 @@ impl Leaf {
         }
         let mut at = self.len / 2;
         let mut block = 0;
-        while at >= self.blocks[block].len {
-            at -= self.blocks[block].len;
+        while at >= self.refs[block].block.len {
+            at -= self.refs[block].block.len;
             block += 1;
         }
         if at > 0 {
             // The middle falls inside a block: cut it there first.
-            let right = self.blocks[block].split_off(at);
-            self.fences[block] = self.blocks[block].last();
-            self.fences.insert(block + 1, right.last());
-            self.blocks.insert(block + 1, right);
+            self.split_block(block, at);
             block += 1;
         }
-        let blocks = self.blocks.split_off(block);
-        let fences = self.fences.split_off(block);
-        let moved: usize = blocks.iter().map(|b| b.len).sum();
+        let refs = self.refs.split_off(block);
+        let moved: usize = refs.iter().map(|r| r.block.len).sum();
         self.len -= moved;
-        let mut right = Leaf { fences, blocks, len: moved };
+        let mut right = Leaf { refs, len: moved };
         // Cutting a block can leave a small one on either side of the cut.
-        self.rebalance(self.blocks.len() - 1);
+        self.rebalance(self.refs.len() - 1);
         right.rebalance(0);
         Some(right)
     }
 
     /// Appends `right`, whose keys all sort after this leaf's.
     pub(crate) fn append(&mut self, mut right: Leaf) {
-        let seam = self.blocks.len();
+        let seam = self.refs.len();
         self.len += right.len;
-        self.blocks.append(&mut right.blocks);
-        self.fences.append(&mut right.fences);
+        self.refs.append(&mut right.refs);
         // The two blocks meeting at the seam may be small (an emptying leaf): keep the bound.
         if seam > 0 {
             let mut i = seam - 1;
-            while i < self.blocks.len().min(seam + 1) {
-                if self.blocks.len() > 1 && self.blocks[i].len < BLOCK_MIN {
+            while i < self.refs.len().min(seam + 1) {
+                if self.refs.len() > 1 && self.refs[i].block.len < BLOCK_MIN {
                     // Merges (fewer blocks) or evens out (block i is then big enough).
                     self.rebalance(i);
                 } else {
@@ -513,12 +519,12 @@ mod tests {
 
     /// Checks every structural invariant of the leaf.
     fn audit(l: &Leaf) {
-        assert_eq!(l.fences.len(), l.blocks.len());
         let mut total = 0;
         let mut prev: Option<Pos> = None;
-        for (b, f) in l.blocks.iter().zip(&l.fences) {
+        for r in &l.refs {
+            let (b, f) = (&r.block, &r.fence);
             assert!(b.len > 0 && b.len <= BLOCK_CAP, "block size {}", b.len);
-            assert!(b.len >= BLOCK_MIN || l.blocks.len() == 1, "underfull block: {:?}", block_sizes(l));
+            assert!(b.len >= BLOCK_MIN || l.refs.len() == 1, "underfull block: {:?}", block_sizes(l));
             for i in 0..b.len {
                 if let Some(p) = prev {
                     assert!(p < b.pos(i), "order: {p} then {}", b.pos(i));
@@ -539,7 +545,7 @@ mod tests {
     }
 
     fn block_sizes(l: &Leaf) -> Vec<usize> {
-        l.blocks.iter().map(|b| b.len).collect()
+        l.refs.iter().map(|r| r.block.len).collect()
     }
 
     #[test]
@@ -552,7 +558,7 @@ mod tests {
         // Into the middle of the full block: it splits, the key lands in order.
         assert!(l.insert(&key(1, 105, 1)));
         audit(&l);
-        assert_eq!(l.blocks.len(), 2);
+        assert_eq!(l.refs.len(), 2);
         // Before the first key and after the last key.
         assert!(l.insert(&key(1, 1, 1)));
         assert!(l.insert(&key(1, 100_000, 1)));
@@ -574,8 +580,8 @@ mod tests {
             l.insert(&key(1, i * 8 + 8, 8));
         }
         audit(&l);
-        assert!(l.blocks.len() >= 3);
-        let fence_pos = l.blocks[0].pos(l.blocks[0].len - 1);
+        assert!(l.refs.len() >= 3);
+        let fence_pos = l.refs[0].block.pos(l.refs[0].block.len - 1);
         assert!(!l.insert(&key(fence_pos.dev, fence_pos.sector, 8)), "fence key is a duplicate");
         // first_after the fence is the first key of the next block.
         let loc = l.first_after(fence_pos).unwrap();
@@ -601,15 +607,15 @@ mod tests {
             l.insert(&key(1, i + 1, 1));
         }
         audit(&l);
-        let before = l.blocks.len();
+        let before = l.refs.len();
         // Empty the second block almost entirely: it must merge or borrow, never stay tiny.
-        let second: Vec<Pos> = (0..l.blocks[1].len).map(|i| l.blocks[1].pos(i)).collect();
+        let second: Vec<Pos> = (0..l.refs[1].block.len).map(|i| l.refs[1].block.pos(i)).collect();
         for p in &second[..second.len() - 1] {
             assert!(l.remove(*p).is_some());
             audit(&l);
-            assert!(l.blocks.iter().all(|b| b.len >= BLOCK_MIN) || l.blocks.len() == 1);
+            assert!(l.refs.iter().all(|r| r.block.len >= BLOCK_MIN) || l.refs.len() == 1);
         }
-        assert!(l.blocks.len() < before, "the emptied block was merged away");
+        assert!(l.refs.len() < before, "the emptied block was merged away");
         // Remove everything from the back, then the front: the leaf ends empty and consistent.
         for i in (n / 2..n).rev() {
             l.remove(Pos::new(1, i + 1));
@@ -620,7 +626,7 @@ mod tests {
             audit(&l);
         }
         assert_eq!(l.len(), 0);
-        assert!(l.blocks.is_empty() && l.first().is_none() && l.first_after(Pos::MIN).is_none());
+        assert!(l.refs.is_empty() && l.first().is_none() && l.first_after(Pos::MIN).is_none());
     }
 
     #[test]
