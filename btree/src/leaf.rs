@@ -11,10 +11,11 @@
 //! block:  len | devs[CAP] (u32) | sectors[CAP] (u64) | vals[CAP] (offset, size, gen, dirty)
 //! ```
 //!
-//! A search is a binary search of the fence array (a few cache lines, shared by every search of
-//! this leaf and so usually cached), then one branch-free count over the block's `devs` and
-//! `sectors` (a few lines, all independent loads the CPU fetches in parallel), then one load
-//! of the value. An insert or remove moves at most one block's tail; a full block splits in
+//! A search is a binary search of the fence array (its upper probes are shared by every search
+//! of this leaf and so usually cached; the last probe brings the block pointer along), then a
+//! prefetch of the whole block, so all its cache lines are in flight at once, then a branch-free
+//! binary search over the block's `devs` and `sectors`, then one load of the (already
+//! prefetched) value. An insert or remove moves at most one block's tail; a full block splits in
 //! two, a block below a quarter full merges with (or borrows from) a neighbour. Splitting the
 //! whole leaf moves block pointers, not keys.
 //!
@@ -37,9 +38,10 @@ unsafe fn prefetch(p: *const i8) {
     unsafe { _mm_prefetch::<_MM_HINT_T0>(p) };
 }
 
-/// Keys per block. 32 keys are 128 + 256 bytes of search keys (6 cache lines, loaded in
-/// parallel by the count) and 512 bytes of values; larger blocks scan more lines per lookup,
-/// smaller ones make the fence array (one binary search step per doubling) longer.
+/// Keys per block. 32 keys are 128 + 256 bytes of search keys and 512 bytes of values: a
+/// 904-byte block, 15 cache lines prefetched per lookup. Larger blocks prefetch more lines per
+/// lookup, smaller ones make the fence array longer (16 and 64 measured no better; see the
+/// crate README).
 pub(crate) const BLOCK_CAP: usize = 32;
 /// A block with fewer keys than this after a removal merges with a neighbour (or borrows).
 const BLOCK_MIN: usize = BLOCK_CAP / 4;
@@ -68,7 +70,7 @@ fn pack(p: Pos) -> u128 {
     (u128::from(p.dev) << 64) | u128::from(p.sector)
 }
 
-/// Slots past `len` hold the sentinel position `(u32::MAX, u64::MAX)`, so the search can count
+/// Slots past `len` hold the sentinel position `(u32::MAX, u64::MAX)`, so the search can run
 /// over all [`BLOCK_CAP`] slots without first loading `len` (see [`Block::count`]). `repr(C)`
 /// keeps `len` and the search keys in the first cache lines and the values after them.
 #[repr(C)]
@@ -130,7 +132,7 @@ impl Block {
     }
 
     /// Starts loading the whole block at once: the search's key lines and the values, so the
-    /// count does not wait for its later lines one after another and the value read after it
+    /// search does not wait for its lines one after another and the value read after it
     /// does not wait for a second cache miss.
     #[inline]
     fn prefetch(&self) {
