@@ -4,6 +4,7 @@ pub mod error;
 pub mod format;
 pub mod fuzzing;
 pub mod key;
+mod leaf;
 pub mod store;
 pub mod tree;
 

@@ -7,9 +7,9 @@ use crate::format::{
     self, ChildEntry, DecodedBody, LeafEntry, MAX_DEPTH, NodeHeader, NodePtr, check_step, dump_neighbours,
 };
 use crate::key::{Key, Pos, Ptr, Segment};
+use crate::leaf::{Leaf, Loc};
 use crate::store::NodeStore;
 use std::collections::BTreeMap;
-use std::ops::Bound::{Excluded, Unbounded};
 
 type NodeId = usize;
 
@@ -79,31 +79,6 @@ pub struct TreeStats {
     pub dirty_sectors_by_dev: BTreeMap<u32, u64>,
 }
 
-/// In-memory value of a leaf entry; the map key is the key's position `(dev, end)`.
-#[derive(Clone, Copy, Debug)]
-struct Val {
-    offset: u64,
-    size: u32,
-    generation: u8,
-    dirty: bool,
-}
-
-impl Val {
-    fn of(k: &Key) -> Val {
-        Val { offset: k.ptr.offset, size: k.size, generation: k.ptr.generation, dirty: k.dirty }
-    }
-}
-
-fn key_of(pos: &Pos, v: &Val) -> Key {
-    Key {
-        dev: pos.dev,
-        end: pos.sector,
-        size: v.size,
-        ptr: Ptr { offset: v.offset, generation: v.generation },
-        dirty: v.dirty,
-    }
-}
-
 /// Where the last written version of a node lives.
 #[derive(Clone, Copy, Debug)]
 struct DiskState {
@@ -132,7 +107,7 @@ struct Child {
 
 #[derive(Debug)]
 enum Body {
-    Leaf(BTreeMap<Pos, Val>),
+    Leaf(Leaf),
     Interior(Vec<Child>),
 }
 
@@ -170,7 +145,7 @@ impl MemNode {
     }
 
     fn placeholder() -> MemNode {
-        let mut n = MemNode::new(0, Pos::MIN, Pos::MAX, Body::Leaf(BTreeMap::new()));
+        let mut n = MemNode::new(0, Pos::MIN, Pos::MAX, Body::Leaf(Leaf::new()));
         n.dirty = false;
         n
     }
@@ -240,6 +215,72 @@ fn iter_error(
         addr,
         format!("{why} during iteration (node range [{lo}, {hi}]):\n  previous: {prev}\n  this:     {key}"),
     )
+}
+
+/// Checks one iteration step (see [`check_step`]) and turns a failure into the typed error with
+/// the dump of both keys.
+fn check_iter_step(
+    prev: Option<&Key>,
+    key: &Key,
+    lo: Pos,
+    hi: Pos,
+    addr: Option<NodeAddr>,
+) -> Result<(), BtreeError> {
+    match check_step(prev, key, lo, hi) {
+        Ok(()) => Ok(()),
+        Err((kind, why)) => Err(iter_error(kind, why, addr, prev, key, lo, hi)),
+    }
+}
+
+/// The checked in-order walk over leaf keys that `lookup` and `scan` share. It carries the
+/// previous key across leaves, so every step — inside a leaf and from one leaf to the next — is
+/// checked to sort strictly after it, not to overlap it, and to lie in its node's range.
+#[derive(Default)]
+struct CheckedWalk {
+    prev: Option<Key>,
+}
+
+impl CheckedWalk {
+    /// Starts on `node` (a leaf) at the first key after `search`. Entering a leaf at or below its
+    /// low bound walks it from its first key: a key sorting before the bound (corruption) then
+    /// shows up as a backwards step instead of being skipped.
+    fn enter<'a>(&'a mut self, node: &'a MemNode, search: Pos) -> Result<LeafSteps<'a>, BtreeError> {
+        let Body::Leaf(keys) = &node.body else {
+            return Err(internal("descent ended on an interior node"));
+        };
+        let loc = if search <= node.lo { keys.first() } else { keys.first_after(search) };
+        Ok(LeafSteps {
+            keys,
+            loc,
+            lo: node.lo,
+            hi: node.hi,
+            addr: node.disk.map(|d| d.addr),
+            prev: &mut self.prev,
+        })
+    }
+}
+
+/// A [`CheckedWalk`] inside one leaf.
+struct LeafSteps<'a> {
+    keys: &'a Leaf,
+    loc: Option<Loc>,
+    lo: Pos,
+    hi: Pos,
+    addr: Option<NodeAddr>,
+    prev: &'a mut Option<Key>,
+}
+
+impl LeafSteps<'_> {
+    /// The next key, checked against the previous one and the node range; `None` at the end of
+    /// the leaf.
+    fn next(&mut self) -> Result<Option<Key>, BtreeError> {
+        let Some(loc) = self.loc else { return Ok(None) };
+        let k = self.keys.key(loc);
+        check_iter_step(self.prev.as_ref(), &k, self.lo, self.hi, self.addr)?;
+        *self.prev = Some(k);
+        self.loc = self.keys.next(loc);
+        Ok(Some(k))
+    }
 }
 
 /// The btree of extent keys. See the crate docs for the persistence model.
@@ -348,7 +389,7 @@ impl<S: NodeStore> Tree<S> {
 
     /// A new empty tree. Nothing is written until [`Tree::flush`].
     pub fn create(store: S, cfg: TreeConfig) -> Result<Self, BtreeError> {
-        let root = MemNode::new(0, Pos::MIN, Pos::MAX, Body::Leaf(BTreeMap::new()));
+        let root = MemNode::new(0, Pos::MIN, Pos::MAX, Body::Leaf(Leaf::new()));
         Tree::with_root(store, cfg, root)
     }
 
@@ -457,7 +498,7 @@ impl<S: NodeStore> Tree<S> {
             ));
         }
         let body = match decoded.body {
-            DecodedBody::Leaf(keys) => Body::Leaf(keys.iter().map(|k| (k.pos(), Val::of(k))).collect()),
+            DecodedBody::Leaf(keys) => Body::Leaf(Leaf::from_sorted(&keys)),
             DecodedBody::Interior(children) => {
                 if h.level == 0 {
                     return Err(internal("interior body at level 0"));
@@ -550,6 +591,36 @@ impl<S: NodeStore> Tree<S> {
         }
     }
 
+    /// [`Tree::descend_gt`] for readers that need only the leaf, not the path to it.
+    fn descend_gt_leaf(&mut self, p: Pos) -> Result<NodeId, BtreeError> {
+        let mut id = self.root;
+        // Same bound as `descend_gt`: at most MAX_DEPTH - 1 steps down.
+        for _ in 1..MAX_DEPTH {
+            let Body::Interior(children) = &self.nodes[id].body else {
+                return Ok(id);
+            };
+            let idx = children.partition_point(|c| c.hi <= p);
+            let Some(child) = children.get(idx) else {
+                return Err(internal("descent position beyond the node range"));
+            };
+            id = match child.mem {
+                Some(cid) => {
+                    self.nodes[cid].referenced = true;
+                    cid
+                }
+                None => self.child_id(id, idx)?,
+            };
+        }
+        match self.nodes[id].body {
+            Body::Leaf(_) => Ok(id),
+            Body::Interior(_) => Err(BtreeError::corrupted(
+                CorruptionKind::TooDeep,
+                None,
+                format!("descent deeper than {MAX_DEPTH}"),
+            )),
+        }
+    }
+
     // ---------------------------------------------------------------- leaf edits
 
     fn account(&mut self, k: &Key, add: bool) {
@@ -577,10 +648,10 @@ impl<S: NodeStore> Tree<S> {
     fn leaf_insert(&mut self, id: NodeId, k: Key) -> Result<(), BtreeError> {
         let limit = self.leaf_cap;
         let node = &mut self.nodes[id];
-        let Body::Leaf(map) = &mut node.body else {
+        let Body::Leaf(leaf) = &mut node.body else {
             return Err(internal("leaf insert into interior node"));
         };
-        if map.insert(k.pos(), Val::of(&k)).is_some() {
+        if !leaf.insert(&k) {
             return Err(BtreeError::corrupted(
                 CorruptionKind::OverlappingKeys,
                 node.disk.map(|d| d.addr),
@@ -595,11 +666,10 @@ impl<S: NodeStore> Tree<S> {
     fn leaf_remove(&mut self, id: NodeId, pos: Pos) -> Result<Key, BtreeError> {
         let limit = self.leaf_cap;
         let node = &mut self.nodes[id];
-        let Body::Leaf(map) = &mut node.body else {
+        let Body::Leaf(leaf) = &mut node.body else {
             return Err(internal("leaf remove from interior node"));
         };
-        let v = map.remove(&pos).ok_or_else(|| internal("removing a missing key"))?;
-        let k = key_of(&pos, &v);
+        let k = leaf.remove(pos).ok_or_else(|| internal("removing a missing key"))?;
         node.note_change(k.dev, k.start(), k.end, limit);
         self.account(&k, false);
         Ok(k)
@@ -652,16 +722,13 @@ impl<S: NodeStore> Tree<S> {
         };
         let mut changed = false;
         loop {
-            let Body::Leaf(map) = &self.nodes[leaf].body else {
+            let Body::Leaf(keys) = &self.nodes[leaf].body else {
                 return Err(internal("descent ended on an interior node"));
             };
-            let Some(old) = map.range((Excluded(*cursor), Unbounded)).next().map(|(p, v)| key_of(p, v))
-            else {
+            let Some(old) = keys.first_after(*cursor).map(|loc| keys.key(loc)) else {
                 return Ok((changed, false));
             };
-            if let Err((kind, why)) = check_step(prev.as_ref(), &old, lo, hi) {
-                return Err(iter_error(kind, why, addr, prev.as_ref(), &old, lo, hi));
-            }
+            check_iter_step(prev.as_ref(), &old, lo, hi, addr)?;
             if old.dev != dev || old.start() >= end {
                 return Ok((changed, true));
             }
@@ -685,20 +752,18 @@ impl<S: NodeStore> Tree<S> {
         let limit = self.leaf_cap;
         let node = &mut self.nodes[leaf];
         let (lo, hi, addr) = (node.lo, node.hi, node.disk.map(|d| d.addr));
-        let Body::Leaf(map) = &mut node.body else {
+        let Body::Leaf(keys) = &mut node.body else {
             return Err(internal("descent ended on an interior node"));
         };
-        let Some((p, v)) = map.range_mut((Excluded(begin), Unbounded)).next() else {
+        let Some(loc) = keys.first_after(begin) else {
             return Ok(None);
         };
-        let old = key_of(p, v);
-        if let Err((kind, why)) = check_step(None, &old, lo, hi) {
-            return Err(iter_error(kind, why, addr, None, &old, lo, hi));
-        }
+        let old = keys.key(loc);
+        check_iter_step(None, &old, lo, hi, addr)?;
         if old.dev != key.dev || old.end != key.end || old.size != key.size {
             return Ok(None);
         }
-        *v = Val::of(key);
+        keys.set(loc, key);
         node.note_change(key.dev, key.start(), key.end, limit);
         self.account(&old, false);
         self.account(key, true);
@@ -781,11 +846,9 @@ impl<S: NodeStore> Tree<S> {
         let node = &mut self.nodes[id];
         let old_hi = node.hi;
         let (mid, right_body) = match &mut node.body {
-            Body::Leaf(map) => {
-                let n = map.len();
-                let split_at = *map.keys().nth(n / 2).ok_or_else(|| internal("split of a tiny leaf"))?;
-                let right = map.split_off(&split_at);
-                let mid = *map.keys().next_back().ok_or_else(|| internal("split left empty"))?;
+            Body::Leaf(keys) => {
+                let right = keys.split_half().ok_or_else(|| internal("split of a tiny leaf"))?;
+                let mid = keys.last_pos().ok_or_else(|| internal("split left empty"))?;
                 (mid, Body::Leaf(right))
             }
             Body::Interior(children) => {
@@ -831,7 +894,7 @@ impl<S: NodeStore> Tree<S> {
         self.node_count -= 1;
         let left = &mut self.nodes[ida];
         match (&mut left.body, right.body) {
-            (Body::Leaf(l), Body::Leaf(mut r)) => l.append(&mut r),
+            (Body::Leaf(l), Body::Leaf(r)) => l.append(r),
             (Body::Interior(l), Body::Interior(r)) => l.extend(r),
             _ => return Err(internal("merging nodes of different kinds")),
         }
@@ -1005,29 +1068,12 @@ impl<S: NodeStore> Tree<S> {
         let stop = Pos { dev, sector: end };
         let mut covered = start;
         let mut search = Pos { dev, sector: start };
-        let mut prev: Option<Key> = None;
+        let mut walk = CheckedWalk::default();
         'leaves: loop {
-            let path = self.descend_gt(search)?;
-            let node = &self.nodes[path.leaf()];
-            let Body::Leaf(map) = &node.body else {
-                return Err(internal("descent ended on an interior node"));
-            };
-            // Entering a leaf at its low bound, walk it from its first key: a key sorting before the
-            // bound (corruption) then shows up as a backwards step instead of being skipped.
-            let lower = if search <= node.lo { Unbounded } else { Excluded(search) };
-            for (p, v) in map.range((lower, Unbounded)) {
-                let k = key_of(p, v);
-                if let Err((kind, why)) = check_step(prev.as_ref(), &k, node.lo, node.hi) {
-                    return Err(iter_error(
-                        kind,
-                        why,
-                        node.disk.map(|d| d.addr),
-                        prev.as_ref(),
-                        &k,
-                        node.lo,
-                        node.hi,
-                    ));
-                }
+            let leaf = self.descend_gt_leaf(search)?;
+            let node = &self.nodes[leaf];
+            let mut steps = walk.enter(node, search)?;
+            while let Some(k) = steps.next()? {
                 if k.dev != dev || k.start() >= end {
                     break 'leaves;
                 }
@@ -1037,7 +1083,6 @@ impl<S: NodeStore> Tree<S> {
                 let b = k.end.min(end);
                 out.push(Segment::Cached(k.slice(k.start().max(covered), b)));
                 covered = b;
-                prev = Some(k);
                 if covered >= end {
                     break 'leaves;
                 }
@@ -1071,46 +1116,28 @@ impl<S: NodeStore> Tree<S> {
         }
         let mut taken = 0;
         let mut search = from;
-        let mut prev: Option<Key> = None;
-        loop {
+        let mut walk = CheckedWalk::default();
+        let resume = 'leaves: loop {
             if search == Pos::MAX {
-                return Ok(None);
+                break None;
             }
-            let path = self.descend_gt(search)?;
-            let node = &self.nodes[path.leaf()];
-            let Body::Leaf(map) = &node.body else {
-                return Err(internal("descent ended on an interior node"));
-            };
-            // Entering a leaf at its low bound, walk it from its first key: a key sorting before the
-            // bound (corruption) then shows up as a backwards step instead of being skipped.
-            let lower = if search <= node.lo { Unbounded } else { Excluded(search) };
-            for (p, v) in map.range((lower, Unbounded)) {
-                let k = key_of(p, v);
-                if let Err((kind, why)) = check_step(prev.as_ref(), &k, node.lo, node.hi) {
-                    return Err(iter_error(
-                        kind,
-                        why,
-                        node.disk.map(|d| d.addr),
-                        prev.as_ref(),
-                        &k,
-                        node.lo,
-                        node.hi,
-                    ));
-                }
-                prev = Some(k);
+            let leaf = self.descend_gt_leaf(search)?;
+            let node = &self.nodes[leaf];
+            let mut steps = walk.enter(node, search)?;
+            while let Some(k) = steps.next()? {
                 if filter(&k) {
                     out.push(k);
                     taken += 1;
                     if taken >= max {
-                        let pos = k.pos();
-                        self.maybe_evict();
-                        return Ok(Some(pos));
+                        break 'leaves Some(k.pos());
                     }
                 }
             }
             search = node.hi;
             self.maybe_evict();
-        }
+        };
+        self.maybe_evict();
+        Ok(resume)
     }
 
     // ---------------------------------------------------------------- persistence
@@ -1170,20 +1197,18 @@ impl<S: NodeStore> Tree<S> {
     fn build_delta(&mut self, id: NodeId, out: &mut Vec<LeafEntry>) {
         out.clear();
         let node = &mut self.nodes[id];
-        let Body::Leaf(map) = &node.body else { return };
+        let Body::Leaf(keys) = &node.body else { return };
         let ranges = &mut node.changed;
         ranges.sort_unstable();
         coalesce(ranges);
         for r in ranges.iter_mut() {
             let (dev, a, b) = *r;
-            if let Some((p, v)) = map.range((Excluded(Pos { dev, sector: a }), Unbounded)).next() {
-                let k = key_of(p, v);
+            if let Some(k) = keys.iter_after(Pos { dev, sector: a }).next() {
                 if k.dev == dev && k.start() < a {
                     r.1 = k.start();
                 }
             }
-            if let Some((p, v)) = map.range((Excluded(Pos { dev, sector: b }), Unbounded)).next() {
-                let k = key_of(p, v);
+            if let Some(k) = keys.iter_after(Pos { dev, sector: b }).next() {
                 if k.dev == dev && k.start() < b {
                     r.2 = k.end;
                 }
@@ -1192,8 +1217,7 @@ impl<S: NodeStore> Tree<S> {
         coalesce(ranges);
         for &(dev, a, b) in ranges.iter() {
             let mut cur = a;
-            for (p, v) in map.range((Excluded(Pos { dev, sector: a }), Unbounded)) {
-                let k = key_of(p, v);
+            for k in keys.iter_after(Pos { dev, sector: a }) {
                 if k.dev != dev || k.start() >= b {
                     break;
                 }
@@ -1207,10 +1231,9 @@ impl<S: NodeStore> Tree<S> {
 
     fn check_mem_leaf(&self, id: NodeId) -> Result<(), BtreeError> {
         let node = &self.nodes[id];
-        let Body::Leaf(map) = &node.body else { return Ok(()) };
+        let Body::Leaf(keys) = &node.body else { return Ok(()) };
         let mut prev: Option<Key> = None;
-        for (p, v) in map {
-            let k = key_of(p, v);
+        for k in keys.iter() {
             if let Err((kind, why)) = check_step(prev.as_ref(), &k, node.lo, node.hi) {
                 let prev = prev.map_or_else(|| "(none)".to_string(), |p| p.to_string());
                 return Err(BtreeError::corrupted(
@@ -1303,8 +1326,8 @@ impl<S: NodeStore> Tree<S> {
         let encoded = if level == 0 {
             let mut keys = std::mem::take(&mut self.scratch_keys);
             keys.clear();
-            if let Body::Leaf(map) = &self.nodes[id].body {
-                keys.extend(map.iter().map(|(p, v)| key_of(p, v)));
+            if let Body::Leaf(leaf) = &self.nodes[id].body {
+                keys.extend(leaf.iter());
             }
             let r = format::encode_leaf_node(&header, &keys, self.node_size, buf);
             self.scratch_keys = keys;
@@ -1416,9 +1439,8 @@ impl<S: NodeStore> Tree<S> {
         stats.max_seq = stats.max_seq.max(ptr.seq);
         stats.addrs.push(ptr.addr);
         match node.body {
-            Body::Leaf(map) => {
-                for (p, v) in &map {
-                    let k = key_of(p, v);
+            Body::Leaf(keys) => {
+                for k in keys.iter() {
                     if let Some(prev) = stats.last_key {
                         if k.pos() <= prev.pos() || (k.dev == prev.dev && k.start() < prev.end) {
                             return Err(iter_error(
@@ -1516,9 +1538,8 @@ impl<S: NodeStore> Tree<S> {
                 Err(e) => problems.push(Problem::from_error(addr, &e)),
                 Ok(dec) => {
                     let same = match (&dec.body, &self.nodes[id].body) {
-                        (DecodedBody::Leaf(keys), Body::Leaf(map)) => {
-                            keys.len() == map.len()
-                                && keys.iter().zip(map).all(|(k, (p, v))| *k == key_of(p, v))
+                        (DecodedBody::Leaf(keys), Body::Leaf(leaf)) => {
+                            keys.len() == leaf.len() && keys.iter().zip(leaf.iter()).all(|(k, m)| *k == m)
                         }
                         (DecodedBody::Interior(ce), Body::Interior(ch)) => {
                             ce.len() == ch.len()
@@ -1540,8 +1561,8 @@ impl<S: NodeStore> Tree<S> {
             }
         }
         match &self.nodes[id].body {
-            Body::Leaf(map) => {
-                let keys: Vec<Key> = map.iter().map(|(p, v)| key_of(p, v)).collect();
+            Body::Leaf(leaf) => {
+                let keys: Vec<Key> = leaf.iter().collect();
                 check_keys_into(&keys, nlo, nhi, addr, walk, problems);
             }
             Body::Interior(children) => {
@@ -1602,8 +1623,8 @@ impl<S: NodeStore> Tree<S> {
             }
         };
         match node.body {
-            Body::Leaf(map) => {
-                let keys: Vec<Key> = map.iter().map(|(p, v)| key_of(p, v)).collect();
+            Body::Leaf(leaf) => {
+                let keys: Vec<Key> = leaf.iter().collect();
                 check_keys_into(&keys, lo, hi, Some(ptr.addr), walk, problems);
             }
             Body::Interior(children) => {
@@ -1654,7 +1675,7 @@ impl<S: NodeStore> Tree<S> {
 
     /// Counters of the tree.
     pub fn stats(&self) -> TreeStats {
-        let mut cached_keys = 0usize;
+        let mut leaf_bytes = 0usize;
         let mut cached_children = 0usize;
         let mut depth = 1;
         let mut seen = vec![false; self.nodes.len()];
@@ -1666,7 +1687,7 @@ impl<S: NodeStore> Tree<S> {
                 continue;
             }
             match &n.body {
-                Body::Leaf(m) => cached_keys += m.len(),
+                Body::Leaf(m) => leaf_bytes += m.heap_bytes(),
                 Body::Interior(c) => cached_children += c.len(),
             }
             depth = depth.max(u32::from(n.level) + 1);
@@ -1676,7 +1697,7 @@ impl<S: NodeStore> Tree<S> {
             nodes: self.node_count,
             depth: u32::from(self.nodes[self.root].level) + 1,
             cached_nodes: self.cached,
-            cached_bytes: cached_keys * BYTES_PER_CACHED_KEY
+            cached_bytes: leaf_bytes
                 + cached_children * std::mem::size_of::<Child>()
                 + self.cached * std::mem::size_of::<MemNode>(),
             dirty_sectors: self.dirty_sectors,
@@ -1690,8 +1711,8 @@ impl<S: NodeStore> Tree<S> {
     pub(crate) fn debug_insert_raw(&mut self, descent: Pos, key: Key) -> Result<(), BtreeError> {
         let path = self.descend_gt(descent)?;
         let leaf = path.leaf();
-        if let Body::Leaf(map) = &mut self.nodes[leaf].body {
-            map.insert(key.pos(), Val::of(&key));
+        if let Body::Leaf(keys) = &mut self.nodes[leaf].body {
+            keys.insert(&key);
         }
         self.nodes[leaf].dirty = true;
         self.nodes[leaf].rewrite = true;
@@ -1699,9 +1720,10 @@ impl<S: NodeStore> Tree<S> {
     }
 }
 
-/// Estimated bytes per key of a leaf's `BTreeMap<Pos, Val>`: 16 + 16 bytes of entry, plus the
-/// std B-tree's node overhead at its typical fill (about 2/3 of 11 slots per 392-byte node).
-pub const BYTES_PER_CACHED_KEY: usize = 54;
+/// Typical heap bytes per cached key of a leaf after random inserts: a block slot is 28 bytes
+/// (u32 dev, u64 sector, 16-byte value) and blocks are about 2/3 full. [`TreeStats::cached_bytes`]
+/// counts the real block sizes; this is for callers that size a node cache from a key count.
+pub const BYTES_PER_CACHED_KEY: usize = 44;
 
 fn check_keys_into(
     keys: &[Key],
