@@ -6,7 +6,7 @@
 
 use super::error::{CacheError, CacheResult};
 use super::inflight::{DevRange, FillId};
-use super::policy::{CacheMode, WriteRoute, fill_on_read_miss, write_route};
+use super::policy::{BypassReason, CacheMode, WriteRoute, read_bypass_reason, write_bypass_reason, write_route};
 use super::set::{Backing, Meta, Shared};
 use super::stats::Stats;
 use crate::alloc::{AllocError, SectorAlloc};
@@ -131,8 +131,19 @@ impl CachedDev {
         let end = start + buf.len() as u64 / SECTOR_SIZE;
         let dev = self.backing.dev_id;
         let mode = self.mode();
-        let sequential = self.shared.seq.lock().observe(dev, start * SECTOR_SIZE, buf.len() as u64);
-        let fill = if force_fill { mode != CacheMode::None } else { fill_on_read_miss(mode, sequential) };
+        let bypass = if force_fill && mode != CacheMode::None {
+            None
+        } else {
+            let (stream, sequential) = {
+                let mut seq = self.shared.seq.lock();
+                let stream = seq.observe_stream(dev, start * SECTOR_SIZE, buf.len() as u64);
+                (stream, seq.past_cutoff(stream))
+            };
+            // Only a read that is not already bypassing asks about congestion (cheap anyway).
+            let congested = !sequential && self.shared.congestion.read_bypasses(stream);
+            read_bypass_reason(mode, sequential, congested)
+        };
+        let fill = bypass.is_none();
         let mut pieces = Vec::new();
         {
             let mut m = self.shared.lock_meta()?;
@@ -176,7 +187,10 @@ impl CachedDev {
             let r = match p {
                 Piece::Hit { ptr, .. } => {
                     Stats::add(&self.shared.stats.read_hits, e - s);
-                    self.shared.cache.read_at(part, ptr.offset * SECTOR_SIZE)
+                    let began = std::time::Instant::now();
+                    let r = self.shared.cache.read_at(part, ptr.offset * SECTOR_SIZE);
+                    self.shared.congestion.read.record(began.elapsed());
+                    r
                 }
                 Piece::Miss { .. } => {
                     Stats::add(&self.shared.stats.read_misses, e - s);
@@ -207,6 +221,12 @@ impl CachedDev {
         if !fill {
             Stats::add(&self.shared.stats.read_bypassed, 1);
         }
+        // A bypass reason counts only when something was read from backing without filling.
+        if let Some(reason) = bypass
+            && pieces.iter().any(|p| matches!(p, Piece::Miss { .. }))
+        {
+            self.shared.stats.bypassed(reason);
+        }
         // The data read is right whatever happens to the fills: a failed fill is logged, not
         // returned, and every registered fill is finished.
         for p in pieces {
@@ -231,6 +251,7 @@ impl CachedDev {
                 None => {
                     // No clean space: skip the fill (a read never waits for writeback).
                     m.fills.finish(id);
+                    self.shared.stats.bypassed(BypassReason::Full);
                     return Ok(());
                 }
             }
@@ -277,7 +298,10 @@ impl CachedDev {
         let mut at = 0usize;
         for a in allocs {
             let n = a.sectors as usize * SECTOR_SIZE as usize;
-            self.shared.cache.write_at(&data[at..at + n], a.offset * SECTOR_SIZE)?;
+            let began = std::time::Instant::now();
+            let r = self.shared.cache.write_at(&data[at..at + n], a.offset * SECTOR_SIZE);
+            self.shared.congestion.write.record(began.elapsed());
+            r?;
             at += n;
         }
         Ok(())
@@ -293,13 +317,26 @@ impl CachedDev {
     fn write_sectors(&self, data: &[u8], start: u64, fua: bool) -> CacheResult<()> {
         let end = start + data.len() as u64 / SECTOR_SIZE;
         let mode = self.mode();
-        let sequential =
-            self.shared.seq.lock().observe(self.backing.dev_id, start * SECTOR_SIZE, data.len() as u64);
-        let dirty = mode == CacheMode::Writeback && sequential && self.overlaps_dirty(start, end)?;
-        match write_route(mode, sequential, dirty) {
+        let (stream, sequential) = {
+            let mut seq = self.shared.seq.lock();
+            let stream = seq.observe_stream(self.backing.dev_id, start * SECTOR_SIZE, data.len() as u64);
+            (stream, seq.past_cutoff(stream))
+        };
+        let caching_mode = matches!(mode, CacheMode::Writeback | CacheMode::Writethrough);
+        let congested = caching_mode && !sequential && self.shared.congestion.write_bypasses(stream);
+        let bypass = write_bypass_reason(mode, sequential, congested);
+        // A bypassing write over dirty data stays in the cache in writeback mode (see
+        // `write_route`): the same rule for a sequential and a congestion bypass.
+        let dirty = mode == CacheMode::Writeback && bypass.is_some() && self.overlaps_dirty(start, end)?;
+        match write_route(mode, bypass.is_some(), dirty) {
             WriteRoute::CacheDirty => self.write_cached(data, start, true, fua),
             WriteRoute::CacheAndBacking => self.write_cached(data, start, false, fua),
-            WriteRoute::Backing => self.write_backing(BackingOp::Write(data), start, end, fua),
+            WriteRoute::Backing => {
+                if let Some(reason) = bypass {
+                    self.shared.stats.bypassed(reason);
+                }
+                self.write_backing(BackingOp::Write(data), start, end, fua)
+            }
         }
     }
 
@@ -323,6 +360,7 @@ impl CachedDev {
         }
         let Some(allocs) = allocs else {
             Stats::add(&self.shared.stats.full_fallbacks, 1);
+            self.shared.stats.bypassed(BypassReason::Full);
             return self.write_backing(BackingOp::Write(data), start, end, fua);
         };
         if dirty && let Err(e) = self.shared.begin_dirty_write(&self.backing) {

@@ -53,7 +53,7 @@ pub mod wb_io;
 
 pub use cached::CachedDev;
 pub use error::{CacheError, CacheResult};
-pub use policy::{CacheMode, SequentialDetector, WriteRoute};
-pub use set::{CacheConfig, CacheSet, DebugKnobs, FormatOptions, RecoveryReport, format};
+pub use policy::{BypassReason, CacheMode, SequentialDetector, WriteRoute};
+pub use set::{CacheConfig, CacheSet, Congestion, DebugKnobs, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};
 pub use wb_io::{CacheUsage, DirtyScan, WritebackReport};
