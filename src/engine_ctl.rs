@@ -269,7 +269,9 @@ impl ControlTarget for EngineControl {
                         ReclaimPolicy::Lru | ReclaimPolicy::Fifo => ReclaimPolicy::Random(RANDOM_POLICY_SEED),
                     },
                 };
-                self.set.set_replacement_policy(policy).map_err(|e| failed(format!("replacement_policy: {e}")))?;
+                self.set
+                    .set_replacement_policy(policy)
+                    .map_err(|e| failed(format!("replacement_policy: {e}")))?;
             }
             KnobSetting::CongestedReadThresholdUs(v) => self.set.set_congestion_thresholds(Some(v), None),
             KnobSetting::CongestedWriteThresholdUs(v) => self.set.set_congestion_thresholds(None, Some(v)),

@@ -6,7 +6,9 @@
 
 use super::error::{CacheError, CacheResult};
 use super::inflight::{DevRange, FillId};
-use super::policy::{BypassReason, CacheMode, WriteRoute, read_bypass_reason, write_bypass_reason, write_route};
+use super::policy::{
+    BypassReason, CacheMode, WriteRoute, read_bypass_reason, write_bypass_reason, write_route,
+};
 use super::set::{Backing, Meta, Shared};
 use super::stats::Stats;
 use crate::alloc::{AllocError, SectorAlloc};

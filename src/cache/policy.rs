@@ -226,7 +226,7 @@ impl SequentialDetector {
     pub fn observe_stream(&mut self, dev: u32, offset: u64, len: u64) -> u64 {
         self.tick += 1;
         let end = offset.saturating_add(len);
-        let sequential = if let Some(s) = self.streams.iter_mut().find(|s| s.dev == dev && s.next == offset) {
+        if let Some(s) = self.streams.iter_mut().find(|s| s.dev == dev && s.next == offset) {
             s.sequential = s.sequential.saturating_add(len);
             s.next = end;
             s.last_used = self.tick;
@@ -239,8 +239,7 @@ impl SequentialDetector {
                 *lru = fresh;
             }
             len
-        };
-        sequential
+        }
     }
 
     /// Whether a stream that has moved `stream_bytes` is past the sequential cutoff.
@@ -290,7 +289,11 @@ pub struct LatencyAverage {
 
 impl Default for LatencyAverage {
     fn default() -> Self {
-        Self { origin: std::time::Instant::now(), average_us: AtomicU64::new(0), updated_us: AtomicU64::new(0) }
+        Self {
+            origin: std::time::Instant::now(),
+            average_us: AtomicU64::new(0),
+            updated_us: AtomicU64::new(0),
+        }
     }
 }
 
@@ -303,7 +306,8 @@ impl LatencyAverage {
     pub fn record(&self, took: std::time::Duration) {
         let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let now = self.now_us();
-        let current = decayed(self.average_us.load(Ordering::Relaxed), self.updated_us.load(Ordering::Relaxed), now);
+        let current =
+            decayed(self.average_us.load(Ordering::Relaxed), self.updated_us.load(Ordering::Relaxed), now);
         let next = if sample >= current {
             current + ((sample - current) >> LATENCY_EWMA_SHIFT)
         } else {
@@ -316,7 +320,11 @@ impl LatencyAverage {
     /// The average now (decayed since the last sample), microseconds.
     #[must_use]
     pub fn current_us(&self) -> u64 {
-        decayed(self.average_us.load(Ordering::Relaxed), self.updated_us.load(Ordering::Relaxed), self.now_us())
+        decayed(
+            self.average_us.load(Ordering::Relaxed),
+            self.updated_us.load(Ordering::Relaxed),
+            self.now_us(),
+        )
     }
 }
 

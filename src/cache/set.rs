@@ -398,7 +398,8 @@ impl CacheSet {
             Some(format::StoredReplacementPolicy::Random) => ReclaimPolicy::Random(random_seed(&cfg)),
             None => cfg.reclaim_policy,
         };
-        let congestion = CongestionTracker::new(cfg.congested_read_threshold_us, cfg.congested_write_threshold_us);
+        let congestion =
+            CongestionTracker::new(cfg.congested_read_threshold_us, cfg.congested_write_threshold_us);
         let shared = Arc::new(Shared {
             cache,
             sb_current: Mutex::new(sb.clone()),
