@@ -40,6 +40,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use ubcache_btree::{Key, Pos, Segment, Tree, TreeConfig};
 
+/// Priority every bucket loses per bucket's worth of data written into the cache (LRU aging, as
+/// bcache decays priorities by I/O volume): a bucket neither written nor read while 4096
+/// buckets of data were written reaches 0 from the initial priority (32768). A read hit resets
+/// its bucket to the initial priority, so LRU takes the buckets unused for the longest.
+const PRIO_DECAY_PER_BUCKET_WRITTEN: u16 = 8;
+
 /// Test-only switches that break one crash-ordering rule on purpose, so the crash harness can
 /// prove it catches the breakage. Never set outside tests.
 #[doc(hidden)]
@@ -184,6 +190,8 @@ pub(crate) struct Meta {
     in_checkpoint: bool,
     /// `replay_from` of the last checkpoint: entries since then bound how many nodes changed.
     checkpoint_from: u64,
+    /// Data sectors allocated since the last priority decay.
+    sectors_since_decay: u64,
 }
 
 #[derive(Debug)]
@@ -414,6 +422,7 @@ impl CacheSet {
                 wb_cursor: Pos::MIN,
                 in_checkpoint: false,
                 checkpoint_from: 0,
+                sectors_since_decay: 0,
             }),
             wb_locks: RangeLocks::default(),
             stats: Stats::default(),
@@ -1021,7 +1030,15 @@ impl Shared {
     pub(crate) fn alloc_data_locked(&self, m: &mut Meta, sectors: u32) -> CacheResult<Option<SectorAlloc>> {
         for _ in 0..4 {
             match m.tree.store_mut().alloc.alloc_sectors(OpenKind::Data, sectors) {
-                Ok(a) => return Ok(Some(a)),
+                Ok(a) => {
+                    m.sectors_since_decay += u64::from(a.sectors);
+                    let bucket_sectors = u64::from(self.geometry.bucket_sectors).max(1);
+                    if m.sectors_since_decay >= bucket_sectors {
+                        m.sectors_since_decay -= bucket_sectors;
+                        m.tree.store_mut().alloc.decay_prios(PRIO_DECAY_PER_BUCKET_WRITTEN);
+                    }
+                    return Ok(Some(a));
+                }
                 Err(AllocError::NoSpace { .. }) => {
                     if self.reclaim_locked(m)? == 0 {
                         return Ok(None);
