@@ -44,7 +44,8 @@ fn set_mode_is_stored_and_used_when_no_mode_is_given() {
     set.close().unwrap();
 
     // An explicit mode wins and is stored.
-    let set = reopen(&cache, &backing, CacheConfig { stored_mode: false, ..tiny_config(CacheMode::Writearound) });
+    let set =
+        reopen(&cache, &backing, CacheConfig { stored_mode: false, ..tiny_config(CacheMode::Writearound) });
     assert_eq!(set.device(0).unwrap().mode(), CacheMode::Writearound);
     assert_eq!(stored(&backing), StoredCacheMode::Writearound);
     set.close().unwrap();
@@ -59,7 +60,8 @@ fn set_mode_is_stored_and_used_when_no_mode_is_given() {
 #[test]
 fn serve_without_mode_uses_the_stored_mode_and_an_explicit_mode_is_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = ServeOptions { data_dir: dir.path().to_path_buf(), size: Some(16 << 20), ..Default::default() };
+    let opts =
+        ServeOptions { data_dir: dir.path().to_path_buf(), size: Some(16 << 20), ..Default::default() };
     let open = |opts: &ServeOptions| {
         let (exports, locks, set) = build_exports(opts).unwrap().into_parts();
         let set = set.expect("cached");
