@@ -231,21 +231,40 @@ impl CachedDev {
         }
         // The data read is right whatever happens to the fills: a failed fill is logged, not
         // returned, and every registered fill is finished.
+        let mut no_space = false;
         for p in pieces {
             if let Piece::Miss { start: s, end: e, expected, fill: Some(id) } = p {
                 let data = &buf[((s - start) * SECTOR_SIZE) as usize..((e - start) * SECTOR_SIZE) as usize];
-                if let Err(err) = self.fill(id, s, e, expected, data) {
-                    self.shared.meta.lock().fills.finish(id);
-                    log::warn!("cache fill of dev {} sectors {s}..{e} failed: {err}", self.backing.dev_id);
+                match self.fill(id, s, e, expected, data) {
+                    Ok(filled) => no_space |= !filled,
+                    Err(err) => {
+                        self.shared.meta.lock().fills.finish(id);
+                        log::warn!(
+                            "cache fill of dev {} sectors {s}..{e} failed: {err}",
+                            self.backing.dev_id
+                        );
+                    }
                 }
             }
+        }
+        // One request, one reason, however many of its pieces found no space.
+        if no_space {
+            self.shared.stats.bypassed(BypassReason::Full);
         }
         Ok(())
     }
 
     /// Inserts data read from backing into the cache with replace semantics: dropped if a write
     /// or invalidation touched the range meanwhile (collision).
-    fn fill(&self, id: FillId, start: u64, end: u64, expected: Option<Key>, data: &[u8]) -> CacheResult<()> {
+    /// Returns `false` when no cache space could be freed for it (the fill was skipped).
+    fn fill(
+        &self,
+        id: FillId,
+        start: u64,
+        end: u64,
+        expected: Option<Key>,
+        data: &[u8],
+    ) -> CacheResult<bool> {
         let allocs = {
             let mut m = self.shared.lock_meta()?;
             match self.shared.alloc_extents_locked(&mut m, end - start)? {
@@ -253,8 +272,7 @@ impl CachedDev {
                 None => {
                     // No clean space: skip the fill (a read never waits for writeback).
                     m.fills.finish(id);
-                    self.shared.stats.bypassed(BypassReason::Full);
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         };
@@ -293,7 +311,8 @@ impl CachedDev {
             return self.shared.fail(e);
         }
         written?;
-        self.shared.maybe_commit_locked(&mut m)
+        self.shared.maybe_commit_locked(&mut m)?;
+        Ok(true)
     }
 
     fn write_extents(&self, allocs: &[SectorAlloc], data: &[u8]) -> CacheResult<()> {
