@@ -5,25 +5,24 @@
 //!   thread once a second and on every `stats` request), so the rolling windows work; an event
 //!   is attributed to the second in which it was sampled. Mapping (engine → ctl):
 //!   `read_hits`/`read_misses` count *sectors* (the engine counts sectors, not requests);
-//!   `write_cached`; `bypass_full` = writes that fell back to backing because the cache was
-//!   full; `bypass_mode` = every other bypass (reads that did not fill plus writes to backing
-//!   only — the engine does not tell a mode bypass from a sequential one, so
-//!   `bypass_sequential` stays 0); `bypass_congestion` and `readaheads` stay 0 (the engine has
-//!   neither); `miss_collisions`, `written_back_bytes`, `buckets_reclaimed`, `journal_commits`,
-//!   `checkpoints` map one to one. Gauges come from [`CacheSet::usage`] and the writeback rate
-//!   from the set's [`WritebackTuning`].
+//!   `write_cached`; `bypass_mode`, `bypass_sequential`, `bypass_congestion`, `bypass_full`
+//!   map one to one from the engine's per-reason counters (requests; each bypassing request
+//!   under exactly one reason, see [`crate::cache::StatsSnapshot`]); `readaheads` stays 0 (the
+//!   engine has no read-ahead); `miss_collisions`, `written_back_bytes`, `buckets_reclaimed`,
+//!   `journal_commits`, `checkpoints` map one to one. Gauges come from [`CacheSet::usage`] and
+//!   the writeback rate from the set's [`WritebackTuning`].
 //! - **set-mode**: leaving writeback with `flush_first` switches first (new writes stop adding
 //!   dirty data), then writes every dirty byte home; without it dirty data stays cached.
 //! - **knobs**: `sequential_cutoff` acts on the engine at once; `writeback_percent`,
 //!   `writeback_delay`, `writeback_rate_min/max` act on the set's writeback thread (through
 //!   the shared [`WritebackTuning`]; they are kept and apply when a thread runs).
-//!   `replacement_policy` is fixed when the set is opened and the congestion thresholds have
-//!   no engine support: setting them fails with [`CtlError::Unsupported`] (setting the policy
-//!   to its current value succeeds), and `knobs` lists the thresholds as `unsupported`. Knobs
-//!   are per cache set: an `export` argument is checked and the value applies to the set.
+//!   `replacement_policy` acts on the next reclaim and is stored in the cache superblock;
+//!   `congested_read_threshold_us` / `congested_write_threshold_us` act at once on the
+//!   engine's congestion bypass. Knobs are per cache set: an `export` argument is checked and
+//!   the value applies to the set.
 //! - **flush**: a [`ctl::FlushRunner`] over [`FlushStep`] (coalesced batches at full speed).
 //! - **detach**: writes the dirty data home, then [`CacheSet::detach`].
-//! - **attach**: not supported at runtime (see [`ControlTarget::attach`] below).
+//! - **attach**: [`CacheSet::attach`] of an export detached at runtime (empty cache for it).
 
 use crate::alloc::ReclaimPolicy;
 use crate::cache::{CacheMode, CacheSet, CachedDev, StatsSnapshot as EngineStats};
@@ -36,6 +35,9 @@ use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+/// Seed of a random replacement policy chosen at runtime (reproducible victim order).
+const RANDOM_POLICY_SEED: u64 = 0x5eed_ca57_e5e7_0001;
 
 /// How often the sampler copies engine counters into the rolling windows.
 const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -62,15 +64,14 @@ impl Sampler {
         {
             let mut last = self.last.lock();
             let d = |a: u64, b: u64| a.saturating_sub(b);
-            let full = d(now.full_fallbacks, last.full_fallbacks);
-            let bypass_other = d(now.read_bypassed, last.read_bypassed)
-                + d(now.write_bypassed, last.write_bypassed).saturating_sub(full);
             let deltas = [
                 (Counter::ReadHits, d(now.read_hits, last.read_hits)),
                 (Counter::ReadMisses, d(now.read_misses, last.read_misses)),
                 (Counter::WriteCached, d(now.write_cached, last.write_cached)),
-                (Counter::BypassMode, bypass_other),
-                (Counter::BypassFull, full),
+                (Counter::BypassMode, d(now.bypass_mode, last.bypass_mode)),
+                (Counter::BypassSequential, d(now.bypass_sequential, last.bypass_sequential)),
+                (Counter::BypassCongestion, d(now.bypass_congestion, last.bypass_congestion)),
+                (Counter::BypassFull, d(now.bypass_full, last.bypass_full)),
                 (Counter::MissCollisions, d(now.collisions, last.collisions)),
                 (Counter::WrittenBackBytes, d(now.written_back_bytes, last.written_back_bytes)),
                 (Counter::BucketsReclaimed, d(now.buckets_reclaimed, last.buckets_reclaimed)),
@@ -141,8 +142,9 @@ impl EngineControl {
             writeback_delay_secs: v.writeback_delay.as_secs(),
             writeback_rate_min: v.min_rate,
             writeback_rate_max: v.max_rate,
-            replacement_policy: ctl_policy(set.reclaim_policy()),
-            ..Knobs::default()
+            replacement_policy: ctl_policy(set.replacement_policy()),
+            congested_read_threshold_us: set.congestion().read_threshold_us,
+            congested_write_threshold_us: set.congestion().write_threshold_us,
         };
         let sampler = Arc::new(Sampler {
             set: Arc::clone(&set),
@@ -246,21 +248,6 @@ impl ControlTarget for EngineControl {
     fn set_knob(&self, export: Option<&str>, setting: KnobSetting) -> Result<(), CtlError> {
         self.select(export)?;
         let mut knobs = self.knobs.lock();
-        match setting {
-            KnobSetting::ReplacementPolicy(p) if p != knobs.replacement_policy => {
-                return Err(CtlError::Unsupported(format!(
-                    "replacement_policy is fixed when the cache set is opened (now {}); changing it at runtime is not supported",
-                    knobs.replacement_policy
-                )));
-            }
-            KnobSetting::CongestedReadThresholdUs(_) | KnobSetting::CongestedWriteThresholdUs(_) => {
-                return Err(CtlError::Unsupported(format!(
-                    "{}: the engine has no congestion detection yet; the threshold would have no effect",
-                    setting.name()
-                )));
-            }
-            _ => {}
-        }
         // Cross-knob rules (rate min <= max) before anything acts.
         let mut next = *knobs;
         next.apply(setting)?;
@@ -272,9 +259,22 @@ impl ControlTarget for EngineControl {
             }
             KnobSetting::WritebackRateMin(v) => self.tuning.update(|t| t.min_rate = v),
             KnobSetting::WritebackRateMax(v) => self.tuning.update(|t| t.max_rate = v),
-            KnobSetting::ReplacementPolicy(_)
-            | KnobSetting::CongestedReadThresholdUs(_)
-            | KnobSetting::CongestedWriteThresholdUs(_) => {}
+            KnobSetting::ReplacementPolicy(p) => {
+                let policy = match p {
+                    ReplacementPolicy::Lru => ReclaimPolicy::Lru,
+                    ReplacementPolicy::Fifo => ReclaimPolicy::Fifo,
+                    // Keep the seed of a random policy already in force; else a fixed one.
+                    ReplacementPolicy::Random => match self.set.replacement_policy() {
+                        ReclaimPolicy::Random(seed) => ReclaimPolicy::Random(seed),
+                        ReclaimPolicy::Lru | ReclaimPolicy::Fifo => ReclaimPolicy::Random(RANDOM_POLICY_SEED),
+                    },
+                };
+                self.set
+                    .set_replacement_policy(policy)
+                    .map_err(|e| failed(format!("replacement_policy: {e}")))?;
+            }
+            KnobSetting::CongestedReadThresholdUs(v) => self.set.set_congestion_thresholds(Some(v), None),
+            KnobSetting::CongestedWriteThresholdUs(v) => self.set.set_congestion_thresholds(None, Some(v)),
         }
         *knobs = next;
         Ok(())
@@ -290,19 +290,11 @@ impl ControlTarget for EngineControl {
         knobs.writeback_delay_secs = v.writeback_delay.as_secs();
         knobs.writeback_rate_min = v.min_rate;
         knobs.writeback_rate_max = v.max_rate;
-        Ok(knobs
-            .settings()
-            .iter()
-            .map(|s| {
-                let value = match s {
-                    KnobSetting::CongestedReadThresholdUs(_) | KnobSetting::CongestedWriteThresholdUs(_) => {
-                        "unsupported".to_owned()
-                    }
-                    _ => s.value_text(),
-                };
-                (s.name().to_owned(), value)
-            })
-            .collect())
+        knobs.replacement_policy = ctl_policy(self.set.replacement_policy());
+        let congestion = self.set.congestion();
+        knobs.congested_read_threshold_us = congestion.read_threshold_us;
+        knobs.congested_write_threshold_us = congestion.write_threshold_us;
+        Ok(knobs.list())
     }
 
     fn start_flush(&self) -> Result<(), CtlError> {
@@ -329,17 +321,13 @@ impl ControlTarget for EngineControl {
         self.set.detach(dev.dev_id()).map_err(|e| CtlError::Failed(format!("detach {name:?}: {e}")))
     }
 
-    /// Not supported: a detached backing device's superblock says Detached (no cache set) and
-    /// the cache superblock no longer lists it, and a running cache set cannot take a new
-    /// backing device. An attached export is refused as `invalid`.
+    /// Re-attaches an export detached at runtime: its backing superblock names this cache set
+    /// again and it is served through the cache, starting with an empty cache for it.
     fn attach(&self, export: &str) -> Result<(), CtlError> {
         let (name, dev) = self.select(Some(export))?[0];
         if !dev.is_detached() {
             return Err(CtlError::Invalid(format!("export {name:?} is attached")));
         }
-        Err(CtlError::Unsupported(format!(
-            "re-attaching export {name:?} at runtime is not supported: it was detached (its superblock no \
-             longer names this cache set); serve it alone, or format a new cache set with it"
-        )))
+        self.set.attach(dev.dev_id()).map_err(|e| CtlError::Failed(format!("attach {name:?}: {e}")))
     }
 }

@@ -43,7 +43,7 @@
 //!    0    8 magic "ubcCACHE"
 //!    8    4 version (FormatVersion)
 //!   12    4 reserved, 0
-//!   16    8 compat features      (unknown bits ignored)
+//!   16    8 compat features      (unknown bits ignored; bits 0-2: replacement policy)
 //!   24    8 incompat features    (unknown bits: refuse to open)
 //!   32    8 ro_compat features   (unknown bits: open read-only)
 //!   40   16 cache-set uuid
@@ -156,9 +156,21 @@ pub struct Features {
     pub ro_compat: u64,
 }
 
-/// Feature bits this build knows. Version 1 defines none; the masks exist so that a newer
-/// ubcache can add features that older builds refuse (incompat) or open read-only (ro_compat).
-pub const KNOWN_COMPAT: u64 = 0;
+/// Compat feature of the cache superblock: the set's replacement policy is LRU (chosen at
+/// runtime with `ubcache set replacement_policy`). At most one `COMPAT_POLICY_*` bit is set;
+/// none: the policy was never set at runtime and the configuration's applies. Compat, because a
+/// build that does not know it loses nothing but the preference (it uses its configured policy).
+pub const COMPAT_POLICY_LRU: u64 = 1 << 0;
+/// Compat feature: the set's replacement policy is FIFO (see [`COMPAT_POLICY_LRU`]).
+pub const COMPAT_POLICY_FIFO: u64 = 1 << 1;
+/// Compat feature: the set's replacement policy is random (see [`COMPAT_POLICY_LRU`]).
+pub const COMPAT_POLICY_RANDOM: u64 = 1 << 2;
+/// Every replacement-policy bit.
+pub const COMPAT_POLICY_MASK: u64 = COMPAT_POLICY_LRU | COMPAT_POLICY_FIFO | COMPAT_POLICY_RANDOM;
+
+/// Feature bits this build knows. The masks exist so that a newer ubcache can add features that
+/// older builds ignore (compat), refuse (incompat) or open read-only (ro_compat).
+pub const KNOWN_COMPAT: u64 = COMPAT_POLICY_MASK;
 /// Known incompatible features (none in version 1).
 pub const KNOWN_INCOMPAT: u64 = 0;
 /// Known read-only-compatible features (none in version 1).
@@ -616,6 +628,14 @@ pub struct BackingEntry {
     pub data_offset_bytes: u64,
 }
 
+/// A replacement policy stored in the cache superblock's compat bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredReplacementPolicy {
+    Lru,
+    Fifo,
+    Random,
+}
+
 /// The cache device's superblock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheSuperblock {
@@ -642,6 +662,28 @@ impl CacheSuperblock {
             geometry,
             backing: Vec::new(),
         }
+    }
+
+    /// The replacement policy stored by a runtime change (`None`: never set). Several policy
+    /// bits (which this build never writes) read as `None`.
+    #[must_use]
+    pub fn replacement_policy(&self) -> Option<StoredReplacementPolicy> {
+        match self.features.compat & COMPAT_POLICY_MASK {
+            COMPAT_POLICY_LRU => Some(StoredReplacementPolicy::Lru),
+            COMPAT_POLICY_FIFO => Some(StoredReplacementPolicy::Fifo),
+            COMPAT_POLICY_RANDOM => Some(StoredReplacementPolicy::Random),
+            _ => None,
+        }
+    }
+
+    /// Stores `policy` in the compat bits (the caller advances `seq` and writes the superblock).
+    pub fn set_replacement_policy(&mut self, policy: StoredReplacementPolicy) {
+        let bit = match policy {
+            StoredReplacementPolicy::Lru => COMPAT_POLICY_LRU,
+            StoredReplacementPolicy::Fifo => COMPAT_POLICY_FIFO,
+            StoredReplacementPolicy::Random => COMPAT_POLICY_RANDOM,
+        };
+        self.features.compat = (self.features.compat & !COMPAT_POLICY_MASK) | bit;
     }
 
     /// Format: { magic | version | .. | geometry | backing entries | crc32c }, 4096 bytes, see

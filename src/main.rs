@@ -121,8 +121,9 @@ struct ServeArgs {
     #[arg(long = "export", value_name = "NAME")]
     export_names: Vec<String>,
 
-    /// Cache mode: writethrough, writeback, writearound or none [default: writethrough with a
-    /// cache; without a cache only none].
+    /// Cache mode: writethrough, writeback, writearound or none [default with a cache: the mode
+    /// the backing superblock stores (the last set-mode or --mode), writethrough for a new one;
+    /// without a cache only none]. An explicit mode is stored for the next start.
     #[arg(long, value_name = "MODE", value_parser = parse_mode)]
     mode: Option<CacheMode>,
 

@@ -75,7 +75,8 @@ pub struct ServeOptions {
     /// The export names clients ask for, one per `backing`, in the same order. Empty means one
     /// export named `""` (the default export).
     pub export_names: Vec<String>,
-    /// The cache mode; `None` picks [`DEFAULT_CACHED_MODE`] with a cache, `none` without.
+    /// The cache mode; `None` picks the mode each backing superblock stores with a cache (the
+    /// last `set-mode`; [`DEFAULT_CACHED_MODE`] after format), `none` without.
     pub mode: Option<CacheMode>,
     /// Serve what would otherwise be refused to protect data: a Dirty backing device without
     /// its cache (its cached writes are lost), an attached one writable without its cache.
@@ -812,8 +813,15 @@ fn build_cached(
         }
         backings.push(dev);
     }
-    let mode = opts.mode.unwrap_or(DEFAULT_CACHED_MODE);
-    let cfg = CacheConfig { mode, ..CacheConfig::default() };
+    // Without --mode each device opens in the mode its superblock stores (the last set-mode);
+    // an explicit --mode wins and is stored. Congestion bypass with bcache's thresholds.
+    let cfg = CacheConfig {
+        mode: opts.mode.unwrap_or(DEFAULT_CACHED_MODE),
+        stored_mode: opts.mode.is_none(),
+        congested_read_threshold_us: crate::ctl::knobs::DEFAULT_CONGESTED_READ_US,
+        congested_write_threshold_us: crate::ctl::knobs::DEFAULT_CONGESTED_WRITE_US,
+        ..CacheConfig::default()
+    };
     let cache_dev: Arc<dyn BlockDev> = Arc::new(cache_dev);
     let set = CacheSet::open(cache_dev, &backings, cfg)
         .map_err(|source| ServeError::Cache { path: cache.path.clone(), source })?;
@@ -824,6 +832,7 @@ fn build_cached(
     // `CacheSet::open` returns the devices in the order the backings were given.
     for (spec, dev) in specs.iter().zip(devices) {
         let dev = Arc::new(dev);
+        let mode = dev.mode();
         cached.push((spec.name.clone(), Arc::clone(&dev)));
         log::info!(
             "export {:?}: {} cached by {} ({} bytes, mode {mode}, dev id {}{})",

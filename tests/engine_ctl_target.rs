@@ -1,6 +1,6 @@
 //! The engine's control target (`ubcache::engine_ctl::control_target`): stats mapped from the
-//! engine, mode switches with and without flushing, knobs that act (and the ones refused as
-//! unsupported), flush with progress, detach, and attach refused with a clear message. Also
+//! engine, mode switches with and without flushing, knobs that act (all of them, the replacement
+//! policy and congestion thresholds included), flush with progress, detach and re-attach. Also
 //! driven through the real control socket once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -93,7 +93,7 @@ fn set_mode_flush_first_leaves_no_dirty_data_keep_dirty_keeps_it() {
 }
 
 #[test]
-fn knobs_act_or_are_refused_as_unsupported() {
+fn knobs_act_on_the_engine() {
     let f = fixture(CacheMode::Writeback);
     f.target.set_knob(None, KnobSetting::SequentialCutoff(8 << 20)).unwrap();
     assert_eq!(f.set.sequential_cutoff(), 8 << 20);
@@ -110,17 +110,13 @@ fn knobs_act_or_are_refused_as_unsupported() {
         Err(CtlError::Invalid(_))
     ));
     assert_eq!(tuning_for(&f.set).values().max_rate, 1 << 30);
-    for unsupported in [
-        KnobSetting::CongestedReadThresholdUs(10),
-        KnobSetting::CongestedWriteThresholdUs(10),
-        KnobSetting::ReplacementPolicy(ReplacementPolicy::Random),
-    ] {
-        match f.target.set_knob(None, unsupported) {
-            Err(CtlError::Unsupported(m)) => assert!(m.contains(unsupported.name()), "{m}"),
-            other => panic!("{unsupported:?}: expected unsupported, got {other:?}"),
-        }
-    }
-    // The policy in force (tiny_config: FIFO) can be "set" to itself.
+    f.target.set_knob(None, KnobSetting::CongestedReadThresholdUs(10)).unwrap();
+    f.target.set_knob(None, KnobSetting::CongestedWriteThresholdUs(0)).unwrap();
+    let c = f.set.congestion();
+    assert_eq!((c.read_threshold_us, c.write_threshold_us), (10, 0));
+    f.target.set_knob(None, KnobSetting::ReplacementPolicy(ReplacementPolicy::Random)).unwrap();
+    assert!(matches!(f.set.replacement_policy(), ubcache::alloc::ReclaimPolicy::Random(_)));
+    // Back to the policy of tiny_config (FIFO).
     f.target.set_knob(None, KnobSetting::ReplacementPolicy(ReplacementPolicy::Fifo)).unwrap();
     let knobs: std::collections::BTreeMap<String, String> =
         f.target.knobs(None).unwrap().into_iter().collect();
@@ -128,7 +124,8 @@ fn knobs_act_or_are_refused_as_unsupported() {
     assert_eq!(knobs["writeback_percent"], "25");
     assert_eq!(knobs["writeback_delay"], "5");
     assert_eq!(knobs["replacement_policy"], "fifo");
-    assert_eq!(knobs["congested_read_threshold_us"], "unsupported");
+    assert_eq!(knobs["congested_read_threshold_us"], "10");
+    assert_eq!(knobs["congested_write_threshold_us"], "0");
     assert!(matches!(f.target.knobs(Some("nope")), Err(CtlError::NotFound(_))));
 }
 
@@ -186,7 +183,7 @@ fn flush_reports_progress_and_ends_done_with_backing_equal_to_the_model() {
 }
 
 #[test]
-fn detach_writes_everything_home_and_attach_is_refused_clearly() {
+fn detach_writes_everything_home_and_attach_binds_it_again() {
     let f = fixture(CacheMode::Writeback);
     let mut model = vec![0u8; f.dev.len() as usize];
     write_blocks(f.dev.as_ref(), &mut model, 0..40, 5);
@@ -199,12 +196,18 @@ fn detach_writes_everything_home_and_attach_is_refused_clearly() {
     assert_backing_equals(f.backing.as_ref(), &model);
     assert_eq!(read_backing_superblock(f.backing.as_ref()).unwrap().unwrap().state, BackingState::Detached);
     assert!(matches!(f.target.detach("disk0"), Err(CtlError::Invalid(_))));
-    match f.target.attach("disk0") {
-        Err(CtlError::Unsupported(m)) => assert!(m.contains("not supported"), "{m}"),
-        other => panic!("attach of a detached export: {other:?}"),
-    }
     assert!(matches!(f.target.detach("nope"), Err(CtlError::NotFound(_))));
     assert!(matches!(f.target.set_mode(None, CacheMode::Writeback, false), Err(CtlError::Invalid(_))));
+    assert!(matches!(f.target.attach("nope"), Err(CtlError::NotFound(_))));
+    f.target.attach("disk0").unwrap();
+    assert!(!f.dev.is_detached());
+    let sb = read_backing_superblock(f.backing.as_ref()).unwrap().unwrap();
+    assert_eq!((sb.state, sb.set_uuid), (BackingState::Clean, f.set.uuid()));
+    let mut back = vec![0u8; model.len()];
+    f.dev.read_at(&mut back, 0).unwrap();
+    assert!(back == model, "the re-attached export reads the data written home");
+    write_blocks(f.dev.as_ref(), &mut model, 0..4, 6);
+    assert_eq!(f.target.stats().total.write_cached, 44, "writes are cached again");
 }
 
 #[test]
@@ -226,7 +229,9 @@ fn the_control_socket_serves_the_engine() {
         value: serde_json::json!(5),
         export: None,
     };
-    assert!(matches!(request(&path, &knob, t), Err(CtlError::Unsupported(_))));
+    let reply = request(&path, &knob, t).unwrap();
+    assert_eq!(reply["value"], serde_json::json!("5"));
+    assert_eq!(f.set.congestion().read_threshold_us, 5);
     drop(server);
     assert_backing_equals(f.backing.as_ref(), &model);
 }

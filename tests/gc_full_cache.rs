@@ -133,7 +133,10 @@ fn full_cache_without_writeback_thread_falls_back_to_backing_and_counts_it() {
     let dev = Arc::new(set.devices().remove(0));
     let target = control_target(Arc::clone(&set), vec![("d".to_owned(), dev)]);
     let s = target.stats();
-    assert_eq!(s.total.bypass_full, stats.full_fallbacks, "ctl reports the full-cache bypasses");
+    // `bypass_full` also counts reads whose miss fill found no space; the writes that fell
+    // back to backing are among them.
+    assert!(stats.bypass_full >= stats.full_fallbacks, "{stats:?}");
+    assert_eq!(s.total.bypass_full, stats.bypass_full, "ctl reports the full-cache bypasses");
     assert_eq!(s.gauges.buckets_dirty > 0, s.gauges.dirty_bytes > 0, "{:?}", s.gauges);
     finish(&set, backing.as_ref(), &model);
 }

@@ -6,7 +6,9 @@
 
 use super::error::{CacheError, CacheResult};
 use super::inflight::{DevRange, FillId};
-use super::policy::{CacheMode, WriteRoute, fill_on_read_miss, write_route};
+use super::policy::{
+    BypassReason, CacheMode, WriteRoute, read_bypass_reason, write_bypass_reason, write_route,
+};
 use super::set::{Backing, Meta, Shared};
 use super::stats::Stats;
 use crate::alloc::{AllocError, SectorAlloc};
@@ -131,8 +133,19 @@ impl CachedDev {
         let end = start + buf.len() as u64 / SECTOR_SIZE;
         let dev = self.backing.dev_id;
         let mode = self.mode();
-        let sequential = self.shared.seq.lock().observe(dev, start * SECTOR_SIZE, buf.len() as u64);
-        let fill = if force_fill { mode != CacheMode::None } else { fill_on_read_miss(mode, sequential) };
+        let bypass = if force_fill && mode != CacheMode::None {
+            None
+        } else {
+            let (stream, sequential) = {
+                let mut seq = self.shared.seq.lock();
+                let stream = seq.observe_stream(dev, start * SECTOR_SIZE, buf.len() as u64);
+                (stream, seq.past_cutoff(stream))
+            };
+            // Only a read that is not already bypassing asks about congestion (cheap anyway).
+            let congested = !sequential && self.shared.congestion.read_bypasses(stream);
+            read_bypass_reason(mode, sequential, congested)
+        };
+        let fill = bypass.is_none();
         let mut pieces = Vec::new();
         {
             let mut m = self.shared.lock_meta()?;
@@ -176,7 +189,10 @@ impl CachedDev {
             let r = match p {
                 Piece::Hit { ptr, .. } => {
                     Stats::add(&self.shared.stats.read_hits, e - s);
-                    self.shared.cache.read_at(part, ptr.offset * SECTOR_SIZE)
+                    let began = std::time::Instant::now();
+                    let r = self.shared.cache.read_at(part, ptr.offset * SECTOR_SIZE);
+                    self.shared.congestion.read.record(began.elapsed());
+                    r
                 }
                 Piece::Miss { .. } => {
                     Stats::add(&self.shared.stats.read_misses, e - s);
@@ -207,23 +223,48 @@ impl CachedDev {
         if !fill {
             Stats::add(&self.shared.stats.read_bypassed, 1);
         }
+        // A bypass reason counts only when something was read from backing without filling.
+        if let Some(reason) = bypass
+            && pieces.iter().any(|p| matches!(p, Piece::Miss { .. }))
+        {
+            self.shared.stats.bypassed(reason);
+        }
         // The data read is right whatever happens to the fills: a failed fill is logged, not
         // returned, and every registered fill is finished.
+        let mut no_space = false;
         for p in pieces {
             if let Piece::Miss { start: s, end: e, expected, fill: Some(id) } = p {
                 let data = &buf[((s - start) * SECTOR_SIZE) as usize..((e - start) * SECTOR_SIZE) as usize];
-                if let Err(err) = self.fill(id, s, e, expected, data) {
-                    self.shared.meta.lock().fills.finish(id);
-                    log::warn!("cache fill of dev {} sectors {s}..{e} failed: {err}", self.backing.dev_id);
+                match self.fill(id, s, e, expected, data) {
+                    Ok(filled) => no_space |= !filled,
+                    Err(err) => {
+                        self.shared.meta.lock().fills.finish(id);
+                        log::warn!(
+                            "cache fill of dev {} sectors {s}..{e} failed: {err}",
+                            self.backing.dev_id
+                        );
+                    }
                 }
             }
+        }
+        // One request, one reason, however many of its pieces found no space.
+        if no_space {
+            self.shared.stats.bypassed(BypassReason::Full);
         }
         Ok(())
     }
 
     /// Inserts data read from backing into the cache with replace semantics: dropped if a write
     /// or invalidation touched the range meanwhile (collision).
-    fn fill(&self, id: FillId, start: u64, end: u64, expected: Option<Key>, data: &[u8]) -> CacheResult<()> {
+    /// Returns `false` when no cache space could be freed for it (the fill was skipped).
+    fn fill(
+        &self,
+        id: FillId,
+        start: u64,
+        end: u64,
+        expected: Option<Key>,
+        data: &[u8],
+    ) -> CacheResult<bool> {
         let allocs = {
             let mut m = self.shared.lock_meta()?;
             match self.shared.alloc_extents_locked(&mut m, end - start)? {
@@ -231,7 +272,7 @@ impl CachedDev {
                 None => {
                     // No clean space: skip the fill (a read never waits for writeback).
                     m.fills.finish(id);
-                    return Ok(());
+                    return Ok(false);
                 }
             }
         };
@@ -270,14 +311,18 @@ impl CachedDev {
             return self.shared.fail(e);
         }
         written?;
-        self.shared.maybe_commit_locked(&mut m)
+        self.shared.maybe_commit_locked(&mut m)?;
+        Ok(true)
     }
 
     fn write_extents(&self, allocs: &[SectorAlloc], data: &[u8]) -> CacheResult<()> {
         let mut at = 0usize;
         for a in allocs {
             let n = a.sectors as usize * SECTOR_SIZE as usize;
-            self.shared.cache.write_at(&data[at..at + n], a.offset * SECTOR_SIZE)?;
+            let began = std::time::Instant::now();
+            let r = self.shared.cache.write_at(&data[at..at + n], a.offset * SECTOR_SIZE);
+            self.shared.congestion.write.record(began.elapsed());
+            r?;
             at += n;
         }
         Ok(())
@@ -293,13 +338,26 @@ impl CachedDev {
     fn write_sectors(&self, data: &[u8], start: u64, fua: bool) -> CacheResult<()> {
         let end = start + data.len() as u64 / SECTOR_SIZE;
         let mode = self.mode();
-        let sequential =
-            self.shared.seq.lock().observe(self.backing.dev_id, start * SECTOR_SIZE, data.len() as u64);
-        let dirty = mode == CacheMode::Writeback && sequential && self.overlaps_dirty(start, end)?;
-        match write_route(mode, sequential, dirty) {
+        let (stream, sequential) = {
+            let mut seq = self.shared.seq.lock();
+            let stream = seq.observe_stream(self.backing.dev_id, start * SECTOR_SIZE, data.len() as u64);
+            (stream, seq.past_cutoff(stream))
+        };
+        let caching_mode = matches!(mode, CacheMode::Writeback | CacheMode::Writethrough);
+        let congested = caching_mode && !sequential && self.shared.congestion.write_bypasses(stream);
+        let bypass = write_bypass_reason(mode, sequential, congested);
+        // A bypassing write over dirty data stays in the cache in writeback mode (see
+        // `write_route`): the same rule for a sequential and a congestion bypass.
+        let dirty = mode == CacheMode::Writeback && bypass.is_some() && self.overlaps_dirty(start, end)?;
+        match write_route(mode, bypass.is_some(), dirty) {
             WriteRoute::CacheDirty => self.write_cached(data, start, true, fua),
             WriteRoute::CacheAndBacking => self.write_cached(data, start, false, fua),
-            WriteRoute::Backing => self.write_backing(BackingOp::Write(data), start, end, fua),
+            WriteRoute::Backing => {
+                if let Some(reason) = bypass {
+                    self.shared.stats.bypassed(reason);
+                }
+                self.write_backing(BackingOp::Write(data), start, end, fua)
+            }
         }
     }
 
@@ -323,6 +381,7 @@ impl CachedDev {
         }
         let Some(allocs) = allocs else {
             Stats::add(&self.shared.stats.full_fallbacks, 1);
+            self.shared.stats.bypassed(BypassReason::Full);
             return self.write_backing(BackingOp::Write(data), start, end, fua);
         };
         if dirty && let Err(e) = self.shared.begin_dirty_write(&self.backing) {

@@ -26,6 +26,13 @@
 //!   (write everything home after recovery, re-read) guards them.
 //! - **Dirty data over a bypass write**: written to backing, backing synced, and only then the
 //!   dirty key dropped. A crash in between keeps the dirty key, which wins and is written back.
+//! - **Congestion bypass keeps the cache's answers**: when the cache device is slow (latency
+//!   averages over `congested_*_threshold_us`), read misses skip the fill and writes take the
+//!   bypass path above; read hits (dirty data included) still come from the cache, and in
+//!   writeback mode a write over dirty data still goes into the cache (see `policy.rs`).
+//! - **Runtime attach writes the cache superblock before the backing superblock**, so a crash
+//!   in between leaves a device that still says Detached (used alone) and a harmless extra
+//!   list entry; see [`CacheSet::attach`].
 //! - **TRIM keeps dirty data** (TRIM is advisory; reads return old contents or zeros) and only
 //!   discards the non-dirty sectors on backing.
 //! - **Partial sectors are read-modify-written** under a per-device range lock that every write
@@ -53,7 +60,7 @@ pub mod wb_io;
 
 pub use cached::CachedDev;
 pub use error::{CacheError, CacheResult};
-pub use policy::{CacheMode, SequentialDetector, WriteRoute};
-pub use set::{CacheConfig, CacheSet, DebugKnobs, FormatOptions, RecoveryReport, format};
+pub use policy::{BypassReason, CacheMode, SequentialDetector, WriteRoute};
+pub use set::{CacheConfig, CacheSet, Congestion, DebugKnobs, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};
 pub use wb_io::{CacheUsage, DirtyScan, WritebackReport};

@@ -24,7 +24,7 @@
 
 use super::error::{CacheError, CacheResult};
 use super::inflight::{DevRange, FillTracker, RangeLocks};
-use super::policy::{CacheMode, DEFAULT_SEQUENTIAL_CUTOFF, SequentialDetector};
+use super::policy::{CacheMode, CongestionTracker, DEFAULT_SEQUENTIAL_CUTOFF, SequentialDetector};
 use super::stats::{Stats, StatsSnapshot};
 use super::store::CacheStore;
 use crate::alloc::{AllocConfig, AllocError, Allocator, LiveExtent, OpenKind, ReclaimPolicy, SectorAlloc};
@@ -39,6 +39,12 @@ use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use ubcache_btree::{Key, Pos, Segment, Tree, TreeConfig};
+
+/// Priority every bucket loses per bucket's worth of data written into the cache (LRU aging, as
+/// bcache decays priorities by I/O volume): a bucket neither written nor read while 4096
+/// buckets of data were written reaches 0 from the initial priority (32768). A read hit resets
+/// its bucket to the initial priority, so LRU takes the buckets unused for the longest.
+const PRIO_DECAY_PER_BUCKET_WRITTEN: u16 = 8;
 
 /// Test-only switches that break one crash-ordering rule on purpose, so the crash harness can
 /// prove it catches the breakage. Never set outside tests.
@@ -65,8 +71,16 @@ pub struct CacheConfig {
     /// Journal entries that may stay uncommitted before an update commits on its own, bounding
     /// the pending journal buffer in writeback mode without FLUSHes.
     pub max_uncommitted_entries: u64,
-    /// Mode of every backing device when the set is opened.
+    /// Mode of every backing device when the set is opened (stored in each backing
+    /// superblock), unless `stored_mode` is set.
     pub mode: CacheMode,
+    /// Open each backing device in the mode its superblock stores (the last `set-mode`), and
+    /// ignore `mode`.
+    pub stored_mode: bool,
+    /// Cache read latency (µs) over which read misses stop filling the cache; 0: never.
+    pub congested_read_threshold_us: u64,
+    /// Cache write latency (µs) over which writes bypass the cache; 0: never.
+    pub congested_write_threshold_us: u64,
     #[doc(hidden)]
     pub debug: DebugKnobs,
 }
@@ -82,6 +96,11 @@ impl Default for CacheConfig {
             reclaim_batch: 4,
             max_uncommitted_entries: 1024,
             mode: CacheMode::Writethrough,
+            stored_mode: false,
+            // Off in the library default, so a scheduling hiccup cannot change what a test
+            // caches; `ubcache serve` turns on bcache's defaults (2 ms read, 20 ms write).
+            congested_read_threshold_us: 0,
+            congested_write_threshold_us: 0,
             debug: DebugKnobs::default(),
         }
     }
@@ -113,6 +132,15 @@ pub struct RecoveryReport {
     pub dirty_sectors: u64,
     /// Btree nodes in use.
     pub nodes: u64,
+}
+
+/// Congestion state: latency averages of the cache device and the thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Congestion {
+    pub read_latency_us: u64,
+    pub write_latency_us: u64,
+    pub read_threshold_us: u64,
+    pub write_threshold_us: u64,
 }
 
 /// A backing device attached to the set.
@@ -162,6 +190,8 @@ pub(crate) struct Meta {
     in_checkpoint: bool,
     /// `replay_from` of the last checkpoint: entries since then bound how many nodes changed.
     checkpoint_from: u64,
+    /// Data sectors allocated since the last priority decay.
+    sectors_since_decay: u64,
 }
 
 #[derive(Debug)]
@@ -178,6 +208,10 @@ pub(crate) struct Shared {
     pub(crate) stats: Stats,
     pub(crate) backings: Vec<Arc<Backing>>,
     pub(crate) seq: Mutex<SequentialDetector>,
+    /// Cache-device latency and the congestion thresholds.
+    pub(crate) congestion: CongestionTracker,
+    /// The replacement policy reclaim uses now (a runtime knob; stored in the superblock).
+    reclaim_policy: Mutex<ReclaimPolicy>,
     /// Serializes whole-set writeback passes (two passes would write the same keys twice).
     writeback_pass: Mutex<()>,
     pub(crate) recovery: RecoveryReport,
@@ -189,6 +223,24 @@ pub(crate) struct Shared {
 #[derive(Debug, Clone)]
 pub struct CacheSet {
     pub(crate) shared: Arc<Shared>,
+}
+
+fn cache_mode(m: StoredCacheMode) -> CacheMode {
+    match m {
+        StoredCacheMode::Writethrough => CacheMode::Writethrough,
+        StoredCacheMode::Writeback => CacheMode::Writeback,
+        StoredCacheMode::Writearound => CacheMode::Writearound,
+        StoredCacheMode::None => CacheMode::None,
+    }
+}
+
+/// The seed of a random replacement policy read from the superblock (which stores only the
+/// policy): the configured seed if the configuration also says random, else a fixed one.
+fn random_seed(cfg: &CacheConfig) -> u64 {
+    match cfg.reclaim_policy {
+        ReclaimPolicy::Random(seed) => seed,
+        ReclaimPolicy::Lru | ReclaimPolicy::Fifo => 0x5eed_ca57_e5e7_0001,
+    }
 }
 
 fn stored_mode(m: CacheMode) -> StoredCacheMode {
@@ -288,12 +340,13 @@ impl CacheSet {
                 return Err(CacheError::Invalid(format!("backing device {} given twice", bsb.uuid)));
             }
             let export_len = (bsb.export_bytes() / SECTOR_SIZE) * SECTOR_SIZE;
+            let mode = if cfg.stored_mode { cache_mode(bsb.cache_mode) } else { cfg.mode };
             attached.push(Arc::new(Backing {
                 dev_id: entry.dev_id,
                 dev: Arc::clone(b),
                 data_offset: bsb.data_offset_bytes,
                 export_len,
-                mode: AtomicU8::new(cfg.mode.to_u8()),
+                mode: AtomicU8::new(mode.to_u8()),
                 unsynced: AtomicBool::new(false),
                 sb: Mutex::new(BackingSb { sb: bsb, dirty_writers: 0 }),
                 detached: AtomicBool::new(false),
@@ -346,6 +399,15 @@ impl CacheSet {
             );
         }
         let seq = SequentialDetector::new(cfg.sequential_cutoff);
+        // A policy chosen at runtime (stored in the superblock) wins over the configured one.
+        let reclaim_policy = match sb.replacement_policy() {
+            Some(format::StoredReplacementPolicy::Lru) => ReclaimPolicy::Lru,
+            Some(format::StoredReplacementPolicy::Fifo) => ReclaimPolicy::Fifo,
+            Some(format::StoredReplacementPolicy::Random) => ReclaimPolicy::Random(random_seed(&cfg)),
+            None => cfg.reclaim_policy,
+        };
+        let congestion =
+            CongestionTracker::new(cfg.congested_read_threshold_us, cfg.congested_write_threshold_us);
         let shared = Arc::new(Shared {
             cache,
             sb_current: Mutex::new(sb.clone()),
@@ -360,11 +422,14 @@ impl CacheSet {
                 wb_cursor: Pos::MIN,
                 in_checkpoint: false,
                 checkpoint_from: 0,
+                sectors_since_decay: 0,
             }),
             wb_locks: RangeLocks::default(),
             stats: Stats::default(),
             backings: attached,
             seq: Mutex::new(seq),
+            congestion,
+            reclaim_policy: Mutex::new(reclaim_policy),
             writeback_pass: Mutex::new(()),
             recovery,
             failed: AtomicBool::new(false),
@@ -378,13 +443,13 @@ impl CacheSet {
             shared.checkpoint_locked(&mut m)?;
         }
         // A backing device with dirty keys must say Dirty (it may have been marked Clean just
-        // before a crash that lost the journalled clean keys).
+        // before a crash that lost the journalled clean keys). The write also stores the mode
+        // the device opened in (an explicit mode is remembered for the next open).
         for b in &shared.backings {
             let dirty =
                 shared.meta.lock().tree.stats().dirty_sectors_by_dev.get(&b.dev_id).copied().unwrap_or(0);
-            if dirty > 0 {
-                shared.set_backing_state(b, BackingState::Dirty)?;
-            }
+            let state = if dirty > 0 { BackingState::Dirty } else { b.sb.lock().sb.state };
+            shared.set_backing_state(b, state)?;
         }
         Ok(CacheSet { shared })
     }
@@ -428,6 +493,59 @@ impl CacheSet {
     /// Changes the sequential cutoff at runtime (bytes; 0 disables bypassing).
     pub fn set_sequential_cutoff(&self, bytes: u64) {
         self.shared.seq.lock().set_cutoff(bytes);
+    }
+
+    /// Changes the congestion thresholds at runtime (microseconds; 0 disables either).
+    pub fn set_congestion_thresholds(&self, read_us: Option<u64>, write_us: Option<u64>) {
+        if let Some(us) = read_us {
+            self.shared.congestion.set_read_threshold(us);
+        }
+        if let Some(us) = write_us {
+            self.shared.congestion.set_write_threshold(us);
+        }
+    }
+
+    /// Cache-device latency as the engine sees it and the thresholds it compares.
+    #[must_use]
+    pub fn congestion(&self) -> Congestion {
+        let c = &self.shared.congestion;
+        let (read_threshold_us, write_threshold_us) = c.thresholds();
+        Congestion {
+            read_latency_us: c.read.current_us(),
+            write_latency_us: c.write.current_us(),
+            read_threshold_us,
+            write_threshold_us,
+        }
+    }
+
+    /// The replacement policy reclaim uses now.
+    #[must_use]
+    pub fn replacement_policy(&self) -> ReclaimPolicy {
+        *self.shared.reclaim_policy.lock()
+    }
+
+    /// Changes the replacement policy: the next reclaim picks its victims by it. Stored in the
+    /// cache superblock (a compat feature bit, see `docs/format.md`), so it survives a restart;
+    /// the superblock is written first, and the policy acts only once that succeeded.
+    pub fn set_replacement_policy(&self, policy: ReclaimPolicy) -> CacheResult<()> {
+        let sh = &self.shared;
+        let stored = match policy {
+            ReclaimPolicy::Lru => format::StoredReplacementPolicy::Lru,
+            ReclaimPolicy::Fifo => format::StoredReplacementPolicy::Fifo,
+            ReclaimPolicy::Random(_) => format::StoredReplacementPolicy::Random,
+        };
+        {
+            let mut sb = sh.sb_current.lock();
+            if sb.replacement_policy() != Some(stored) {
+                let mut next = sb.clone();
+                next.set_replacement_policy(stored);
+                next.seq += 1;
+                format::write_cache_superblock(sh.cache.as_ref(), &next)?;
+                *sb = next;
+            }
+        }
+        *sh.reclaim_policy.lock() = policy;
+        Ok(())
     }
 
     /// FLUSH for the whole set: every acknowledged write durable.
@@ -518,6 +636,77 @@ impl CacheSet {
         next.seq += 1;
         format::write_cache_superblock(sh.cache.as_ref(), &next)?;
         *sb = next;
+        Ok(())
+    }
+
+    /// Re-attaches a backing device detached at runtime ([`CacheSet::detach`]): binds its
+    /// superblock to this set again (state Clean, this set's uuid), registers it in the cache
+    /// superblock, and serves it through the cache again, starting with an empty cache for it
+    /// (whatever was written to it meanwhile is read from backing).
+    ///
+    /// Crash ordering, so a crash at any point leaves it detached or attached, each consistent:
+    /// 1. Every key of the device is invalidated and the journal committed. Detach already did
+    ///    this; doing it again costs one lookup and guards against keys that could otherwise
+    ///    serve data older than what was written to the device while it was detached.
+    /// 2. The cache superblock lists the device again (both copies, synced). A crash here: the
+    ///    backing superblock still says Detached with no set, so the device is used alone and
+    ///    `open` refuses it for this set; the extra list entry has no keys and is harmless
+    ///    (attach again rewrites it).
+    /// 3. The backing superblock says Clean and names this set (both copies, synced). From
+    ///    here on `open` attaches it; it has no keys, so no stale data can be served.
+    /// 4. Only then do requests flow through the cache.
+    pub fn attach(&self, dev_id: u32) -> CacheResult<()> {
+        let sh = &self.shared;
+        let Some(b) = sh.backings.iter().find(|b| b.dev_id == dev_id) else {
+            return Err(CacheError::Invalid(format!("no backing device with id {dev_id} in this cache set")));
+        };
+        if !b.detached.load(Ordering::Acquire) {
+            return Err(CacheError::Invalid(format!("backing device {dev_id} is attached")));
+        }
+        // The device may have been written while detached (used alone): its old superblock in
+        // memory may be stale too, so read it back.
+        let Some(current) = format::read_backing_superblock(b.dev.as_ref())? else {
+            return Err(CacheError::Invalid(format!(
+                "backing device {dev_id} no longer has a ubcache superblock (reformatted?)"
+            )));
+        };
+        if current.set_uuid != Uuid::NIL && current.set_uuid != sh.sb.set_uuid {
+            return Err(CacheError::Invalid(format!(
+                "backing device {dev_id} is bound to cache set {}; detach it there first",
+                current.set_uuid
+            )));
+        }
+        {
+            let mut m = sh.lock_meta()?;
+            sh.invalidate_locked(&mut m, dev_id, 0, u64::MAX)?;
+            sh.commit_locked(&mut m)?;
+        }
+        {
+            let mut sb = sh.sb_current.lock();
+            let mut next = sb.clone();
+            next.backing.retain(|e| e.dev_id != dev_id && e.uuid != current.uuid);
+            next.backing.push(BackingEntry {
+                uuid: current.uuid,
+                dev_id,
+                size_bytes: current.size_bytes,
+                data_offset_bytes: current.data_offset_bytes,
+            });
+            next.backing.sort_by_key(|e| e.dev_id);
+            next.seq += 1;
+            format::write_cache_superblock(sh.cache.as_ref(), &next)?;
+            *sb = next;
+        }
+        {
+            let mut g = b.sb.lock();
+            let mut next = current;
+            next.state = BackingState::Clean;
+            next.set_uuid = sh.sb.set_uuid;
+            next.cache_mode = stored_mode(b.mode());
+            next.seq = next.seq.max(g.sb.seq) + 1;
+            format::write_backing_superblock(b.dev.as_ref(), &next)?;
+            g.sb = next;
+        }
+        b.detached.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -821,7 +1010,8 @@ impl Shared {
         if m.tree.store().alloc.wants_gc() {
             self.gc_locked(m)?;
         }
-        let changes = m.tree.store_mut().alloc.reclaim(&self.cfg.reclaim_policy, self.cfg.reclaim_batch);
+        let policy = *self.reclaim_policy.lock();
+        let changes = m.tree.store_mut().alloc.reclaim(&policy, self.cfg.reclaim_batch);
         let Some(last) = changes.last().map(|c| c.token) else {
             return Ok(0);
         };
@@ -840,7 +1030,15 @@ impl Shared {
     pub(crate) fn alloc_data_locked(&self, m: &mut Meta, sectors: u32) -> CacheResult<Option<SectorAlloc>> {
         for _ in 0..4 {
             match m.tree.store_mut().alloc.alloc_sectors(OpenKind::Data, sectors) {
-                Ok(a) => return Ok(Some(a)),
+                Ok(a) => {
+                    m.sectors_since_decay += u64::from(a.sectors);
+                    let bucket_sectors = u64::from(self.geometry.bucket_sectors).max(1);
+                    if m.sectors_since_decay >= bucket_sectors {
+                        m.sectors_since_decay -= bucket_sectors;
+                        m.tree.store_mut().alloc.decay_prios(PRIO_DECAY_PER_BUCKET_WRITTEN);
+                    }
+                    return Ok(Some(a));
+                }
                 Err(AllocError::NoSpace { .. }) => {
                     if self.reclaim_locked(m)? == 0 {
                         return Ok(None);

@@ -19,6 +19,10 @@ pub struct Stats {
     pub checkpoints: AtomicU64,
     pub journal_commits: AtomicU64,
     pub full_fallbacks: AtomicU64,
+    pub bypass_mode: AtomicU64,
+    pub bypass_sequential: AtomicU64,
+    pub bypass_congestion: AtomicU64,
+    pub bypass_full: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -45,11 +49,34 @@ pub struct StatsSnapshot {
     pub journal_commits: u64,
     /// Writes that went to backing because no cache space could be freed (rule 6 fallback).
     pub full_fallbacks: u64,
+    /// Requests that bypassed the cache because of the mode: writes in writearound/none, read
+    /// misses in none. Each bypassing request counts under exactly one reason.
+    pub bypass_mode: u64,
+    /// Requests that bypassed because their stream passed the sequential cutoff (writes sent to
+    /// backing; reads whose misses did not fill the cache).
+    pub bypass_sequential: u64,
+    /// Requests that bypassed because the cache device was congested.
+    pub bypass_congestion: u64,
+    /// Requests that bypassed because no cache space could be freed: writes sent to backing
+    /// (`full_fallbacks`) and reads whose miss fill found no space.
+    pub bypass_full: u64,
 }
 
 impl Stats {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one request that bypassed the cache for `reason`.
+    pub fn bypassed(&self, reason: super::policy::BypassReason) {
+        use super::policy::BypassReason;
+        let counter = match reason {
+            BypassReason::Mode => &self.bypass_mode,
+            BypassReason::Sequential => &self.bypass_sequential,
+            BypassReason::Congestion => &self.bypass_congestion,
+            BypassReason::Full => &self.bypass_full,
+        };
+        Stats::add(counter, 1);
     }
 
     #[must_use]
@@ -68,6 +95,10 @@ impl Stats {
             checkpoints: g(&self.checkpoints),
             journal_commits: g(&self.journal_commits),
             full_fallbacks: g(&self.full_fallbacks),
+            bypass_mode: g(&self.bypass_mode),
+            bypass_sequential: g(&self.bypass_sequential),
+            bypass_congestion: g(&self.bypass_congestion),
+            bypass_full: g(&self.bypass_full),
         }
     }
 }

@@ -60,6 +60,14 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Metric name prefix.
 const PREFIX: &str = "ubcache";
 
+/// The `reason` label values of `ubcache_bypassed_total` and the counter each one reports.
+pub const BYPASS_REASONS: [(&str, Counter); 4] = [
+    ("mode", Counter::BypassMode),
+    ("sequential", Counter::BypassSequential),
+    ("congestion", Counter::BypassCongestion),
+    ("full", Counter::BypassFull),
+];
+
 /// Escapes a HELP text as the format requires (backslash and newline).
 fn escape_help(text: &str) -> String {
     text.replace('\\', "\\\\").replace('\n', "\\n")
@@ -78,7 +86,8 @@ fn header(out: &mut String, name: &str, help: &str, kind: &str) {
 }
 
 /// Renders `stats` in Prometheus text format 0.0.4: each counter as `ubcache_<name>_total`,
-/// each gauge as `ubcache_<name>`, the hit ratio per window, journal fill and uptime.
+/// the bypass counters also as `ubcache_bypassed_total{reason=...}`, each gauge as
+/// `ubcache_<name>`, the hit ratio per window, journal fill and uptime.
 #[must_use]
 pub fn render_prometheus(stats: &StatsSnapshot) -> String {
     let mut out = String::with_capacity(4096);
@@ -86,6 +95,18 @@ pub fn render_prometheus(stats: &StatsSnapshot) -> String {
         let name = format!("{PREFIX}_{}_total", counter.name());
         header(&mut out, &name, counter.help(), "counter");
         let _ = writeln!(out, "{name} {}", stats.total.get(counter));
+    }
+    // The bypass counters again as one family with a `reason` label, so a dashboard can sum
+    // or stack them (`sum by (reason) (rate(ubcache_bypassed_total[5m]))`).
+    let name = format!("{PREFIX}_bypassed_total");
+    header(
+        &mut out,
+        &name,
+        "Requests that bypassed the cache, by reason (mode, sequential, congestion, full).",
+        "counter",
+    );
+    for (reason, counter) in BYPASS_REASONS {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", stats.total.get(counter));
     }
     for &gauge in Gauge::ALL {
         let name = format!("{PREFIX}_{}", gauge.name());

@@ -1,0 +1,120 @@
+//! The runtime controls of issue #5 through the real binary and a real NBD connection:
+//! `ubcache knobs` shows the congestion thresholds and the replacement policy, `ubcache set`
+//! changes them, `ubcache detach` / `ubcache attach` unbind and rebind the export while the
+//! server runs (the data survives, writes are cached again), and after a restart without
+//! `--mode` the export comes back in the mode `ubcache set-mode` chose and with the replacement
+//! policy `ubcache set` chose (the congestion thresholds reset to their defaults).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{UbcacheServer, format_pair, s, ubcache, ubcache_ok};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+use ubcache::cache::CacheMode;
+use ubcache::ctl::{Request, request, socket_path};
+use ubcache::dev::{BlockDev, NbdDev};
+
+fn knobs(dir: &Path) -> BTreeMap<String, String> {
+    let reply =
+        request(&socket_path(dir), &Request::Knobs { export: None }, Duration::from_secs(30)).unwrap();
+    reply["knobs"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect()
+}
+
+fn mode(dir: &Path) -> CacheMode {
+    let reply = request(&socket_path(dir), &Request::Modes, Duration::from_secs(30)).unwrap();
+    serde_json::from_value(reply["modes"][0]["mode"].clone()).unwrap()
+}
+
+fn stats(dir: &Path) -> serde_json::Value {
+    let reply = request(&socket_path(dir), &Request::Stats, Duration::from_secs(30)).unwrap();
+    reply["stats"].clone()
+}
+
+fn serve(dir: &Path, cache: &Path, backing: &Path, extra: &[&str]) -> UbcacheServer {
+    let args = [
+        &["--data-dir", s(dir), "--cache", s(cache), "--backing", s(backing), "--listen", "127.0.0.1:0"][..],
+        extra,
+    ]
+    .concat();
+    UbcacheServer::start(&args)
+}
+
+#[test]
+fn knobs_detach_attach_and_stored_settings_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backing, cache) = format_pair(dir.path(), 8 << 20, 8 << 20);
+    let d = ["--data-dir", s(dir.path())];
+    let mut server = serve(dir.path(), &cache, &backing, &["--mode", "writeback"]);
+
+    let k = knobs(dir.path());
+    assert_eq!(k["congested_read_threshold_us"], "2000", "bcache's default");
+    assert_eq!(k["congested_write_threshold_us"], "20000");
+    assert_eq!(k["replacement_policy"], "lru");
+    let out = ubcache_ok(&[&["set", "congested_read_threshold_us", "0"][..], &d].concat());
+    assert!(out.contains("congested_read_threshold_us"), "{out}");
+    ubcache_ok(&[&["set", "replacement_policy", "fifo"][..], &d].concat());
+    let bad = ubcache(&[&["set", "replacement_policy", "mru"][..], &d].concat());
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("lru, fifo or random"), "{bad:?}");
+    let k = knobs(dir.path());
+    assert_eq!((k["congested_read_threshold_us"].as_str(), k["replacement_policy"].as_str()), ("0", "fifo"));
+
+    let first: Vec<u8> = (0..65536u32).map(|i| (i % 253) as u8).collect();
+    {
+        let nbd = NbdDev::connect(server.uri()).unwrap();
+        nbd.write_at(&first, 0).unwrap();
+        nbd.sync().unwrap();
+    }
+    assert!(stats(dir.path())["gauges"]["dirty_bytes"].as_u64().unwrap() > 0);
+
+    let out = ubcache_ok(&[&["detach", ""][..], &d].concat());
+    assert!(out.contains("detached"), "{out}");
+    {
+        let nbd = NbdDev::connect(server.uri()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        assert!(nbd.read_at(&mut buf, 0).is_err(), "a detached export refuses requests");
+    }
+    let again = ubcache(&[&["detach", ""][..], &d].concat());
+    assert!(!again.status.success(), "{again:?}");
+    ubcache_ok(&[&["attach", ""][..], &d].concat());
+    let again = ubcache(&[&["attach", ""][..], &d].concat());
+    assert!(!again.status.success(), "attaching an attached export is an error: {again:?}");
+
+    let second = vec![0x5au8; 8192];
+    let cached_before = stats(dir.path())["total"]["write_cached"].as_u64().unwrap();
+    {
+        let nbd = NbdDev::connect(server.uri()).unwrap();
+        let mut buf = vec![0u8; first.len()];
+        nbd.read_at(&mut buf, 0).unwrap();
+        assert!(buf == first, "the data written before the detach reads back after attach");
+        nbd.write_at(&second, 1 << 20).unwrap();
+        nbd.sync().unwrap();
+    }
+    assert_eq!(stats(dir.path())["total"]["write_cached"].as_u64().unwrap(), cached_before + 1);
+    ubcache_ok(&[&["set-mode", "writearound"][..], &d].concat());
+    assert!(server.stop().success());
+
+    // No --mode: the stored mode. The policy is stored too; the thresholds are not.
+    let mut server = serve(dir.path(), &cache, &backing, &[]);
+    assert_eq!(mode(dir.path()), CacheMode::Writearound);
+    let k = knobs(dir.path());
+    assert_eq!(k["replacement_policy"], "fifo");
+    assert_eq!(k["congested_read_threshold_us"], "2000");
+    {
+        let nbd = NbdDev::connect(server.uri()).unwrap();
+        let mut buf = vec![0u8; first.len()];
+        nbd.read_at(&mut buf, 0).unwrap();
+        assert!(buf == first);
+        let mut buf = vec![0u8; second.len()];
+        nbd.read_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf == second);
+    }
+    assert!(server.stop().success());
+}
