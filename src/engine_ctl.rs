@@ -316,7 +316,8 @@ impl ControlTarget for EngineControl {
             return Err(CtlError::Invalid(format!("export {name:?} is already detached")));
         }
         // Most dirty data goes home here with coalesced writes while the export still serves;
-        // `detach` then stops its requests and writes back whatever arrived meanwhile.
+        // `detach` then holds new requests, writes back whatever arrived meanwhile, and from
+        // then on the export is served straight from the backing device.
         self.drain()?;
         self.set.detach(dev.dev_id()).map_err(|e| CtlError::Failed(format!("detach {name:?}: {e}")))
     }

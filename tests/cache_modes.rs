@@ -382,7 +382,21 @@ fn detach_writes_dirty_data_home_and_releases_the_backing_device() {
     }
     let bsb = read_backing_superblock(backing.as_ref()).unwrap().unwrap();
     assert_eq!(bsb.state, BackingState::Detached);
-    assert!(dev.write_at(&[0u8; 512], 0).is_err(), "a detached device must refuse requests");
+    // Detached, the export goes on serving straight from the device (bcache's behaviour):
+    // writes land in the data region, reads see them, nothing is cached or marked dirty.
+    let stats_before = set.stats();
+    dev.write_at(&[0xEE; 700], 100).unwrap();
+    dev.sync().unwrap();
+    let mut expect = vec![1u8; 4096];
+    expect[100..800].fill(0xEE);
+    assert_eq!(backing_bytes(&backing, 0, 4096), expect, "a detached export writes the device itself");
+    let mut buf = vec![0u8; 4096];
+    dev.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, expect);
+    let stats_after = set.stats();
+    assert_eq!((stats_after.write_cached, stats_after.dirty_bytes), (stats_before.write_cached, 0));
+    assert_eq!(stats_after.read_hits, stats_before.read_hits, "no cache lookups for a detached export");
+    assert!(dev.write_at(&[0u8; 512], EXPORT).is_err(), "the export's range still holds");
     assert!(set.detach(0).is_err(), "detaching twice is an error");
     drop(dev);
     set.close().unwrap();
@@ -394,6 +408,57 @@ fn detach_writes_dirty_data_home_and_releases_the_backing_device() {
     assert!(
         CacheSet::open(cache, std::slice::from_ref(&backing), tiny_config(CacheMode::Writeback)).is_err()
     );
+}
+
+/// Detach and attach cycles while writers keep going on their own ranges: requests that find a
+/// detach or attach under way wait for it, then go through the cache or straight to the device;
+/// every read sees the thread's last write, and at the end the device alone holds it all.
+#[test]
+fn detach_attach_cycles_under_load_keep_every_write() {
+    let (_, backing, set) = setup(CacheMode::Writeback);
+    let set = Arc::new(set);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    const REGION: u64 = 64 * 1024;
+    let writers: Vec<_> = (0..3u64)
+        .map(|t| {
+            let (set, stop) = (Arc::clone(&set), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let dev = set.device(0).unwrap();
+                let mut model = vec![0u8; REGION as usize];
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || i < 50 {
+                    let off = (i * 1536 + t * 100) % (REGION - 4096);
+                    let len = 300 + (i * 97) % 3000;
+                    let data = vec![(i % 250) as u8 + 1; len as usize];
+                    dev.write_at(&data, t * REGION + off).unwrap();
+                    model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                    if i % 7 == 0 {
+                        let mut buf = vec![0u8; REGION as usize];
+                        dev.read_at(&mut buf, t * REGION).unwrap();
+                        assert!(buf == model, "thread {t}: a read missed a write at step {i}");
+                    }
+                    i += 1;
+                }
+                dev.sync().unwrap();
+                model
+            })
+        })
+        .collect();
+    for _ in 0..6 {
+        std::thread::sleep(std::time::Duration::from_millis(15));
+        set.detach(0).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(15));
+        set.attach(0).unwrap();
+    }
+    set.detach(0).unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for (t, w) in writers.into_iter().enumerate() {
+        let model = w.join().unwrap();
+        assert!(
+            backing_bytes(&backing, t as u64 * REGION, REGION as usize) == model,
+            "thread {t}: the detached device lacks writes"
+        );
+    }
 }
 
 #[test]

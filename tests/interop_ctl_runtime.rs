@@ -76,11 +76,21 @@ fn knobs_detach_attach_and_stored_settings_through_the_binary() {
 
     let out = ubcache_ok(&[&["detach", ""][..], &d].concat());
     assert!(out.contains("detached"), "{out}");
+    // Detached, the export serves straight from the backing file (bcache's behaviour); a
+    // write meanwhile is read back after the attach (the cache starts empty for it).
+    let while_detached = vec![0xd7u8; 4096];
     {
         let nbd = NbdDev::connect(server.uri()).unwrap();
-        let mut buf = vec![0u8; 4096];
-        assert!(nbd.read_at(&mut buf, 0).is_err(), "a detached export refuses requests");
+        let mut buf = vec![0u8; first.len()];
+        nbd.read_at(&mut buf, 0).unwrap();
+        assert!(buf == first, "a detached export serves the data written home");
+        nbd.write_at(&while_detached, 32768).unwrap();
+        nbd.sync().unwrap();
     }
+    let mut first = first;
+    first[32768..36864].copy_from_slice(&while_detached);
+    let image = std::fs::read(&backing).unwrap();
+    assert!(image[8192..8192 + first.len()] == first[..], "the detached export wrote the backing file");
     let again = ubcache(&[&["detach", ""][..], &d].concat());
     assert!(!again.status.success(), "{again:?}");
     ubcache_ok(&[&["attach", ""][..], &d].concat());

@@ -62,15 +62,23 @@ impl CachedDev {
         self.shared.set_mode(&self.backing, mode, flush_first)
     }
 
-    /// Checks a request: device attached, range inside the export.
-    fn check(&self, op: &'static str, offset: u64, len: u64) -> DevResult<()> {
+    /// Checks a request's range and says where it goes: through the cache, or (detached)
+    /// straight to the backing device. Either way the request holds the device's gate (read)
+    /// until it is done, so `detach` and `attach` (which take it to write) wait for requests in
+    /// flight: none may still be adding dirty keys or marking the backing superblock Dirty
+    /// once a detach has unbound the device. An uncontended read lock is one atomic add.
+    fn route(&self, op: &'static str, offset: u64, len: u64) -> DevResult<Route<'_>> {
+        DevError::check_range(op, offset, len, self.backing.export_len)?;
+        let gate = self.backing.passthrough_gate.read();
         if self.backing.detached.load(Ordering::Acquire) {
-            return Err(DevError::Invalid(format!(
-                "{op}: backing device {} is detached",
-                self.backing.dev_id
-            )));
+            Ok(Route::Alone(Passthrough {
+                dev: self.backing.dev.as_ref(),
+                at: self.backing.data_offset,
+                _gate: gate,
+            }))
+        } else {
+            Ok(Route::Cache(gate))
         }
-        DevError::check_range(op, offset, len, self.backing.export_len)
     }
 
     /// Reads whole sectors (`offset` and `buf.len()` multiples of 512).
@@ -596,7 +604,10 @@ impl BlockDev for CachedDev {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         let len = buf.len() as u64;
-        self.check("read", offset, len)?;
+        let _gate = match self.route("read", offset, len)? {
+            Route::Alone(p) => return p.dev.read_at(buf, p.at + offset),
+            Route::Cache(gate) => gate,
+        };
         let (a, e) = span(offset, len);
         if a == offset && e == offset + len {
             return Ok(self.read_aligned(buf, offset, false)?);
@@ -609,22 +620,35 @@ impl BlockDev for CachedDev {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        self.check("write", offset, buf.len() as u64)?;
+        let _gate = match self.route("write", offset, buf.len() as u64)? {
+            Route::Alone(p) => return p.dev.write_at(buf, p.at + offset),
+            Route::Cache(gate) => gate,
+        };
         Ok(self.write_any(buf, offset, false)?)
     }
 
     fn write_at_fua(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        self.check("write", offset, buf.len() as u64)?;
+        let _gate = match self.route("write", offset, buf.len() as u64)? {
+            Route::Alone(p) => return p.dev.write_at_fua(buf, p.at + offset),
+            Route::Cache(gate) => gate,
+        };
         Ok(self.write_any(buf, offset, true)?)
     }
 
     fn sync(&self) -> DevResult<()> {
+        let _gate = match self.route("sync", 0, 0)? {
+            Route::Alone(p) => return p.dev.sync(),
+            Route::Cache(gate) => gate,
+        };
         let mut m = self.shared.lock_meta()?;
         Ok(self.shared.commit_locked(&mut m)?)
     }
 
     fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
-        self.check("discard", offset, len)?;
+        let _gate = match self.route("discard", offset, len)? {
+            Route::Alone(p) => return p.dev.discard(p.at + offset, len),
+            Route::Cache(gate) => gate,
+        };
         // Advisory: only the whole sectors inside the range are discarded.
         let start = offset.div_ceil(SECTOR_SIZE);
         let end = (offset + len) / SECTOR_SIZE;
@@ -635,7 +659,10 @@ impl BlockDev for CachedDev {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> DevResult<()> {
-        self.check("write_zeroes", offset, len)?;
+        let _gate = match self.route("write_zeroes", offset, len)? {
+            Route::Alone(p) => return p.dev.write_zeroes(p.at + offset, len, may_unmap),
+            Route::Cache(gate) => gate,
+        };
         let first = offset.div_ceil(SECTOR_SIZE) * SECTOR_SIZE;
         let last = (offset + len) / SECTOR_SIZE * SECTOR_SIZE;
         if first >= last {
@@ -672,7 +699,10 @@ impl BlockDev for CachedDev {
     }
 
     fn prefetch(&self, offset: u64, len: u64) -> DevResult<()> {
-        self.check("prefetch", offset, len)?;
+        let _gate = match self.route("prefetch", offset, len)? {
+            Route::Alone(_) => return Ok(()),
+            Route::Cache(gate) => gate,
+        };
         if self.mode() == CacheMode::None {
             return Ok(());
         }
@@ -683,6 +713,21 @@ impl BlockDev for CachedDev {
         }
         Ok(())
     }
+}
+
+/// Where a request goes ([`CachedDev::route`]).
+enum Route<'a> {
+    /// Through the cache, holding the gate.
+    Cache(parking_lot::RwLockReadGuard<'a, ()>),
+    Alone(Passthrough<'a>),
+}
+
+/// A detached device served alone: its data region, with the gate held for the request.
+struct Passthrough<'a> {
+    dev: &'a dyn BlockDev,
+    /// Where the export starts on the device (after its superblock).
+    at: u64,
+    _gate: parking_lot::RwLockReadGuard<'a, ()>,
 }
 
 /// The whole-sector span `[a, e)` (bytes) covering `[offset, offset + len)`.

@@ -157,8 +157,13 @@ pub(crate) struct Backing {
     /// The backing superblock, and the dirty-write gate: writers that add dirty keys hold
     /// `dirty_writers` > 0 so writeback never marks the device Clean under them.
     pub(crate) sb: Mutex<BackingSb>,
-    /// Detached from the set: every request fails.
+    /// Detached from the set: requests go straight to the device (see `CachedDev::route`).
     pub(crate) detached: AtomicBool,
+    /// Held (write) by `detach` and `attach` while they change `detached` and the superblocks,
+    /// and (read) by every request that found the device detached, so a request never goes
+    /// straight to backing while dirty data of it may still be in the cache, nor while attach
+    /// is making the cache serve it again.
+    pub(crate) passthrough_gate: parking_lot::RwLock<()>,
     /// Held by every write over its sector range, so a read-modify-write of a partial sector
     /// never interleaves with another write to that sector.
     pub(crate) rmw_locks: RangeLocks,
@@ -350,6 +355,7 @@ impl CacheSet {
                 unsynced: AtomicBool::new(false),
                 sb: Mutex::new(BackingSb { sb: bsb, dirty_writers: 0 }),
                 detached: AtomicBool::new(false),
+                passthrough_gate: parking_lot::RwLock::new(()),
                 rmw_locks: RangeLocks::default(),
             }));
         }
@@ -601,26 +607,36 @@ impl CacheSet {
 
     /// Detaches a backing device: writes all its dirty data home, drops its keys, marks its
     /// superblock Detached (it can then be used alone) and removes it from the cache
-    /// superblock. The device's [`super::CachedDev`] handles fail every request afterwards.
+    /// superblock. Its [`super::CachedDev`] handles go on serving, straight from the device
+    /// (as bcache's detached devices do); requests that arrive during the detach wait for it.
+    /// If writing home fails, the device stays attached and the error is returned.
     pub fn detach(&self, dev_id: u32) -> CacheResult<()> {
         let sh = &self.shared;
         let Some(b) = sh.backings.iter().find(|b| b.dev_id == dev_id) else {
             return Err(CacheError::Invalid(format!("no attached backing device with id {dev_id}")));
         };
-        // Stop new requests first, then write everything home.
+        // New requests wait at the gate (they see `detached`) until the device is clean and
+        // unbound, so none reaches it directly while dirty data of it is still cached.
+        let _gate = b.passthrough_gate.write();
         if b.detached.swap(true, Ordering::AcqRel) {
             return Err(CacheError::Invalid(format!("backing device {dev_id} is already detached")));
         }
-        sh.flush_dirty()?;
-        {
+        let written_home = sh.flush_dirty().and_then(|()| {
             let mut m = sh.lock_meta()?;
             let dirty = m.tree.stats().dirty_sectors_by_dev.get(&dev_id).copied().unwrap_or(0);
             if dirty > 0 {
                 return Err(CacheError::Invalid(format!("{dirty} dirty sectors of dev {dev_id} remain")));
             }
             sh.invalidate_locked(&mut m, dev_id, 0, u64::MAX)?;
-            sh.commit_locked(&mut m)?;
+            sh.commit_locked(&mut m)
+        });
+        if let Err(e) = written_home {
+            // Dirty data may still be cached: the device must go on being served through it.
+            b.detached.store(false, Ordering::Release);
+            return Err(e);
         }
+        // From here on no key of the device is left, so serving it alone is right even if a
+        // superblock write below fails (the device then stays detached for this run).
         {
             let mut g = b.sb.lock();
             let mut next = g.sb.clone();
@@ -660,6 +676,9 @@ impl CacheSet {
         let Some(b) = sh.backings.iter().find(|b| b.dev_id == dev_id) else {
             return Err(CacheError::Invalid(format!("no backing device with id {dev_id} in this cache set")));
         };
+        // Requests served straight from the device finish first; new ones wait, then see it
+        // attached and go through the cache.
+        let _gate = b.passthrough_gate.write();
         if !b.detached.load(Ordering::Acquire) {
             return Err(CacheError::Invalid(format!("backing device {dev_id} is attached")));
         }
