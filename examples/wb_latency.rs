@@ -22,7 +22,7 @@
 //! runnable but another task had the CPU), and the whole process's CPU time.
 //!
 //! Run: `cargo run --release --example wb_latency [-- DIRTY_MIB [READS [REPS]]]`
-//! (defaults 64, 20000, 5).
+//! (defaults 64, 20000, 5; `READS` 0 runs the flush measurements only).
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
 use rand::rngs::StdRng;
@@ -128,6 +128,11 @@ impl ReadPhase {
         figs.add(&format!("read max us, {label}"), us(max));
         figs.add(&format!("reader run-queue wait ms, {label}"), self.reader_wait.as_secs_f64() * 1e3);
         figs.add(&format!("process cpu s, {label}"), self.process_cpu.as_secs_f64());
+        // Everything but the reader: the writeback thread's CPU.
+        figs.add(
+            &format!("other threads cpu s, {label}"),
+            self.process_cpu.saturating_sub(self.reader_run).as_secs_f64(),
+        );
     }
 }
 
@@ -180,11 +185,21 @@ fn timed_flush(set: &Arc<CacheSet>) -> Result<(f64, f64, f64, u64), Box<dyn Erro
     let dirty = set.stats().dirty_bytes;
     let cpu0 = process_cpu_ns();
     let t = Instant::now();
-    let written = FlushStep::new(Arc::clone(set), WritebackConfig::for_flush()).run_to_end()?;
+    let written = FlushStep::new(Arc::clone(set), flush_config()).run_to_end()?;
     let secs = t.elapsed().as_secs_f64();
     let cpu = (process_cpu_ns().saturating_sub(cpu0)) as f64 / 1e9;
     let mib = written as f64 / MIB as f64;
     Ok((mib / secs, cpu / (mib / 1024.0), secs, dirty))
+}
+
+/// `WritebackConfig::for_flush`, with its batch size overridden by `WB_FLUSH_BATCH_KEYS` (to
+/// explore the trade-off; the default is what `ubcache flush` uses).
+fn flush_config() -> WritebackConfig {
+    let base = WritebackConfig::for_flush();
+    match std::env::var("WB_FLUSH_BATCH_KEYS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(keys) => WritebackConfig { batch_keys: keys, keybuf_keys: keys, ..base },
+        None => base,
+    }
 }
 
 fn wait_clean(set: &CacheSet) {
@@ -299,7 +314,7 @@ impl Bench {
         figs.add("flush MiB/s, random 4 KiB extents", mibs);
         figs.add("flush cpu s/GiB, random 4 KiB extents", cpu_per_gib);
 
-        let io = WritebackConfig::for_flush().max_io_bytes;
+        let io = flush_config().max_io_bytes;
         let chunk = vec![0xc3u8; io as usize];
         let t = Instant::now();
         for i in 0..self.dirty_mib * MIB / io {
@@ -337,10 +352,11 @@ fn main() -> Result<(), Box<dyn Error>> {
     let set = Arc::new(CacheSet::open(Arc::clone(&cache), std::slice::from_ref(&backing), cfg)?);
     let dev = set.devices().remove(0);
     println!(
-        "files in {} (cache {} MiB, backing {} MiB); dirty {dirty_mib} MiB, {reads} idle reads, {reps} repetitions",
+        "files in {} (cache {} MiB, backing {} MiB); dirty {dirty_mib} MiB, {reads} idle reads, {reps} repetitions, flush batches of {} keys",
         dir.path().display(),
         cache_bytes / MIB,
-        backing_bytes / MIB
+        backing_bytes / MIB,
+        flush_config().batch_keys
     );
 
     // The read region cached clean (writethrough).
@@ -354,7 +370,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     let mut figs = Figures::default();
     for rep in 1..=reps {
         println!("repetition {rep}/{reps}");
-        bench.latency_phases(&mut figs)?;
+        if reads > 0 {
+            bench.latency_phases(&mut figs)?;
+        }
         bench.flush_phases(seq.as_ref(), &mut figs)?;
     }
 
@@ -365,7 +383,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     }
     let m = |k: &str| median(figs.0.get(k).map_or(&[][..], Vec::as_slice));
     let idle = m("read p99 us, idle");
-    for label in ["rate PI", "rate fixed", "full speed"] {
+    for label in ["rate PI", "rate fixed", "full speed"].into_iter().filter(|_| reads > 0) {
         println!(
             "  read p99 {label} / idle: {:.2}x (target < 2x applies to writeback at its target rate)",
             m(&format!("read p99 us, {label}")) / idle

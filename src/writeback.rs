@@ -105,16 +105,24 @@ impl Default for WritebackConfig {
 }
 
 /// Most bytes one flush batch holds range locks for.
-const FLUSH_BATCH_MAX_BYTES: u64 = 16 << 20;
+const FLUSH_BATCH_MAX_BYTES: u64 = 64 << 20;
+/// Most runs (range locks, backing writes) in one flush batch: the range locks are a list that
+/// every locker scans, so thousands of held ranges would cost foreground writers and the flush
+/// itself quadratic time.
+const FLUSH_BATCH_MAX_RUNS: usize = 1024;
 
 impl WritebackConfig {
-    /// Tuning for a full flush: large batches (up to 4096 keys or 16 MiB), so the one backing
-    /// sync and journal commit per batch is spread over many keys: with 512 keys per batch a
-    /// flush of contiguous 4 KiB extents (2 MiB batches) ran at a sixth of the backing file's
-    /// sequential write speed, fsync-bound; see `examples/wb_latency.rs`.
+    /// Tuning for a full flush: large batches (up to 16384 keys, at most 64 MiB and, in
+    /// `FlushStep`, 1024 separate runs), so the one backing sync per batch is spread over many
+    /// keys. A flush is fsync-bound: with 512 keys
+    /// per batch a flush of contiguous 4 KiB extents (2 MiB batches) ran at a sixth of the
+    /// backing file's sequential write speed, with 4096 (16 MiB) at about a third, with 16384
+    /// at about half or more; see `examples/wb_latency.rs` and `docs/writeback.md`. The range
+    /// locks of a batch are held until it is synced, so a writethrough or bypass write into a
+    /// range being flushed waits up to one batch (a writeback-mode write never does).
     #[must_use]
     pub fn for_flush() -> Self {
-        Self { batch_keys: 4096, keybuf_keys: 4096, ..Self::default() }
+        Self { batch_keys: 16384, keybuf_keys: 16384, ..Self::default() }
     }
 
     fn limits(&self) -> CoalesceLimits {
@@ -220,6 +228,9 @@ pub fn tuning_for(set: &CacheSet) -> Arc<WritebackTuning> {
     t
 }
 
+/// Dirty keys found per scan call of a refill (one hold of the metadata lock each).
+const SCAN_CHUNK_KEYS: usize = 64;
+
 /// A bounded buffer of dirty keys, refilled from the btree in offset order (bcache's keybuf).
 #[derive(Debug)]
 pub struct DirtyKeyBuf {
@@ -256,27 +267,50 @@ impl DirtyKeyBuf {
     /// `max_bytes`, refilling from the btree when empty. Empty: nothing dirty was found in a
     /// whole pass.
     pub fn take(&mut self, set: &CacheSet, max_keys: usize, max_bytes: u64) -> CacheResult<Vec<Key>> {
+        self.take_runs(set, max_keys, max_bytes, usize::MAX)
+    }
+
+    /// [`DirtyKeyBuf::take`], also stopping before a key that would start run number
+    /// `max_runs + 1` (a run: keys contiguous on one device, written with one backing write
+    /// under one range lock). Bounds the range locks a batch of scattered keys holds.
+    pub fn take_runs(
+        &mut self,
+        set: &CacheSet,
+        max_keys: usize,
+        max_bytes: u64,
+        max_runs: usize,
+    ) -> CacheResult<Vec<Key>> {
         if self.keys.is_empty() {
             self.refill(set)?;
         }
-        let mut out = Vec::new();
+        let mut out: Vec<Key> = Vec::new();
         let mut bytes = 0u64;
+        let mut runs = 0usize;
         while let Some(k) = self.keys.front() {
             let size = u64::from(k.size) * SECTOR_SIZE;
-            if out.len() >= max_keys.max(1) || (!out.is_empty() && bytes + size > max_bytes) {
+            let new_run = out.last().is_none_or(|p| p.dev != k.dev || p.end != k.start());
+            if out.len() >= max_keys.max(1)
+                || (!out.is_empty() && bytes + size > max_bytes)
+                || (new_run && !out.is_empty() && runs >= max_runs.max(1))
+            {
                 break;
             }
             bytes += size;
+            runs += usize::from(new_run);
             out.extend(self.keys.pop_front());
         }
         Ok(out)
     }
 
     fn refill(&mut self, set: &CacheSet) -> CacheResult<()> {
-        // Two scans at most: the rest of this pass, then (if it held nothing) a new pass.
-        for _ in 0..2 {
+        // Scans of at most SCAN_CHUNK_KEYS keys (each holds the metadata lock foreground reads
+        // need) up to the capacity or the end of the tree; if the rest of this pass held
+        // nothing, one new pass from the start.
+        let mut wrapped = false;
+        while self.keys.len() < self.capacity {
             let from = self.next;
-            let scan = set.scan_dirty(from, self.capacity)?;
+            let want = (self.capacity - self.keys.len()).min(SCAN_CHUNK_KEYS);
+            let scan = set.scan_dirty(from, want)?;
             self.scanned_seq = self.scanned_seq.max(scan.journal_seq);
             self.keys.extend(scan.keys);
             match scan.next {
@@ -284,10 +318,11 @@ impl DirtyKeyBuf {
                 None => {
                     self.next = Pos::MIN;
                     self.passes += 1;
+                    if !self.keys.is_empty() || from == Pos::MIN || wrapped {
+                        break;
+                    }
+                    wrapped = true;
                 }
-            }
-            if !self.keys.is_empty() || from == Pos::MIN {
-                break;
             }
         }
         Ok(())
@@ -627,7 +662,8 @@ impl FlushStep {
                 .max_io_bytes
                 .saturating_mul(self.config.batch_keys as u64)
                 .clamp(1, FLUSH_BATCH_MAX_BYTES);
-            let keys = self.keybuf.take(&self.set, self.config.batch_keys, budget)?;
+            let keys =
+                self.keybuf.take_runs(&self.set, self.config.batch_keys, budget, FLUSH_BATCH_MAX_RUNS)?;
             let report =
                 self.set.write_back_scanned(&keys, self.keybuf.scanned_seq(), self.config.limits())?;
             if report.bytes_written > 0 {
