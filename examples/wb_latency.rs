@@ -11,7 +11,8 @@
 //!    - `full speed`: a requested flush (no pacing) until nothing is dirty.
 //! 2. **Flush throughput** (`FlushStep` with `WritebackConfig::for_flush`, what `ubcache flush`
 //!    runs) of contiguous dirty extents (sequential 4 KiB writes in writeback mode: adjacent
-//!    keys, coalesced into large backing writes) and of random 4 KiB extents, next to the backing
+//!    keys, coalesced into large backing writes; and the same with 64 KiB writes) and of random
+//!    4 KiB extents, next to the backing
 //!    file system's own sequential write speed measured the same way: a file in the same
 //!    directory written with writes of the flush's largest backing write (`max_io_bytes`), then
 //!    fsync.
@@ -171,11 +172,12 @@ fn dirty_random(dev: &dyn BlockDev, base: u64, mib: u64, rng: &mut StdRng) {
     dev.sync().unwrap();
 }
 
-/// Sequential 4 KiB writes of `mib` MiB from `base`, synced: adjacent dirty keys.
-fn dirty_contiguous(dev: &dyn BlockDev, base: u64, mib: u64) {
-    let buf = vec![0x3cu8; BLOCK as usize];
-    for i in 0..mib * MIB / BLOCK {
-        dev.write_at(&buf, base + i * BLOCK).unwrap();
+/// Sequential writes of `write_bytes` each, `mib` MiB from `base`, synced: adjacent dirty keys
+/// of that size.
+fn dirty_contiguous(dev: &dyn BlockDev, base: u64, mib: u64, write_bytes: u64) {
+    let buf = vec![0x3cu8; write_bytes as usize];
+    for i in 0..mib * MIB / write_bytes {
+        dev.write_at(&buf, base + i * write_bytes).unwrap();
     }
     dev.sync().unwrap();
 }
@@ -296,7 +298,7 @@ impl Bench {
     }
 
     fn flush_phases(&mut self, seq: &dyn BlockDev, figs: &mut Figures) -> Result<(), Box<dyn Error>> {
-        dirty_contiguous(&self.dev, self.contiguous_base(), self.dirty_mib);
+        dirty_contiguous(&self.dev, self.contiguous_base(), self.dirty_mib, BLOCK);
         let (mibs, cpu_per_gib, secs, dirty) = timed_flush(&self.set)?;
         println!(
             "  flush contiguous: {:.1} MiB (sequential 4 KiB writes) in {secs:.2} s = {mibs:.1} MiB/s, cpu {cpu_per_gib:.2} s/GiB",
@@ -304,6 +306,14 @@ impl Bench {
         );
         figs.add("flush MiB/s, contiguous extents", mibs);
         figs.add("flush cpu s/GiB, contiguous extents", cpu_per_gib);
+
+        dirty_contiguous(&self.dev, self.contiguous_base(), self.dirty_mib, 16 * BLOCK);
+        let (mibs, cpu_per_gib, secs, dirty) = timed_flush(&self.set)?;
+        println!(
+            "  flush contiguous: {:.1} MiB (sequential 64 KiB writes) in {secs:.2} s = {mibs:.1} MiB/s, cpu {cpu_per_gib:.2} s/GiB",
+            dirty as f64 / MIB as f64
+        );
+        figs.add("flush MiB/s, contiguous 64 KiB extents", mibs);
 
         dirty_random(&self.dev, self.random_base(), self.dirty_mib, &mut self.rng);
         let (mibs, cpu_per_gib, secs, dirty) = timed_flush(&self.set)?;
@@ -389,10 +399,12 @@ fn main() -> Result<(), Box<dyn Error>> {
             m(&format!("read p99 us, {label}")) / idle
         );
     }
+    let seq = m("backing sequential write MiB/s");
     println!(
-        "  flush contiguous / backing sequential: {:.0}% (target >= 80%); random: {:.0}%",
-        100.0 * m("flush MiB/s, contiguous extents") / m("backing sequential write MiB/s"),
-        100.0 * m("flush MiB/s, random 4 KiB extents") / m("backing sequential write MiB/s")
+        "  flush / backing sequential: contiguous 4 KiB extents {:.0}% (target >= 80%), contiguous 64 KiB extents {:.0}%, random 4 KiB extents {:.0}%",
+        100.0 * m("flush MiB/s, contiguous extents") / seq,
+        100.0 * m("flush MiB/s, contiguous 64 KiB extents") / seq,
+        100.0 * m("flush MiB/s, random 4 KiB extents") / seq
     );
     Ok(())
 }
