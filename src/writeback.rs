@@ -10,7 +10,8 @@
 //!   only when the scanned keys are not durable yet (once per refill, not once per batch).
 //! - **Coalescing**: the keys of one batch that are contiguous on backing are written with one
 //!   backing write ([`crate::wbpolicy::coalesce`]), up to `max_io_bytes`.
-//! - **Ordering** (crash rules 4 and 6, kept by the engine): commit, read cache, write backing,
+//! - **Ordering** (crash rules 4 and 6, kept by the engine): commit (if the keys are not durable
+//!   yet), read cache, write backing,
 //!   sync backing, then journal the keys clean with replace semantics.
 //! - **Rate**: a PI controller on the dirty bytes ([`crate::wbpolicy::RateController`], target
 //!   `writeback_percent` of the cache). A batch of `n` bytes at rate `r` is followed by the
