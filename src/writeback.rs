@@ -5,24 +5,29 @@
 //!   from the btree in (device, offset) order, continuing where the last refill stopped and
 //!   wrapping to the start at the end of the tree (a *pass*). Keys in the buffer may go stale
 //!   (overwritten, written back by someone else); the engine re-checks each key under the
-//!   writeback range lock before it writes it ([`CacheSet::write_back_keys`]).
+//!   writeback range lock before it writes it ([`CacheSet::write_back_scanned`]). The buffer
+//!   remembers the journal seq of its scan, so the engine commits the journal before a batch
+//!   only when the scanned keys are not durable yet (once per refill, not once per batch).
 //! - **Coalescing**: the keys of one batch that are contiguous on backing are written with one
 //!   backing write ([`crate::wbpolicy::coalesce`]), up to `max_io_bytes`.
-//! - **Ordering** (crash rules 4 and 6, kept by the engine): commit, read cache, write backing,
+//! - **Ordering** (crash rules 4 and 6, kept by the engine): commit (if the keys are not durable
+//!   yet), read cache, write backing,
 //!   sync backing, then journal the keys clean with replace semantics.
 //! - **Rate**: a PI controller on the dirty bytes ([`crate::wbpolicy::RateController`], target
-//!   `writeback_percent` of the cache). After a batch of `n` bytes at rate `r` the thread waits
-//!   `n / r` (at most [`MAX_PAUSE`]), and a batch is at most what the rate allows in
-//!   [`RATE_SLICE`], so a low rate writes small batches rather than one big burst.
+//!   `writeback_percent` of the cache). A batch of `n` bytes at rate `r` is followed by the
+//!   next one `n / r` (at most [`MAX_PAUSE`]) after the batch *started*, so the batch's own
+//!   I/O time counts toward its share and the rate is met; a batch is at most what the rate
+//!   allows in [`RATE_SLICE`], so a low rate writes small batches rather than one big burst.
 //! - **Delay**: when dirty data appears in a cache that was clean, writeback waits
 //!   `writeback_delay` before it starts (overwrites in that window cost no backing I/O).
 //! - **Full speed** — no rate pauses, no delay — while a flush is requested
 //!   ([`WritebackThread::request_flush`]), while the share of data buckets holding dirty data is
 //!   at or above `urgent_percent`, or right after a write fell back to backing because the cache
 //!   was full.
-//! - **Foreground priority**: batches are small (`batch_keys`) and the thread yields between
-//!   batches; it holds the metadata lock only to scan, validate and mark keys clean, never
-//!   during data I/O.
+//! - **Foreground priority**: the thread yields between batches; it holds the metadata lock
+//!   only to scan, validate and mark keys clean (a chunk of 32 keys per hold, see
+//!   `cache/wb_io.rs`), and to commit the journal after syncing the cache
+//!   outside the lock, never during data I/O.
 //! - **Knobs at runtime**: the thread reads its tuning ([`WritebackTuning`], shared per cache
 //!   set through [`tuning_for`]) before each decision; the control socket changes it.
 //! - **Shutdown**: [`WritebackThread::stop`] (or drop) signals and joins the thread.
@@ -70,7 +75,8 @@ pub struct WritebackConfig {
     /// Share of data buckets holding dirty data (percent) at which writeback goes full speed
     /// (default 70).
     pub urgent_percent: u8,
-    /// Keys written per batch at most (default 32).
+    /// Keys written per batch at most (default 256; a rate-paced batch is also bounded by
+    /// what the rate allows in [`RATE_SLICE`]).
     pub batch_keys: usize,
     /// Largest coalesced backing write, bytes (default 1 MiB).
     pub max_io_bytes: u64,
@@ -91,7 +97,7 @@ impl Default for WritebackConfig {
             i_term_inverse: 10_000,
             rate_update_interval: Duration::from_secs(1),
             urgent_percent: 70,
-            batch_keys: 32,
+            batch_keys: 256,
             max_io_bytes: 1 << 20,
             keybuf_keys: 500,
             idle_poll: Duration::from_millis(100),
@@ -101,14 +107,23 @@ impl Default for WritebackConfig {
 
 /// Most bytes one flush batch holds range locks for.
 const FLUSH_BATCH_MAX_BYTES: u64 = 64 << 20;
+/// Most runs (range locks, backing writes) in one flush batch: the range locks are a list that
+/// every locker scans, so thousands of held ranges would cost foreground writers and the flush
+/// itself quadratic time.
+const FLUSH_BATCH_MAX_RUNS: usize = 1024;
 
 impl WritebackConfig {
-    /// Tuning for a full flush: large batches, so the one backing sync and journal commit per
-    /// batch is spread over many keys (with 32 keys per batch a flush of random 4 KiB extents
-    /// ran at about a sixth of the speed of 512; see `examples/wb_latency.rs`).
+    /// Tuning for a full flush: large batches (up to 16384 keys, at most 64 MiB and, in
+    /// `FlushStep`, 1024 separate runs), so the one backing sync per batch is spread over many
+    /// keys. A flush is fsync-bound: with 512 keys
+    /// per batch a flush of contiguous 4 KiB extents (2 MiB batches) ran at a sixth of the
+    /// backing file's sequential write speed, with 4096 (16 MiB) at about a third, with 16384
+    /// at about half or more; see `examples/wb_latency.rs` and `docs/writeback.md`. The range
+    /// locks of a batch are held until it is synced, so a writethrough or bypass write into a
+    /// range being flushed waits up to one batch (a writeback-mode write never does).
     #[must_use]
     pub fn for_flush() -> Self {
-        Self { batch_keys: 512, ..Self::default() }
+        Self { batch_keys: 16384, keybuf_keys: 16384, ..Self::default() }
     }
 
     fn limits(&self) -> CoalesceLimits {
@@ -214,6 +229,9 @@ pub fn tuning_for(set: &CacheSet) -> Arc<WritebackTuning> {
     t
 }
 
+/// Dirty keys found per scan call of a refill (one hold of the metadata lock each).
+const SCAN_CHUNK_KEYS: usize = 64;
+
 /// A bounded buffer of dirty keys, refilled from the btree in offset order (bcache's keybuf).
 #[derive(Debug)]
 pub struct DirtyKeyBuf {
@@ -222,13 +240,22 @@ pub struct DirtyKeyBuf {
     next: Pos,
     capacity: usize,
     passes: u64,
+    /// The newest [`crate::cache::DirtyScan::journal_seq`] of the scans that filled the buffer.
+    scanned_seq: u64,
 }
 
 impl DirtyKeyBuf {
     /// An empty buffer of `capacity` keys, starting at the beginning of the tree.
     #[must_use]
     pub fn new(capacity: usize) -> Self {
-        Self { keys: VecDeque::new(), next: Pos::MIN, capacity: capacity.max(1), passes: 0 }
+        Self { keys: VecDeque::new(), next: Pos::MIN, capacity: capacity.max(1), passes: 0, scanned_seq: 0 }
+    }
+
+    /// A journal seq at or after the journalling of every key the buffer has handed out: what
+    /// [`CacheSet::write_back_scanned`] needs durable before it writes them.
+    #[must_use]
+    pub fn scanned_seq(&self) -> u64 {
+        self.scanned_seq
     }
 
     /// Completed passes over the whole tree.
@@ -241,37 +268,62 @@ impl DirtyKeyBuf {
     /// `max_bytes`, refilling from the btree when empty. Empty: nothing dirty was found in a
     /// whole pass.
     pub fn take(&mut self, set: &CacheSet, max_keys: usize, max_bytes: u64) -> CacheResult<Vec<Key>> {
+        self.take_runs(set, max_keys, max_bytes, usize::MAX)
+    }
+
+    /// [`DirtyKeyBuf::take`], also stopping before a key that would start run number
+    /// `max_runs + 1` (a run: keys contiguous on one device, written with one backing write
+    /// under one range lock). Bounds the range locks a batch of scattered keys holds.
+    pub fn take_runs(
+        &mut self,
+        set: &CacheSet,
+        max_keys: usize,
+        max_bytes: u64,
+        max_runs: usize,
+    ) -> CacheResult<Vec<Key>> {
         if self.keys.is_empty() {
             self.refill(set)?;
         }
-        let mut out = Vec::new();
+        let mut out: Vec<Key> = Vec::new();
         let mut bytes = 0u64;
+        let mut runs = 0usize;
         while let Some(k) = self.keys.front() {
             let size = u64::from(k.size) * SECTOR_SIZE;
-            if out.len() >= max_keys.max(1) || (!out.is_empty() && bytes + size > max_bytes) {
+            let new_run = out.last().is_none_or(|p| p.dev != k.dev || p.end != k.start());
+            if out.len() >= max_keys.max(1)
+                || (!out.is_empty() && bytes + size > max_bytes)
+                || (new_run && !out.is_empty() && runs >= max_runs.max(1))
+            {
                 break;
             }
             bytes += size;
+            runs += usize::from(new_run);
             out.extend(self.keys.pop_front());
         }
         Ok(out)
     }
 
     fn refill(&mut self, set: &CacheSet) -> CacheResult<()> {
-        // Two scans at most: the rest of this pass, then (if it held nothing) a new pass.
-        for _ in 0..2 {
+        // Scans of at most SCAN_CHUNK_KEYS keys (each holds the metadata lock foreground reads
+        // need) up to the capacity or the end of the tree; if the rest of this pass held
+        // nothing, one new pass from the start.
+        let mut wrapped = false;
+        while self.keys.len() < self.capacity {
             let from = self.next;
-            let scan = set.scan_dirty(from, self.capacity)?;
+            let want = (self.capacity - self.keys.len()).min(SCAN_CHUNK_KEYS);
+            let scan = set.scan_dirty(from, want)?;
+            self.scanned_seq = self.scanned_seq.max(scan.journal_seq);
             self.keys.extend(scan.keys);
             match scan.next {
                 Some(p) => self.next = p,
                 None => {
                     self.next = Pos::MIN;
                     self.passes += 1;
+                    if !self.keys.is_empty() || from == Pos::MIN || wrapped {
+                        break;
+                    }
+                    wrapped = true;
                 }
-            }
-            if !self.keys.is_empty() || from == Pos::MIN {
-                break;
             }
         }
         Ok(())
@@ -525,9 +577,10 @@ impl Worker {
             } else {
                 ((rate as f64 * RATE_SLICE.as_secs_f64()) as u64).max(SECTOR_SIZE)
             };
-            let result = keybuf
-                .take(&self.set, self.config.batch_keys, budget)
-                .and_then(|keys| self.set.write_back_keys(&keys, limits).map(|r| (keys.len(), r)));
+            let batch_started = Instant::now();
+            let result = keybuf.take(&self.set, self.config.batch_keys, budget).and_then(|keys| {
+                self.set.write_back_scanned(&keys, keybuf.scanned_seq(), limits).map(|r| (keys.len(), r))
+            });
             match result {
                 Ok((taken, report)) => {
                     backoff = ERROR_BACKOFF_MIN;
@@ -547,8 +600,9 @@ impl Worker {
                     }
                     drop(s);
                     if !urgent {
+                        // From the batch's start: its own I/O time is part of its share.
                         let pause = Duration::from_secs_f64(report.bytes_written as f64 / rate as f64);
-                        next_allowed = Instant::now() + pause.min(MAX_PAUSE);
+                        next_allowed = batch_started + pause.min(MAX_PAUSE);
                     }
                     if taken == 0 {
                         // Dirty data counted but none found in a whole pass (it is being
@@ -609,8 +663,10 @@ impl FlushStep {
                 .max_io_bytes
                 .saturating_mul(self.config.batch_keys as u64)
                 .clamp(1, FLUSH_BATCH_MAX_BYTES);
-            let keys = self.keybuf.take(&self.set, self.config.batch_keys, budget)?;
-            let report = self.set.write_back_keys(&keys, self.config.limits())?;
+            let keys =
+                self.keybuf.take_runs(&self.set, self.config.batch_keys, budget, FLUSH_BATCH_MAX_RUNS)?;
+            let report =
+                self.set.write_back_scanned(&keys, self.keybuf.scanned_seq(), self.config.limits())?;
             if report.bytes_written > 0 {
                 return Ok(report.bytes_written);
             }

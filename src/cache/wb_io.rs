@@ -3,10 +3,14 @@
 //! a batch of keys, and a usage report. Additive: nothing else in the engine calls these.
 //!
 //! # Crash ordering of [`CacheSet::write_back_keys`] (rules 4 and 6)
-//! 1. Commit every pending journal entry first: the dirty keys (and with them the removal of the
-//!    older clean keys they replaced) are durable before their data reaches backing. Otherwise a
-//!    durable older clean key could survive a crash over backing that already holds newer data,
-//!    and the sector's value would change later by itself, on eviction.
+//! 1. The dirty keys (and with them the removal of the older clean keys they replaced) are
+//!    durable before their data reaches backing. Otherwise a durable older clean key could
+//!    survive a crash over backing that already holds newer data, and the sector's value would
+//!    change later by itself, on eviction. [`CacheSet::write_back_scanned`] commits only when
+//!    the journal is not yet durable up to the scan the keys came from
+//!    ([`DirtyScan::journal_seq`]): a key still in the tree exactly as scanned was journalled
+//!    at or before that seq (a new write gets new sectors, so an identical key is the same
+//!    insertion). [`CacheSet::write_back_keys`] does not know the scan and commits everything.
 //! 2. Per coalesced write: take the writeback range lock of the whole range, *then* check under
 //!    the metadata lock that every key is still in the tree exactly as scanned (and pin its
 //!    bucket). The keys come from a key buffer filled earlier; a writethrough or bypass write
@@ -17,6 +21,17 @@
 //! 3. Read the cache, write backing, sync every backing device written.
 //! 4. Only then journal each key clean with replace semantics: a key overwritten meanwhile (a
 //!    writeback-mode write does not take the range lock) stays dirty and is written back later.
+//!    The clean entries need no commit of their own: until one is durable the key is dirty after
+//!    a crash and is written back again, which is harmless (backing already holds that data,
+//!    and no newer backing write of the range can have happened while the key stayed in the
+//!    tree, rule 2).
+//!
+//! # Foreground priority
+//! Foreground reads need the metadata lock for their lookup, so writeback holds it only for
+//! bounded chunks of CPU work ([`META_CHUNK_KEYS`] keys at a time) and never across data I/O.
+//! Before a journal commit (which must run under the lock, see `set.rs`) the cache device is
+//! synced *outside* the lock, so the sync inside the commit finds almost nothing to write and
+//! the lock is held for the journal record's write and sync only.
 
 use super::CachedDev;
 use super::error::{CacheError, CacheResult};
@@ -29,6 +44,10 @@ use crate::wbpolicy::{CoalesceLimits, DirtyExtent, coalesce};
 use std::sync::atomic::Ordering;
 use ubcache_btree::{Key, Pos, Segment};
 
+/// Keys validated or marked clean per hold of the metadata lock: a foreground read waits for
+/// at most this much writeback bookkeeping (about a microsecond per key).
+pub(crate) const META_CHUNK_KEYS: usize = 32;
+
 /// Dirty keys found by [`CacheSet::scan_dirty`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirtyScan {
@@ -36,6 +55,9 @@ pub struct DirtyScan {
     pub keys: Vec<Key>,
     /// Where the next scan continues; `None` at the end of the tree (a full pass is done).
     pub next: Option<Pos>,
+    /// The last journal seq appended when the scan ran: every key of the scan was journalled
+    /// at or before it (pass it to [`CacheSet::write_back_scanned`]).
+    pub journal_seq: u64,
 }
 
 /// What one [`CacheSet::write_back_keys`] call did.
@@ -93,14 +115,57 @@ impl CacheSet {
             .collect();
         let wanted = |k: &Key| k.dirty && attached.contains(&k.dev);
         let mut keys = Vec::new();
-        let next = self.shared.lock_meta()?.tree.scan(from, &wanted, max.max(1), &mut keys)?;
-        Ok(DirtyScan { keys, next })
+        let mut m = self.shared.lock_meta()?;
+        let next = m.tree.scan(from, &wanted, max.max(1), &mut keys)?;
+        // Read under the metadata lock: entries are appended under it, so every key seen was
+        // appended at or before this seq.
+        let journal_seq = self.shared.journal.last_appended_seq();
+        drop(m);
+        Ok(DirtyScan { keys, next, journal_seq })
+    }
+
+    /// Syncs the cache device outside the metadata lock (a failed sync fails the set, as in
+    /// `commit_locked`), so that a commit right after holds the lock only briefly.
+    fn presync_cache(&self) -> CacheResult<()> {
+        if let Err(e) = self.shared.cache.sync() {
+            return self.shared.fail(e.into());
+        }
+        Ok(())
+    }
+
+    /// Commits if the journal is not durable through `seq` (rule 1 of the module doc).
+    fn commit_through(&self, seq: u64) -> CacheResult<()> {
+        let sh = &self.shared;
+        let needed = seq.min(sh.journal.last_appended_seq());
+        if sh.journal.durable_seq() >= needed {
+            return Ok(());
+        }
+        self.presync_cache()?;
+        let mut m = sh.lock_meta()?;
+        if sh.journal.durable_seq() < needed {
+            sh.commit_locked(&mut m)?;
+        }
+        Ok(())
     }
 
     /// Writes `keys` home (see the module doc for the ordering): contiguous keys of one device
     /// are coalesced into one backing write within `limits` (in sectors). Keys no longer in the
-    /// tree as given are skipped, so a key buffer filled earlier is safe to pass.
+    /// tree as given are skipped, so a key buffer filled earlier is safe to pass. Commits every
+    /// pending journal entry first; [`CacheSet::write_back_scanned`] commits only when needed.
     pub fn write_back_keys(&self, keys: &[Key], limits: CoalesceLimits) -> CacheResult<WritebackReport> {
+        self.write_back_scanned(keys, u64::MAX, limits)
+    }
+
+    /// [`CacheSet::write_back_keys`] for keys that all come from scans whose
+    /// [`DirtyScan::journal_seq`] is at most `scanned_seq`: the journal is committed first only
+    /// if it is not yet durable through `scanned_seq` (rule 1 of the module doc). Passing a
+    /// lower seq than the scan's breaks crash safety.
+    pub fn write_back_scanned(
+        &self,
+        keys: &[Key],
+        scanned_seq: u64,
+        limits: CoalesceLimits,
+    ) -> CacheResult<WritebackReport> {
         let sh = &self.shared;
         let mut report = WritebackReport::default();
         let mut wanted: Vec<Key> =
@@ -120,10 +185,7 @@ impl CacheSet {
             return Ok(report);
         }
         // Rule (1) of the module doc.
-        {
-            let mut m = sh.lock_meta()?;
-            sh.commit_locked(&mut m)?;
-        }
+        self.commit_through(scanned_seq)?;
         let extents: Vec<DirtyExtent> =
             sorted.iter().map(|k| (k.dev, k.start(), u64::from(k.size))).collect();
         let batches =
@@ -143,11 +205,13 @@ impl CacheSet {
                 start: batch.start,
                 end: batch.start + batch.len,
             }));
-            // Rule (2): validate and pin under the lock.
+            // Rule (2): validate and pin under the lock, a chunk of keys per hold (a key
+            // validated earlier stays pinned, and one overwritten meanwhile by a writeback-mode
+            // write stays dirty by replace semantics in step 4).
             let mut pinned: Vec<(Key, u64)> = Vec::new();
-            {
+            for chunk in sorted[batch.extents.clone()].chunks(META_CHUNK_KEYS) {
                 let mut m = sh.lock_meta()?;
-                for k in &sorted[batch.extents.clone()] {
+                for k in chunk {
                     let current = m.tree.lookup(k.dev, k.start(), k.end)?;
                     if current.as_slice() != [Segment::Cached(*k)] {
                         report.keys_skipped += 1;
@@ -203,16 +267,23 @@ impl CacheSet {
                 b.dev.sync()?;
             }
         }
-        // Rule (4).
-        {
+        // Rule (4), a chunk of keys per hold of the metadata lock.
+        for chunk in done.chunks(META_CHUNK_KEYS) {
             let mut m = sh.lock_meta()?;
-            for key in &done {
+            for key in chunk {
                 let clean = Key { dirty: false, ..*key };
                 if let Err(e) = sh.replace_locked(&mut m, clean, Some(key)) {
                     return sh.fail(e);
                 }
                 Stats::add(&sh.stats.written_back_bytes, u64::from(key.size) * SECTOR_SIZE);
             }
+        }
+        // The clean entries are committed when enough are pending (bounding the journal
+        // buffer), with the cache synced outside the lock first.
+        let pending = sh.journal.last_appended_seq().saturating_sub(sh.journal.durable_seq());
+        if pending >= sh.cfg.max_uncommitted_entries || sh.journal.needs_checkpoint() {
+            self.presync_cache()?;
+            let mut m = sh.lock_meta()?;
             sh.maybe_commit_locked(&mut m)?;
         }
         drop(guards);
@@ -220,8 +291,8 @@ impl CacheSet {
         Ok(report)
     }
 
-    /// Reads the cached data of a contiguous run of pinned keys and writes it to backing in one
-    /// write.
+    /// Reads the cached data of a contiguous run of pinned keys (one read per piece that is
+    /// contiguous in the cache too) and writes it to backing in one write.
     fn write_run(
         &self,
         dev: &dyn crate::dev::BlockDev,
@@ -234,10 +305,20 @@ impl CacheSet {
         let sectors: u64 = run.iter().map(|(k, _)| u64::from(k.size)).sum();
         let mut buf = vec![0u8; (sectors * SECTOR_SIZE) as usize];
         let mut at = 0usize;
-        for (k, _) in run {
-            let n = k.size as usize * SECTOR_SIZE as usize;
-            self.shared.cache.read_at(&mut buf[at..at + n], k.ptr.offset * SECTOR_SIZE)?;
+        let mut i = 0usize;
+        while i < run.len() {
+            // Keys written one after another usually sit one after another in the cache.
+            let from = run[i].0.ptr.offset;
+            let mut len = u64::from(run[i].0.size);
+            let mut j = i + 1;
+            while j < run.len() && run[j].0.ptr.offset == from + len {
+                len += u64::from(run[j].0.size);
+                j += 1;
+            }
+            let n = (len * SECTOR_SIZE) as usize;
+            self.shared.cache.read_at(&mut buf[at..at + n], from * SECTOR_SIZE)?;
             at += n;
+            i = j;
         }
         dev.write_at(&buf, data_offset + first.start() * SECTOR_SIZE)?;
         Ok(())
