@@ -38,7 +38,7 @@ use super::error::{CacheError, CacheResult};
 use super::inflight::DevRange;
 use super::set::CacheSet;
 use super::stats::Stats;
-use crate::alloc::{AllocError, BucketState, OpenKind, ReclaimPolicy};
+use crate::alloc::{AllocError, BucketState, OpenKind};
 use crate::dev::SECTOR_SIZE;
 use crate::wbpolicy::{CoalesceLimits, DirtyExtent, coalesce};
 use std::sync::atomic::Ordering;
@@ -379,16 +379,10 @@ impl CacheSet {
     pub fn sequential_cutoff(&self) -> u64 {
         self.shared.seq.lock().cutoff()
     }
-
-    /// The bucket replacement policy (fixed when the set is opened).
-    #[must_use]
-    pub fn reclaim_policy(&self) -> ReclaimPolicy {
-        self.shared.cfg.reclaim_policy
-    }
 }
 
 impl CachedDev {
-    /// Whether the device was detached from its cache set (every request then fails).
+    /// Whether the device was detached from its cache set (requests then go straight to it).
     #[must_use]
     pub fn is_detached(&self) -> bool {
         self.backing.detached.load(Ordering::Acquire)
