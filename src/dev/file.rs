@@ -477,6 +477,14 @@ impl BlockDev for FileDev {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
+
+    /// Buffered writes land in the page cache; with `O_DIRECT` every write waits for the disk.
+    /// (A buffered write still blocks when the kernel throttles a writer that dirtied too many
+    /// pages; the throttling paces the writer to the disk, so only the client's own later
+    /// requests wait.)
+    fn writes_are_cheap(&self) -> bool {
+        self.direct.is_none()
+    }
 }
 
 fn align_down(x: u64, align: u64) -> u64 {
