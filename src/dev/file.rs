@@ -711,6 +711,23 @@ mod tests {
         }
     }
 
+    /// The NBD server runs writes of a device that says they are cheap in its reader; a direct
+    /// device waits for the disk on every write and must not say so.
+    #[test]
+    fn only_buffered_writes_are_cheap() {
+        let dir = tempfile::tempdir().unwrap();
+        for direct in [false, true] {
+            let path = dir.path().join(format!("cheap-{direct}.img"));
+            let opts = FileDevOptions { create_with_size: Some(1 << 16), direct, ..Default::default() };
+            let dev = FileDev::open(&path, &opts).unwrap();
+            // A file system without O_DIRECT leaves the device buffered (see `is_direct`).
+            assert_eq!(dev.writes_are_cheap(), !dev.is_direct(), "direct requested: {direct}");
+        }
+        let buffered =
+            FileDev::open(&dir.path().join("cheap-false.img"), &FileDevOptions::default()).unwrap();
+        assert!(buffered.writes_are_cheap());
+    }
+
     #[test]
     fn aligned_buf_is_aligned() {
         for align in [512u64, 4096] {
