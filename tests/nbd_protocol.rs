@@ -923,10 +923,19 @@ async fn client_that_does_not_read_replies_is_throttled_not_buffered() {
 /// in-flight slots, so a reader that waited for a slot without writing that queue first would
 /// wait forever. A client that sends far more writes than the in-flight limit, and reads no
 /// reply until it has sent them all, must get every one answered once, with its data applied.
+/// First in small groups (more requests than slots, but few bytes), so that the reader is never
+/// far enough behind to hand writes to tasks; then all at once, so that it is, and writes run
+/// both in the reader and in tasks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_run_in_the_reader_are_all_answered_past_the_in_flight_limit() {
-    const N: u64 = 1024;
-    const BLOCK: usize = 4096;
+    writes_past_the_in_flight_limit(12).await;
+    writes_past_the_in_flight_limit(u64::MAX).await;
+}
+
+/// Sends 768 writes of 1 KiB, pausing after every `group` of them.
+async fn writes_past_the_in_flight_limit(group: u64) {
+    const N: u64 = 768;
+    const BLOCK: usize = 1024;
     let dev = Arc::new(TestDev::with_cheap_writes(N * BLOCK as u64));
     let config = ServerConfig {
         exports: vec![Export::new("", dev.clone())],
@@ -948,6 +957,9 @@ async fn writes_run_in_the_reader_are_all_answered_past_the_in_flight_limit() {
             };
             wr.write_all(&hdr.encode()).await.unwrap();
             wr.write_all(&[h as u8 | 1; BLOCK]).await.unwrap();
+            if h % group == group - 1 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
         wr
     });
