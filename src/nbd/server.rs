@@ -1077,8 +1077,9 @@ impl Conn {
         // `MAX_DEFERRED_REPLIES`).
         let mut deferred = 0usize;
         loop {
-            if reader.buffer().len() < hdr.len() || deferred >= MAX_DEFERRED_REPLIES {
+            if deferred > 0 && (reader.buffer().len() < hdr.len() || deferred >= MAX_DEFERRED_REPLIES) {
                 // About to wait for the client (or enough replies piled up): send what we have.
+                // (Replies of tasks are written by the tasks.)
                 self.sink.write_queued_replies().await;
                 deferred = 0;
             }
