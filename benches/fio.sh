@@ -12,11 +12,15 @@
 #              against every server, in a rotating server order, so drift (thermal, other load)
 #              spreads evenly instead of favouring whoever ran first
 #   SIZE       backing file size (default 1G); it is filled with random data once, then read
-#              into the page cache before every job so reads measure the servers, not the disk
+#              into the page cache so reads measure the servers, not the disk
 #   TRANSPORT  unix (default) or tcp (127.0.0.1)
 #   JOBS       space-separated subset of job names (default: all, see below)
 #   WORKDIR    where the backing file and sockets live (default: a fresh temporary directory,
-#              removed at exit; pass one to keep the filled backing file between runs)
+#              removed at exit; pass one to keep the filled backing file between runs). A kept
+#              file whose pages were evicted and read back sits in large page-cache folios, and
+#              ext4 then spends several times more CPU on every 4k write (it walks the folio's
+#              buffer heads), for every server alike: write figures from a fresh file and from
+#              a kept one do not compare.
 #   UBCACHE_ARGS  extra flags for `ubcache serve` (like "--threads 2")
 #   UBCACHE_BIN   an already built ubcache binary to use instead of building with --release
 #
@@ -156,10 +160,6 @@ for round in $(seq 1 "$ROUNDS"); do
     for i in "${!SERVERS[@]}"; do order+=("${SERVERS[$(((i + round) % ${#SERVERS[@]}))]}"); done
     for s in "${order[@]}"; do
       json="$WORKDIR/fio.json"
-      # Back into the page cache before every job: a kernel that reclaims cold pages (DAMON,
-      # memory pressure from other processes) would otherwise send some servers' reads to the
-      # disk and not others'.
-      cat "$backing" > /dev/null
       before=$(cpu_ticks "${pid_of[$s]}")
       # shellcheck disable=SC2086 # $args is a list of fio flags
       fio --name="$name" --ioengine=nbd --uri="${uri_of[$s]}" $args --size="$SIZE" \
