@@ -1049,14 +1049,15 @@ struct Conn {
 const MAX_DEFERRED_REPLIES: usize = 16;
 
 /// When more than this many bytes of later requests wait in the read buffer, the reader is
-/// behind (its thread got little CPU, or the client sends in bursts): writes then go to tasks
-/// like any other request, so idle workers take a share instead of everything waiting for the
-/// one reader. A server that keeps up holds a request or two, and runs its writes itself.
-/// Measured on 2 cores, 4 KiB random writes at QD32, IOPS on an idle machine / with six CPU
-/// hogs running: writes always in the reader 174k / 51k, this rule 148k / 80k, a task per
-/// write 132k / 64k. (Thresholds of 96 and 128 KiB, or waiting 250 µs before calling a backlog
-/// "behind", kept the idle figure but fell to 40-68k under load.)
-const READER_BEHIND_BYTES: usize = 64 << 10;
+/// behind (its thread gets little CPU, or the client sends more than one thread can write):
+/// writes then go to tasks like any other request, so idle workers take a share instead of
+/// everything waiting for the one reader. A server that keeps up holds a request or two.
+/// The value is a trade-off, measured on 2 cores, 4 KiB random writes at QD32 (IOPS on an idle
+/// machine / with six CPU hogs running): 128 KiB (a QD32 backlog of 4 KiB writes never reaches
+/// it) 174-180k / 51k; 64 KiB 148k / 80k (half the queue goes to tasks even when idle); a task
+/// per write 132k / 64k. An idle server is the case to serve well; on a machine starved of CPU
+/// one thread gets one share, which is why 128 KiB loses there.
+const READER_BEHIND_BYTES: usize = 128 << 10;
 
 impl Conn {
     /// Reads and starts requests until the client leaves or shutdown; then writes the replies
