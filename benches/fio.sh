@@ -16,7 +16,11 @@
 #   TRANSPORT  unix (default) or tcp (127.0.0.1)
 #   JOBS       space-separated subset of job names (default: all, see below)
 #   WORKDIR    where the backing file and sockets live (default: a fresh temporary directory,
-#              removed at exit; pass one to keep the filled backing file between runs)
+#              removed at exit; pass one to keep the filled backing file between runs). A kept
+#              file whose pages were evicted and read back sits in large page-cache folios, and
+#              ext4 then spends several times more CPU on every 4k write (it walks the folio's
+#              buffer heads), for every server alike: write figures from a fresh file and from
+#              a kept one do not compare.
 #   UBCACHE_ARGS  extra flags for `ubcache serve` (like "--threads 2")
 #   UBCACHE_BIN   an already built ubcache binary to use instead of building with --release
 #

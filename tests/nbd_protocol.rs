@@ -97,6 +97,10 @@ struct TestDev {
     slow_reads: Mutex<Vec<(u64, Duration)>>,
     /// Reads fail with EIO while set.
     fail_reads: std::sync::atomic::AtomicBool,
+    /// Writes (not FUA) fail with EIO while set.
+    fail_writes: std::sync::atomic::AtomicBool,
+    /// What `writes_are_cheap` says: true makes the server run writes in the connection's reader.
+    cheap_writes: bool,
     zero_ranges: Mutex<Vec<Range<u64>>>,
     syncs: AtomicUsize,
     prefetches: AtomicUsize,
@@ -109,11 +113,18 @@ impl TestDev {
             inner: MemDev::new(len),
             slow_reads: Mutex::new(Vec::new()),
             fail_reads: std::sync::atomic::AtomicBool::new(false),
+            fail_writes: std::sync::atomic::AtomicBool::new(false),
+            cheap_writes: false,
             zero_ranges: Mutex::new(Vec::new()),
             syncs: AtomicUsize::new(0),
             prefetches: AtomicUsize::new(0),
             fua_writes: AtomicUsize::new(0),
         }
+    }
+
+    /// A device whose writes the server runs in the connection's reader.
+    fn with_cheap_writes(len: u64) -> Self {
+        Self { cheap_writes: true, ..Self::new(len) }
     }
 }
 
@@ -137,7 +148,18 @@ impl BlockDev for TestDev {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        if self.fail_writes.load(Ordering::SeqCst) {
+            return Err(ubcache::dev::DevError::Io {
+                op: "write",
+                offset,
+                len: buf.len() as u64,
+                source: std::io::Error::other("injected"),
+            });
+        }
         self.inner.write_at(buf, offset)
+    }
+    fn writes_are_cheap(&self) -> bool {
+        self.cheap_writes
     }
     fn write_at_fua(&self, buf: &[u8], offset: u64) -> DevResult<()> {
         self.fua_writes.fetch_add(1, Ordering::SeqCst);
@@ -816,14 +838,16 @@ async fn slow_read_is_overtaken_by_later_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_in_flight_requests_from_one_client_keep_their_data() {
     for mode in [DeviceCalls::OnWorkers, DeviceCalls::BlockingPool, DeviceCalls::Inline] {
-        many_in_flight(mode).await;
+        for cheap_writes in [false, true] {
+            many_in_flight(mode, cheap_writes).await;
+        }
     }
 }
 
-async fn many_in_flight(device_calls: DeviceCalls) {
+async fn many_in_flight(device_calls: DeviceCalls, cheap_writes: bool) {
     const BLOCK: usize = 4096;
     const BLOCKS: u64 = 256;
-    let dev = Arc::new(TestDev::new(BLOCKS * BLOCK as u64));
+    let dev = Arc::new(TestDev { cheap_writes, ..TestDev::new(BLOCKS * BLOCK as u64) });
     // Every 7th block reads slowly, so replies come back out of order.
     for b in (0..BLOCKS).step_by(7) {
         dev.slow_reads.lock().unwrap().push((b * BLOCK as u64, Duration::from_millis(20)));
@@ -892,6 +916,114 @@ async fn client_that_does_not_read_replies_is_throttled_not_buffered() {
     assert!(seen.iter().all(|&s| s));
     drop(timed(sender).await.unwrap());
     server.assert_still_serving().await;
+    server.stop().await;
+}
+
+/// Guards against a deadlock of writes run in the reader: their replies wait in a queue and hold
+/// in-flight slots, so a reader that waited for a slot without writing that queue first would
+/// wait forever. A client that sends far more writes than the in-flight limit, and reads no
+/// reply until it has sent them all, must get every one answered once, with its data applied.
+/// First in small groups (more requests than slots, but few bytes), so that the reader is never
+/// far enough behind to hand writes to tasks; then all at once, so that it is, and writes run
+/// both in the reader and in tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_run_in_the_reader_are_all_answered_past_the_in_flight_limit() {
+    writes_past_the_in_flight_limit(12).await;
+    writes_past_the_in_flight_limit(u64::MAX).await;
+}
+
+/// Sends 768 writes of 1 KiB, pausing after every `group` of them.
+async fn writes_past_the_in_flight_limit(group: u64) {
+    const N: u64 = 768;
+    const BLOCK: usize = 1024;
+    let dev = Arc::new(TestDev::with_cheap_writes(N * BLOCK as u64));
+    let config = ServerConfig {
+        exports: vec![Export::new("", dev.clone())],
+        max_in_flight_per_conn: 8,
+        ..Default::default()
+    };
+    let server = TestServer::start_with(config).await;
+    let mut s = server.raw().await;
+    raw_go(&mut s, "", false).await;
+    let (mut rd, mut wr) = s.into_split();
+    let sender = tokio::spawn(async move {
+        for h in 0..N {
+            let hdr = proto::RequestHeader {
+                flags: 0,
+                cmd_type: Command::Write.to_wire(),
+                handle: h,
+                offset: h * BLOCK as u64,
+                length: BLOCK as u32,
+            };
+            wr.write_all(&hdr.encode()).await.unwrap();
+            wr.write_all(&[h as u8 | 1; BLOCK]).await.unwrap();
+            if h % group == group - 1 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        wr
+    });
+    let wr = timed(sender).await.unwrap();
+    let mut seen = vec![false; N as usize];
+    for _ in 0..N {
+        let mut b = [0u8; 16];
+        timed(rd.read_exact(&mut b)).await.unwrap();
+        let proto::ReplyStart::Simple(r) = proto::decode_reply_start(&b).unwrap() else {
+            panic!("not simple")
+        };
+        assert_eq!(r.errno, 0);
+        assert!(!seen[r.handle as usize], "handle {} answered twice", r.handle);
+        seen[r.handle as usize] = true;
+    }
+    let image = dev.inner.snapshot();
+    for h in 0..N as usize {
+        assert!(image[h * BLOCK..(h + 1) * BLOCK].iter().all(|&b| b == h as u8 | 1), "block {h}");
+    }
+    drop((rd, wr));
+    server.assert_still_serving().await;
+    server.stop().await;
+}
+
+/// A write run in the reader whose payload arrives in pieces is applied whole, only once all of
+/// it is there; and the reply of an earlier write goes out while the reader waits for the rest
+/// (a client may wait for that reply before it sends more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_in_the_reader_waits_for_its_whole_payload_and_answers_earlier_ones_meanwhile() {
+    let dev = Arc::new(TestDev::with_cheap_writes(1 << 20));
+    let server = TestServer::start(vec![Export::new("", dev.clone())]).await;
+    let mut s = server.raw().await;
+    raw_go(&mut s, "", false).await;
+    let write = |handle, offset| {
+        proto::RequestHeader { flags: 0, cmd_type: Command::Write.to_wire(), handle, offset, length: 8192 }
+            .encode()
+    };
+    let mut first = write(1, 0).to_vec();
+    first.extend_from_slice(&[7u8; 8192]);
+    first.extend_from_slice(&write(2, 65536));
+    first.extend_from_slice(&[9u8; 1000]);
+    s.write_all(&first).await.unwrap();
+    assert_eq!(raw_simple_reply(&mut s).await, (0, 1));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let image = dev.inner.snapshot();
+    assert!(image[..8192].iter().all(|&b| b == 7));
+    assert!(image[65536..65536 + 8192].iter().all(|&b| b == 0), "a partly received write was applied");
+    s.write_all(&[9u8; 8192 - 1000]).await.unwrap();
+    assert_eq!(raw_simple_reply(&mut s).await, (0, 2));
+    assert!(dev.inner.snapshot()[65536..65536 + 8192].iter().all(|&b| b == 9));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_in_the_reader_reach_the_client_as_eio() {
+    let dev = Arc::new(TestDev::with_cheap_writes(1 << 20));
+    let server = TestServer::start(vec![Export::new("", dev.clone())]).await;
+    let c = server.client().await;
+    dev.fail_writes.store(true, Ordering::SeqCst);
+    let e = timed(c.write(4096, &[1u8; 4096], false)).await.unwrap_err();
+    assert_eq!(e.errno(), Some(errno::EIO), "{e}");
+    dev.fail_writes.store(false, Ordering::SeqCst);
+    timed(c.write(4096, &[2u8; 4096], false)).await.unwrap();
+    assert_eq!(timed(c.read(4096, 4096)).await.unwrap(), vec![2u8; 4096]);
     server.stop().await;
 }
 

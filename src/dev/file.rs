@@ -477,6 +477,14 @@ impl BlockDev for FileDev {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
+
+    /// Buffered writes land in the page cache; with `O_DIRECT` every write waits for the disk.
+    /// (A buffered write still blocks when the kernel throttles a writer that dirtied too many
+    /// pages; the throttling paces the writer to the disk, so only the client's own later
+    /// requests wait.)
+    fn writes_are_cheap(&self) -> bool {
+        self.direct.is_none()
+    }
 }
 
 fn align_down(x: u64, align: u64) -> u64 {
@@ -701,6 +709,23 @@ mod tests {
             assert!(back[4096..].iter().all(|&b| b == 5));
             assert!(matches!(dev.write_at_fua(&[1; 2], (1 << 16) - 1), Err(DevError::OutOfRange { .. })));
         }
+    }
+
+    /// The NBD server runs writes of a device that says they are cheap in its reader; a direct
+    /// device waits for the disk on every write and must not say so.
+    #[test]
+    fn only_buffered_writes_are_cheap() {
+        let dir = tempfile::tempdir().unwrap();
+        for direct in [false, true] {
+            let path = dir.path().join(format!("cheap-{direct}.img"));
+            let opts = FileDevOptions { create_with_size: Some(1 << 16), direct, ..Default::default() };
+            let dev = FileDev::open(&path, &opts).unwrap();
+            // A file system without O_DIRECT leaves the device buffered (see `is_direct`).
+            assert_eq!(dev.writes_are_cheap(), !dev.is_direct(), "direct requested: {direct}");
+        }
+        let buffered =
+            FileDev::open(&dir.path().join("cheap-false.img"), &FileDevOptions::default()).unwrap();
+        assert!(buffered.writes_are_cheap());
     }
 
     #[test]

@@ -146,6 +146,14 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     fn is_read_only(&self) -> bool {
         false
     }
+
+    /// Whether a [`BlockDev::write_at`] normally returns after a copy into memory (the page
+    /// cache), without waiting for a disk. The NBD server then runs such writes in the
+    /// connection's reader instead of handing each one to a task: cheaper, but a write that does
+    /// block holds up the connection's later requests. The default, false, is always safe.
+    fn writes_are_cheap(&self) -> bool {
+        false
+    }
 }
 
 /// Zeroes a range by writing zero buffers, the fallback for devices that cannot punch holes.
@@ -195,5 +203,8 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     }
     fn is_read_only(&self) -> bool {
         (**self).is_read_only()
+    }
+    fn writes_are_cheap(&self) -> bool {
+        (**self).writes_are_cheap()
     }
 }

@@ -85,6 +85,9 @@ impl BlockDev for OffsetDev {
     fn is_read_only(&self) -> bool {
         self.inner.is_read_only()
     }
+    fn writes_are_cheap(&self) -> bool {
+        self.inner.writes_are_cheap()
+    }
 }
 
 #[cfg(test)]
