@@ -249,3 +249,39 @@ fn fast_zero_is_probed_and_false_for_read_only() {
     assert!(matches!(ro.discard(0, 512), Err(DevError::ReadOnly)));
     println!("fast_zero on this file system: {writable_fast_zero}");
 }
+
+/// `copy_from` between two buffered files copies in the kernel (`copy_file_range`) and reads
+/// back exactly; it is declined (Ok(false), nothing written) where a side is `O_DIRECT` or not
+/// a file, and refused with an error out of range or on a read-only target.
+#[test]
+fn copy_from_copies_between_buffered_files_and_declines_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = create(&dir.path().join("src.img"), 1 << 20, false);
+    let dst = create(&dir.path().join("dst.img"), 1 << 20, false);
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    src.write_at(&data, 4096).unwrap();
+    assert!(dst.copy_from(&src, 4096 + 1000, 70_000, 200_000).unwrap(), "buffered files copy in the kernel");
+    dst.sync().unwrap();
+    let mut back = vec![0u8; 200_000];
+    dst.read_at(&mut back, 70_000).unwrap();
+    assert!(back == data[1000..201_000], "copied bytes differ");
+    let mut before = vec![1u8; 1000];
+    dst.read_at(&mut before, 69_000).unwrap();
+    assert!(before.iter().all(|&b| b == 0), "bytes before the target range were touched");
+
+    assert!(dst.copy_from(&src, 0, (1 << 20) - 100, 200).is_err(), "past the target's end");
+    assert!(dst.copy_from(&src, (1 << 20) - 100, 0, 200).is_err(), "past the source's end");
+    let mem = ubcache::dev::MemDev::new(1 << 20);
+    assert!(!dst.copy_from(&mem, 0, 0, 4096).unwrap(), "a memory device has no file to copy from");
+    let direct = create(&dir.path().join("direct.img"), 1 << 20, true);
+    if direct.is_direct() {
+        assert!(!direct.copy_from(&src, 0, 0, 4096).unwrap(), "an O_DIRECT target declines");
+        assert!(!dst.copy_from(&direct, 0, 0, 4096).unwrap(), "an O_DIRECT source declines");
+    } else {
+        note_if_buffered(&direct);
+    }
+    let ro =
+        FileDev::open(&dir.path().join("dst.img"), &FileDevOptions { read_only: true, ..Default::default() })
+            .unwrap();
+    assert!(ro.copy_from(&src, 0, 0, 4096).is_err(), "a read-only target refuses");
+}

@@ -18,7 +18,8 @@
 //!    backing write to its tree update, so once we hold the lock and still find the key, no
 //!    newer backing write of the range exists or can start until we are done: a stale copy can
 //!    never land on backing after newer data.
-//! 3. Read the cache, write backing, sync every backing device written.
+//! 3. Copy the cached data to backing (in the kernel between buffered files, else through a
+//!    buffer), sync every backing device written.
 //! 4. Only then journal each key clean with replace semantics: a key overwritten meanwhile (a
 //!    writeback-mode write does not take the range lock) stays dirty and is written back later.
 //!    The clean entries need no commit of their own: until one is durable the key is dirty after
@@ -47,6 +48,9 @@ use ubcache_btree::{Key, Pos, Segment};
 /// Keys validated or marked clean per hold of the metadata lock: a foreground read waits for
 /// at most this much writeback bookkeeping (about a microsecond per key).
 pub(crate) const META_CHUNK_KEYS: usize = 32;
+
+/// Alignment of writeback's backing-write buffers: the largest `O_DIRECT` alignment in common use.
+const DIRECT_ALIGN: usize = 4096;
 
 /// Dirty keys found by [`CacheSet::scan_dirty`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -193,6 +197,7 @@ impl CacheSet {
         // Locks are taken in (device, offset) order; every other holder of several range locks
         // does the same, and foreground writers hold one at a time, so they cannot deadlock.
         let mut guards = Vec::with_capacity(batches.len());
+        let mut segments = Vec::with_capacity(2 * META_CHUNK_KEYS);
         let mut done: Vec<Key> = Vec::new();
         let mut touched: Vec<u32> = Vec::new();
         for batch in batches {
@@ -211,9 +216,18 @@ impl CacheSet {
             let mut pinned: Vec<(Key, u64)> = Vec::new();
             for chunk in sorted[batch.extents.clone()].chunks(META_CHUNK_KEYS) {
                 let mut m = sh.lock_meta()?;
+                // One lookup over the chunk's span (its keys are sorted, non-overlapping and of
+                // one device): a key is still there exactly as scanned iff the segment that
+                // starts where it starts is that key, as a lookup of the key's own range would
+                // say (a new write gets new cache sectors, so the pointer tells insertions apart).
+                let (Some(lo), Some(hi)) = (chunk.first(), chunk.last()) else { continue };
+                m.tree.lookup_into(batch.dev, lo.start(), hi.end, &mut segments)?;
+                let mut seg = 0;
                 for k in chunk {
-                    let current = m.tree.lookup(k.dev, k.start(), k.end)?;
-                    if current.as_slice() != [Segment::Cached(*k)] {
+                    while segments.get(seg).is_some_and(|s| s.start() < k.start()) {
+                        seg += 1;
+                    }
+                    if segments.get(seg) != Some(&Segment::Cached(*k)) {
                         report.keys_skipped += 1;
                         continue;
                     }
@@ -291,8 +305,10 @@ impl CacheSet {
         Ok(report)
     }
 
-    /// Reads the cached data of a contiguous run of pinned keys (one read per piece that is
-    /// contiguous in the cache too) and writes it to backing in one write.
+    /// Writes a contiguous run of pinned keys home: in the kernel where the cache and the
+    /// backing device are both buffered files ([`crate::dev::BlockDev::copy_from`]), else by
+    /// reading the cached data (one read per piece that is contiguous in the cache too) and
+    /// writing it to backing in one write.
     fn write_run(
         &self,
         dev: &dyn crate::dev::BlockDev,
@@ -302,25 +318,45 @@ impl CacheSet {
         let Some((first, _)) = run.first() else {
             return Ok(());
         };
-        let sectors: u64 = run.iter().map(|(k, _)| u64::from(k.size)).sum();
-        let mut buf = vec![0u8; (sectors * SECTOR_SIZE) as usize];
-        let mut at = 0usize;
-        let mut i = 0usize;
-        while i < run.len() {
-            // Keys written one after another usually sit one after another in the cache.
-            let from = run[i].0.ptr.offset;
-            let mut len = u64::from(run[i].0.size);
-            let mut j = i + 1;
-            while j < run.len() && run[j].0.ptr.offset == from + len {
-                len += u64::from(run[j].0.size);
-                j += 1;
+        // Keys written one after another usually sit one after another in the cache:
+        // (cache sector, sectors) per piece.
+        let mut pieces: Vec<(u64, u64)> = Vec::new();
+        for (k, _) in run {
+            match pieces.last_mut() {
+                Some((from, len)) if *from + *len == k.ptr.offset => *len += u64::from(k.size),
+                _ => pieces.push((k.ptr.offset, u64::from(k.size))),
             }
-            let n = (len * SECTOR_SIZE) as usize;
-            self.shared.cache.read_at(&mut buf[at..at + n], from * SECTOR_SIZE)?;
-            at += n;
-            i = j;
         }
-        dev.write_at(&buf, data_offset + first.start() * SECTOR_SIZE)?;
+        let cache = self.shared.cache.as_ref();
+        let mut at = data_offset + first.start() * SECTOR_SIZE;
+        let mut copied = 0;
+        // A flush then costs about what writing the data once costs: the pages move from the
+        // cache file's page cache to the backing file's, never through a buffer of ours.
+        for &(from, len) in &pieces {
+            if !dev.copy_from(cache, from * SECTOR_SIZE, at, len * SECTOR_SIZE)? {
+                break;
+            }
+            at += len * SECTOR_SIZE;
+            copied += 1;
+        }
+        let rest = &pieces[copied..];
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let sectors: u64 = rest.iter().map(|(_, len)| len).sum();
+        let n = (sectors * SECTOR_SIZE) as usize;
+        // Page-aligned, so an O_DIRECT backing device writes it as it is instead of through a
+        // bounce buffer (an extra copy, serial with the device's own transfer).
+        let mut storage = vec![0u8; n + DIRECT_ALIGN];
+        let skew = storage.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        let buf = &mut storage[skew..skew + n];
+        let mut filled = 0usize;
+        for &(from, len) in rest {
+            let n = (len * SECTOR_SIZE) as usize;
+            cache.read_at(&mut buf[filled..filled + n], from * SECTOR_SIZE)?;
+            filled += n;
+        }
+        dev.write_at(buf, at)?;
         Ok(())
     }
 

@@ -154,6 +154,22 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     fn writes_are_cheap(&self) -> bool {
         false
     }
+
+    /// The open file behind this device when it is a plain file read and written through the
+    /// page cache (no `O_DIRECT`, no wrapper that adds behaviour), so another such device can
+    /// copy from it in the kernel ([`BlockDev::copy_from`]). The default, None, is always safe.
+    fn buffered_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+
+    /// Writes `len` bytes of `src` (from `src_offset`) at `offset` of this device without a
+    /// user-space buffer, where both devices allow it (`copy_file_range` between two buffered
+    /// files). Not durable until [`BlockDev::sync`], like `write_at`. Returns `Ok(false)`, having
+    /// written nothing, where it cannot: the caller then copies through memory.
+    fn copy_from(&self, src: &dyn BlockDev, src_offset: u64, offset: u64, len: u64) -> DevResult<bool> {
+        let _ = (src, src_offset, offset, len);
+        Ok(false)
+    }
 }
 
 /// Zeroes a range by writing zero buffers, the fallback for devices that cannot punch holes.
@@ -206,5 +222,11 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     }
     fn writes_are_cheap(&self) -> bool {
         (**self).writes_are_cheap()
+    }
+    fn buffered_file(&self) -> Option<&std::fs::File> {
+        (**self).buffered_file()
+    }
+    fn copy_from(&self, src: &dyn BlockDev, src_offset: u64, offset: u64, len: u64) -> DevResult<bool> {
+        (**self).copy_from(src, src_offset, offset, len)
     }
 }
