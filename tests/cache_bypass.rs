@@ -11,13 +11,13 @@
 
 mod cache_support;
 
-use cache_support::{arc, format_open, tiny_config};
+use cache_support::{LaggyDev, arc, format_open, tiny_config};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet, CachedDev, StatsSnapshot};
 use ubcache::ctl::metrics::render_prometheus;
-use ubcache::dev::{BlockDev, DevResult, MemDev};
+use ubcache::dev::{BlockDev, MemDev};
 use ubcache::engine_ctl::control_target;
 use ubcache::format::read_backing_superblock;
 
@@ -27,39 +27,6 @@ const BLOCK: usize = 4096;
 /// to make a fast cache look congested.
 const SLOW: Duration = Duration::from_millis(80);
 const THRESHOLD_US: u64 = 4_000;
-
-/// A memory device whose reads and writes take at least `delay_us` (syncs are not delayed).
-#[derive(Debug)]
-struct LaggyDev {
-    inner: MemDev,
-    delay_us: Arc<AtomicU64>,
-}
-
-impl LaggyDev {
-    fn lag(&self) {
-        let us = self.delay_us.load(Ordering::Relaxed);
-        if us > 0 {
-            std::thread::sleep(Duration::from_micros(us));
-        }
-    }
-}
-
-impl BlockDev for LaggyDev {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
-        self.lag();
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        self.lag();
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> DevResult<()> {
-        self.inner.sync()
-    }
-}
 
 struct Fixture {
     set: Arc<CacheSet>,

@@ -6,14 +6,13 @@
 
 mod cache_support;
 
-use cache_support::{TINY, tiny_config};
+use cache_support::{LaggyDev, TINY, tiny_config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet};
-use ubcache::dev::{BlockDev, DevResult, MemDev};
+use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::read_backing_superblock;
 
 const SECTOR: usize = 512;
@@ -21,38 +20,6 @@ const EXPORT_BYTES: usize = 256 * 1024;
 /// 5 ms when slow against a 200 µs threshold: one slow sample makes the cache congested.
 const SLOW_US: u64 = 5_000;
 const THRESHOLD_US: u64 = 200;
-
-#[derive(Debug)]
-struct LaggyDev {
-    inner: MemDev,
-    delay_us: Arc<AtomicU64>,
-}
-
-impl LaggyDev {
-    fn lag(&self) {
-        let us = self.delay_us.load(Ordering::Relaxed);
-        if us > 0 {
-            std::thread::sleep(Duration::from_micros(us));
-        }
-    }
-}
-
-impl BlockDev for LaggyDev {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
-        self.lag();
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        self.lag();
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> DevResult<()> {
-        self.inner.sync()
-    }
-}
 
 fn config(mode: CacheMode) -> CacheConfig {
     CacheConfig {
