@@ -960,7 +960,10 @@ impl ControlPlane {
                 .map_err(|source| ServeError::DataDir { path: dir.to_path_buf(), source })?;
         }
         let ctl = CtlServer::start(&socket, Arc::clone(&target), CtlServerConfig::default())?;
-        log::info!("control socket at {} (ubcache stats|set-mode|set|knobs|flush|detach)", socket.display());
+        log::info!(
+            "control socket at {} (ubcache stats|set-mode|set|knobs|flush|detach|attach)",
+            socket.display()
+        );
         let metrics = match opts.metrics {
             Some(addr) => {
                 let server = MetricsServer::start(addr, target)?;
