@@ -7,8 +7,8 @@
 //!   `read_hits`/`read_misses` count *sectors* (the engine counts sectors, not requests);
 //!   `write_cached`; `bypass_mode`, `bypass_sequential`, `bypass_congestion`, `bypass_full`
 //!   map one to one from the engine's per-reason counters (requests; each bypassing request
-//!   under exactly one reason, see [`crate::cache::StatsSnapshot`]); `readaheads` stays 0 (the
-//!   engine has no read-ahead); `miss_collisions`, `written_back_bytes`, `buckets_reclaimed`,
+//!   under exactly one reason, see [`crate::cache::StatsSnapshot`]); `readaheads` (NBD CACHE
+//!   prefetches that filled the cache); `miss_collisions`, `written_back_bytes`, `buckets_reclaimed`,
 //!   `journal_commits`, `checkpoints` map one to one. Gauges come from [`CacheSet::usage`] and
 //!   the writeback rate from the set's [`WritebackTuning`].
 //! - **set-mode**: leaving writeback with `flush_first` switches first (new writes stop adding
@@ -72,6 +72,7 @@ impl Sampler {
                 (Counter::BypassSequential, d(now.bypass_sequential, last.bypass_sequential)),
                 (Counter::BypassCongestion, d(now.bypass_congestion, last.bypass_congestion)),
                 (Counter::BypassFull, d(now.bypass_full, last.bypass_full)),
+                (Counter::Readaheads, d(now.readaheads, last.readaheads)),
                 (Counter::MissCollisions, d(now.collisions, last.collisions)),
                 (Counter::WrittenBackBytes, d(now.written_back_bytes, last.written_back_bytes)),
                 (Counter::BucketsReclaimed, d(now.buckets_reclaimed, last.buckets_reclaimed)),

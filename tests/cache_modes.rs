@@ -466,16 +466,21 @@ fn prefetch_warms_the_cache_except_in_mode_none() {
     let (_, backing, set) = setup(CacheMode::Writearound);
     backing.write_at(&[4u8; 65536], 8192 + 131_072).unwrap();
     let dev = set.device(0).unwrap();
+    assert_eq!(set.stats().readaheads, 0);
     dev.prefetch(131_072, 65536).unwrap();
     let after_prefetch = set.stats();
     assert_eq!(after_prefetch.read_misses, 128);
+    assert_eq!(after_prefetch.readaheads, 1, "a prefetch that filled the cache is one read-ahead");
     let mut buf = vec![0u8; 65536];
     dev.read_at(&mut buf, 131_072).unwrap();
     assert_eq!(buf, vec![4u8; 65536]);
     assert_eq!(set.stats().read_hits - after_prefetch.read_hits, 128, "prefetched data must hit");
+    dev.prefetch(131_072, 4096).unwrap();
+    assert_eq!(set.stats().readaheads, 1, "a prefetch of cached data reads nothing ahead");
     dev.set_mode(CacheMode::None, false).unwrap();
     dev.prefetch(262_144, 4096).unwrap();
     assert_eq!(set.stats().read_misses, 128, "mode none does not prefetch");
+    assert_eq!(set.stats().readaheads, 1);
 }
 
 /// Two backing devices share one cache; opening with only one of them keeps the other's dirty

@@ -81,14 +81,16 @@ impl CachedDev {
         }
     }
 
-    /// Reads whole sectors (`offset` and `buf.len()` multiples of 512).
-    fn read_aligned(&self, buf: &mut [u8], offset: u64, force_fill: bool) -> CacheResult<()> {
+    /// Reads whole sectors (`offset` and `buf.len()` multiples of 512); says whether any
+    /// missing data was brought into the cache.
+    fn read_aligned(&self, buf: &mut [u8], offset: u64, force_fill: bool) -> CacheResult<bool> {
         let mut done = 0usize;
+        let mut filled = false;
         for (off, n) in Self::chunks(offset, buf.len() as u64) {
-            self.read_sectors(&mut buf[done..done + n as usize], off / SECTOR_SIZE, force_fill)?;
+            filled |= self.read_sectors(&mut buf[done..done + n as usize], off / SECTOR_SIZE, force_fill)?;
             done += n as usize;
         }
-        Ok(())
+        Ok(filled)
     }
 
     /// Writes whole sectors; with `fua` one commit at the end covers every chunk.
@@ -136,8 +138,8 @@ impl CachedDev {
     }
 
     /// Reads `buf` at sector `start`; `force_fill` caches misses even past the sequential
-    /// cutoff (NBD CACHE).
-    fn read_sectors(&self, buf: &mut [u8], start: u64, force_fill: bool) -> CacheResult<()> {
+    /// cutoff (NBD CACHE). Says whether any missing data was brought into the cache.
+    fn read_sectors(&self, buf: &mut [u8], start: u64, force_fill: bool) -> CacheResult<bool> {
         let end = start + buf.len() as u64 / SECTOR_SIZE;
         let dev = self.backing.dev_id;
         let mode = self.mode();
@@ -239,12 +241,15 @@ impl CachedDev {
         }
         // The data read is right whatever happens to the fills: a failed fill is logged, not
         // returned, and every registered fill is finished.
-        let mut no_space = false;
+        let (mut no_space, mut any_filled) = (false, false);
         for p in pieces {
             if let Piece::Miss { start: s, end: e, expected, fill: Some(id) } = p {
                 let data = &buf[((s - start) * SECTOR_SIZE) as usize..((e - start) * SECTOR_SIZE) as usize];
                 match self.fill(id, s, e, expected, data) {
-                    Ok(filled) => no_space |= !filled,
+                    Ok(filled) => {
+                        no_space |= !filled;
+                        any_filled |= filled;
+                    }
                     Err(err) => {
                         self.shared.meta.lock().fills.finish(id);
                         log::warn!(
@@ -259,7 +264,7 @@ impl CachedDev {
         if no_space {
             self.shared.stats.bypassed(BypassReason::Full);
         }
-        Ok(())
+        Ok(any_filled)
     }
 
     /// Inserts data read from backing into the cache with replace semantics: dropped if a write
@@ -610,7 +615,8 @@ impl BlockDev for CachedDev {
         };
         let (a, e) = span(offset, len);
         if a == offset && e == offset + len {
-            return Ok(self.read_aligned(buf, offset, false)?);
+            self.read_aligned(buf, offset, false)?;
+            return Ok(());
         }
         let mut tmp = vec![0u8; (e - a) as usize];
         self.read_aligned(&mut tmp, a, false)?;
@@ -708,8 +714,13 @@ impl BlockDev for CachedDev {
         }
         let (a, e) = span(offset, len);
         let mut buf = vec![0u8; MAX_CHUNK_BYTES.min(e - a) as usize];
+        let mut filled = false;
         for (off, n) in Self::chunks(a, e - a) {
-            self.read_aligned(&mut buf[..n as usize], off, true)?;
+            filled |= self.read_aligned(&mut buf[..n as usize], off, true)?;
+        }
+        // bcache counts read-ahead on misses; NBD CACHE is the client's read-ahead.
+        if filled {
+            Stats::add(&self.shared.stats.readaheads, 1);
         }
         Ok(())
     }

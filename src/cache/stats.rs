@@ -23,6 +23,7 @@ pub struct Stats {
     pub bypass_sequential: AtomicU64,
     pub bypass_congestion: AtomicU64,
     pub bypass_full: AtomicU64,
+    pub readaheads: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`].
@@ -60,6 +61,9 @@ pub struct StatsSnapshot {
     /// Requests that bypassed because no cache space could be freed: writes sent to backing
     /// (`full_fallbacks`) and reads whose miss fill found no space.
     pub bypass_full: u64,
+    /// Read-ahead: prefetch (NBD CACHE) requests that brought missing data into the cache.
+    #[serde(default)]
+    pub readaheads: u64,
 }
 
 impl Stats {
@@ -99,6 +103,7 @@ impl Stats {
             bypass_sequential: g(&self.bypass_sequential),
             bypass_congestion: g(&self.bypass_congestion),
             bypass_full: g(&self.bypass_full),
+            readaheads: g(&self.readaheads),
         }
     }
 }

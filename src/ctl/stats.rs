@@ -155,7 +155,7 @@ define_counters! {
     BypassCongestion => bypass_congestion: "Requests that bypassed the cache: the cache device was congested.",
     BypassFull => bypass_full: "Requests that bypassed the cache: no cache space could be freed.",
     MissCollisions => miss_collisions: "Read-miss fills dropped because a write raced them.",
-    Readaheads => readaheads: "Read-ahead requests issued on misses.",
+    Readaheads => readaheads: "Read-ahead (NBD CACHE prefetch) requests that brought missing data into the cache.",
     WrittenBackBytes => written_back_bytes: "Bytes of dirty data written home by writeback.",
     BucketsReclaimed => buckets_reclaimed: "Buckets invalidated for reuse.",
     JournalCommits => journal_commits: "Journal records written.",
