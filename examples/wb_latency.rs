@@ -328,27 +328,19 @@ impl Bench {
     }
 
     fn flush_phases(&mut self, seq: &dyn BlockDev, figs: &mut Figures) -> Result<(), Box<dyn Error>> {
-        dirty_contiguous(&self.dev, self.contiguous_base(), self.dirty_mib, BLOCK);
-        let (mibs, cpu_per_gib, secs, dirty) = timed_flush(&self.set)?;
-        println!(
-            "  flush contiguous: {:.1} MiB (sequential 4 KiB writes) in {secs:.2} s = {mibs:.1} MiB/s, cpu {cpu_per_gib:.2} s/GiB",
-            dirty as f64 / MIB as f64
-        );
-        figs.add("flush MiB/s, contiguous extents", mibs);
-        figs.add("flush cpu s/GiB, contiguous extents", cpu_per_gib);
-
-        dirty_contiguous(&self.dev, self.contiguous_base(), self.dirty_mib, 16 * BLOCK);
-        let (mibs, cpu_per_gib, secs, dirty) = timed_flush(&self.set)?;
-        println!(
-            "  flush contiguous: {:.1} MiB (sequential 64 KiB writes) in {secs:.2} s = {mibs:.1} MiB/s, cpu {cpu_per_gib:.2} s/GiB",
-            dirty as f64 / MIB as f64
-        );
-        figs.add("flush MiB/s, contiguous 64 KiB extents", mibs);
-
-        if std::env::var("WB_BACKING").is_ok_and(|k| k == "hdd") {
-            // Random extents on a modelled spindle are a seek each (minutes per run): skipped.
-            return self.sequential_reference(seq, figs);
+        for (write_bytes, label) in [(BLOCK, "contiguous extents"), (16 * BLOCK, "contiguous 64 KiB extents")]
+        {
+            dirty_contiguous(&self.dev, self.contiguous_base(), self.dirty_mib, write_bytes);
+            let (mibs, cpu_per_gib, secs, dirty) = timed_flush(&self.set)?;
+            println!(
+                "  flush contiguous: {:.1} MiB (sequential {} KiB writes) in {secs:.2} s = {mibs:.1} MiB/s, cpu {cpu_per_gib:.2} s/GiB",
+                dirty as f64 / MIB as f64,
+                write_bytes / 1024
+            );
+            figs.add(&format!("flush MiB/s, {label}"), mibs);
+            figs.add(&format!("flush cpu s/GiB, {label}"), cpu_per_gib);
         }
+
         if std::env::var("WB_BACKING").is_ok_and(|k| k == "hdd") {
             // Random extents on a modelled spindle are a seek each (minutes per run): skipped.
             return self.sequential_reference(seq, figs);

@@ -9,7 +9,10 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicIsize, Ordering};
-use ubcache_btree::{Key, MemStore, Pos, Ptr, Tree, TreeConfig};
+use ubcache_btree::{Key, MemStore, Pos, Tree};
+use workload::{SLOTS, XorShift, key4k, random_tree};
+
+mod workload;
 
 /// Counts live heap bytes, to report memory per key.
 struct Counting;
@@ -37,42 +40,10 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-const KEYS: u64 = 1_000_000;
-/// Random keys land on 4 KiB slots of a 2M-slot (8 GiB) region: about half are occupied.
-const SLOTS: u64 = 2 * KEYS;
-const NODE_SIZE: usize = 256 * 1024;
-
-struct XorShift(u64);
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn key4k(slot: u64, dirty: bool) -> Key {
-    Key::new(1, slot * 8, 8, Ptr { offset: slot * 8, generation: 1 }, dirty)
-}
-
-fn cfg() -> TreeConfig {
-    TreeConfig { max_cached_nodes: 4096, bset_align: 512 }
-}
-
 /// A tree of 1M keys at random slots (plus the measured heap bytes it uses).
 fn build_random_tree() -> (Tree<MemStore>, isize) {
     let before = LIVE.load(Ordering::Relaxed);
-    let mut t = Tree::create(MemStore::new(NODE_SIZE), cfg()).unwrap();
-    let mut rng = XorShift(0x1234_5678);
-    let mut displaced = Vec::new();
-    while t.stats().keys < KEYS {
-        for _ in 0..1024 {
-            displaced.clear();
-            let slot = rng.next() % SLOTS;
-            t.insert_into(key4k(slot, slot % 2 == 0), &mut displaced).unwrap();
-        }
-    }
+    let t = random_tree();
     let after = LIVE.load(Ordering::Relaxed);
     (t, after - before)
 }
