@@ -128,6 +128,11 @@ impl TestDev {
     }
 }
 
+/// The error a `TestDev` returns when a failure is switched on.
+fn injected(op: &'static str, offset: u64, len: usize) -> ubcache::dev::DevError {
+    ubcache::dev::DevError::Io { op, offset, len: len as u64, source: std::io::Error::other("injected") }
+}
+
 impl BlockDev for TestDev {
     fn len(&self) -> u64 {
         self.inner.len()
@@ -138,23 +143,13 @@ impl BlockDev for TestDev {
             std::thread::sleep(d);
         }
         if self.fail_reads.load(Ordering::SeqCst) {
-            return Err(ubcache::dev::DevError::Io {
-                op: "read",
-                offset,
-                len: buf.len() as u64,
-                source: std::io::Error::other("injected"),
-            });
+            return Err(injected("read", offset, buf.len()));
         }
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
         if self.fail_writes.load(Ordering::SeqCst) {
-            return Err(ubcache::dev::DevError::Io {
-                op: "write",
-                offset,
-                len: buf.len() as u64,
-                source: std::io::Error::other("injected"),
-            });
+            return Err(injected("write", offset, buf.len()));
         }
         self.inner.write_at(buf, offset)
     }
