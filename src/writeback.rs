@@ -115,12 +115,12 @@ const FLUSH_BATCH_MAX_RUNS: usize = 1024;
 impl WritebackConfig {
     /// Tuning for a full flush: large batches (up to 16384 keys, at most 64 MiB and, in
     /// `FlushStep`, 1024 separate runs), so the one backing sync per batch is spread over many
-    /// keys. A flush is fsync-bound: with 512 keys
-    /// per batch a flush of contiguous 4 KiB extents (2 MiB batches) ran at a sixth of the
-    /// backing file's sequential write speed, with 4096 (16 MiB) at about a third, with 16384
-    /// at about half or more; see `examples/wb_latency.rs` and `docs/writeback.md`. The range
-    /// locks of a batch are held until it is synced, so a writethrough or bypass write into a
-    /// range being flushed waits up to one batch (a writeback-mode write never does).
+    /// keys. With 512 keys per batch a flush of contiguous 4 KiB extents (2 MiB batches) ran at
+    /// a sixth of the backing file's sequential write speed, with 4096 (16 MiB) at about a
+    /// third; with 16384, the in-kernel copy, early writeout, one clean entry per run and the
+    /// writer thread it runs at 80-100% (`examples/wb_latency.rs`, `docs/writeback.md`). The
+    /// range locks of a batch are held until it is synced, so a writethrough or bypass write
+    /// into a range being flushed waits up to one batch (a writeback-mode write never does).
     #[must_use]
     pub fn for_flush() -> Self {
         Self { batch_keys: 16384, keybuf_keys: 16384, ..Self::default() }

@@ -56,6 +56,7 @@ pub mod policy;
 pub mod set;
 pub mod stats;
 mod store;
+mod wb_copy;
 pub mod wb_io;
 
 pub use cached::CachedDev;

@@ -34,11 +34,12 @@ use crate::format::{
     JournalEntry, StoredCacheMode, TableSlot, Uuid,
 };
 use crate::journal::{Journal, JournalConfig};
+use crate::wbpolicy::CoalesceLimits;
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use ubcache_btree::{Key, Pos, Segment, Tree, TreeConfig};
+use ubcache_btree::{Key, Pos, Tree, TreeConfig};
 
 /// Priority every bucket loses per bucket's worth of data written into the cache (LRU aging, as
 /// bcache decays priorities by I/O volume): a bucket neither written nor read while 4096
@@ -1130,90 +1131,36 @@ impl Shared {
         g.dirty_writers = g.dirty_writers.saturating_sub(1);
     }
 
-    /// Writes back up to `max_keys` dirty keys: read cache, write backing, sync backing, then
-    /// journal each key clean with replace semantics (crash rule 4). Holds the writeback range
-    /// lock of each key meanwhile, so no bypass write to backing can be overtaken (rule 6).
+    /// Writes back up to `max_keys` dirty keys, continuing where the last call stopped: read
+    /// cache, write backing, sync backing, then journal the keys clean with replace semantics
+    /// (crash rule 4). Holds the writeback range locks of the keys meanwhile, so no bypass
+    /// write to backing can be overtaken (rule 6).
     pub(crate) fn writeback_step(&self, max_keys: usize) -> CacheResult<usize> {
         let _pass = self.writeback_pass.lock();
         let mut keys = Vec::new();
-        {
+        let scanned_seq = {
             let mut m = self.lock_meta()?;
             let from = m.wb_cursor;
-            // Only keys of attached devices: dirty data of a device that is not here stays cached.
-            let attached: Vec<u32> = self.backings.iter().map(|b| b.dev_id).collect();
-            let wanted = |k: &Key| k.dirty && attached.contains(&k.dev);
+            // Only keys of this set's devices (a device being detached included: detach flushes
+            // it with this): dirty data of a device that is not here stays cached.
+            let wanted = |k: &Key| k.dirty && self.backings.iter().any(|b| b.dev_id == k.dev);
             let next = m.tree.scan(from, &wanted, max_keys.max(1), &mut keys)?;
             m.wb_cursor = next.unwrap_or(Pos::MIN);
             if keys.is_empty() && from != Pos::MIN {
                 let next = m.tree.scan(Pos::MIN, &wanted, max_keys.max(1), &mut keys)?;
                 m.wb_cursor = next.unwrap_or(Pos::MIN);
             }
-            // The dirty keys (and with them the removal of the older clean keys they replaced)
-            // must be durable before their data reaches backing: otherwise a crash could leave
-            // an older clean key durable over backing that already holds the newer data, and
-            // the sector's value would change later by itself, on eviction.
-            if !keys.is_empty() {
-                self.commit_locked(&mut m)?;
-            }
-        }
+            // Read under the metadata lock: every key seen was journalled at or before it.
+            self.journal.last_appended_seq()
+        };
         if keys.is_empty() {
             return Ok(0);
         }
-        let mut guards = Vec::with_capacity(keys.len());
-        let mut done = Vec::with_capacity(keys.len());
-        let mut touched: Vec<u32> = Vec::new();
-        for key in keys {
-            let Some(backing) = self.backings.iter().find(|b| b.dev_id == key.dev) else {
-                continue; // not attached: its dirty data stays in the cache
-            };
-            guards.push(self.wb_locks.lock(DevRange { dev: key.dev, start: key.start(), end: key.end }));
-            let bucket = {
-                let mut m = self.lock_meta()?;
-                // The key was scanned before we held the range lock: a writethrough or bypass
-                // write may have put newer data on backing (and replaced the key) since. Such a
-                // write holds the range lock from its backing write to its tree update, so if the
-                // key is still mapped exactly as scanned now, no newer backing write exists or can
-                // start until we are done; otherwise writing it would land stale data on backing.
-                if m.tree.lookup(key.dev, key.start(), key.end)?.as_slice() != [Segment::Cached(key)] {
-                    continue;
-                }
-                match m.tree.store_mut().alloc.pin(key.ptr.offset, key.ptr.generation) {
-                    Ok(b) => b,
-                    Err(AllocError::Stale { .. }) => continue,
-                    Err(e) => return Err(e.into()),
-                }
-            };
-            let mut buf = vec![0u8; key.size as usize * SECTOR_SIZE as usize];
-            let read = self.cache.read_at(&mut buf, key.ptr.offset * SECTOR_SIZE);
-            self.lock_meta()?.tree.store_mut().alloc.unpin(bucket)?;
-            read?;
-            backing.dev.write_at(&buf, backing.data_offset + key.start() * SECTOR_SIZE)?;
-            if !touched.contains(&key.dev) {
-                touched.push(key.dev);
-            }
-            done.push(key);
-        }
-        // Backing durable before any key is journalled clean.
-        for dev in &touched {
-            if let Some(b) = self.backings.iter().find(|b| b.dev_id == *dev) {
-                b.dev.sync()?;
-            }
-        }
-        let n = done.len();
-        {
-            let mut m = self.lock_meta()?;
-            for key in done {
-                let clean = Key { dirty: false, ..key };
-                let r = self.replace_locked(&mut m, clean, Some(&key));
-                if let Err(e) = r {
-                    return self.fail(e);
-                }
-                Stats::add(&self.stats.written_back_bytes, u64::from(key.size) * SECTOR_SIZE);
-            }
-            self.maybe_commit_locked(&mut m)?;
-        }
-        drop(guards);
-        Ok(n)
+        // The same path as the writeback thread's (crash ordering in `wb_io.rs`): coalesced
+        // backing writes of at most 1 MiB, every key re-checked under its range lock.
+        let limits = CoalesceLimits { max_io_len: (1 << 20) / SECTOR_SIZE, max_extents: keys.len() };
+        let report = self.write_back_scanned(&keys, scanned_seq, limits)?;
+        Ok(report.keys_written)
     }
 
     /// Writes back everything, commits, and marks every attached backing device Clean.
@@ -1223,7 +1170,8 @@ impl Shared {
             if dirty_before == 0 {
                 break;
             }
-            let n = self.writeback_step(64)?;
+            // Large steps: each one ends with a backing sync (see `WritebackConfig::for_flush`).
+            let n = self.writeback_step(4096)?;
             if n == 0 {
                 let stats = self.lock_meta()?.tree.stats();
                 let dirty = stats.dirty_sectors;

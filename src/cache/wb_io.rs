@@ -1,6 +1,8 @@
 //! Engine hooks for the background writeback thread ([`crate::writeback`]) and the control
 //! target ([`crate::engine_ctl`]): a dirty-key scan for a key buffer, a coalescing writeback of
-//! a batch of keys, and a usage report. Additive: nothing else in the engine calls these.
+//! a batch of keys, and a usage report. The engine's own writeback (`Shared::writeback_step`,
+//! for `flush_dirty`, `detach`, flush-first mode switches and a full cache) runs the same
+//! writeback path.
 //!
 //! # Crash ordering of [`CacheSet::write_back_keys`] (rules 4 and 6)
 //! 1. The dirty keys (and with them the removal of the older clean keys they replaced) are
@@ -11,21 +13,25 @@
 //!    ([`DirtyScan::journal_seq`]): a key still in the tree exactly as scanned was journalled
 //!    at or before that seq (a new write gets new sectors, so an identical key is the same
 //!    insertion). [`CacheSet::write_back_keys`] does not know the scan and commits everything.
-//! 2. Per coalesced write: take the writeback range lock of the whole range, *then* check under
-//!    the metadata lock that every key is still in the tree exactly as scanned (and pin its
-//!    bucket). The keys come from a key buffer filled earlier; a writethrough or bypass write
-//!    may have written newer data to backing since. Such a write holds the range lock from its
-//!    backing write to its tree update, so once we hold the lock and still find the key, no
-//!    newer backing write of the range exists or can start until we are done: a stale copy can
-//!    never land on backing after newer data.
+//! 2. Take the writeback range lock of every coalesced write of the call (in (device, offset)
+//!    order), *then* check under the metadata lock that every key is still in the tree exactly
+//!    as scanned (and pin its bucket). The keys come from a key buffer filled earlier; a
+//!    writethrough or bypass write may have written newer data to backing since. Such a write
+//!    holds the range lock from its backing write to its tree update, so once we hold the lock
+//!    and still find the key, no newer backing write of the range exists or can start until we
+//!    are done: a stale copy can never land on backing after newer data. All keys are locked
+//!    and checked before any data moves, so the copies can run back to back (`wb_copy.rs`);
+//!    a writethrough write into the call's ranges waits for the whole call.
 //! 3. Copy the cached data to backing (in the kernel between buffered files, else through a
-//!    buffer), sync every backing device written.
-//! 4. Only then journal each key clean with replace semantics: a key overwritten meanwhile (a
+//!    buffer, with the backing writes on a second thread), sync every backing device written.
+//! 4. Only then journal the keys clean with replace semantics: a key overwritten meanwhile (a
 //!    writeback-mode write does not take the range lock) stays dirty and is written back later.
-//!    The clean entries need no commit of their own: until one is durable the key is dirty after
-//!    a crash and is written back again, which is harmless (backing already holds that data,
-//!    and no newer backing write of the range can have happened while the key stayed in the
-//!    tree, rule 2).
+//!    Keys adjacent on backing and in one cache bucket are marked clean by one replace of the
+//!    whole run (replace works sector by sector, so this is exactly one replace per key, with
+//!    one journal entry instead of many, and leaves one clean key). The clean entries need no
+//!    commit of their own: until one is durable the key is dirty after a crash and is written
+//!    back again, which is harmless (backing already holds that data, and no newer backing
+//!    write of the range can have happened while the key stayed in the tree, rule 2).
 //!
 //! # Foreground priority
 //! Foreground reads need the metadata lock for their lookup, so writeback holds it only for
@@ -37,8 +43,9 @@
 use super::CachedDev;
 use super::error::{CacheError, CacheResult};
 use super::inflight::DevRange;
-use super::set::CacheSet;
+use super::set::{CacheSet, Shared};
 use super::stats::Stats;
+use super::wb_copy::{CopyRun, Pins, copy_runs};
 use crate::alloc::{AllocError, BucketState, OpenKind};
 use crate::dev::SECTOR_SIZE;
 use crate::wbpolicy::{CoalesceLimits, DirtyExtent, coalesce};
@@ -48,9 +55,6 @@ use ubcache_btree::{Key, Pos, Segment};
 /// Keys validated or marked clean per hold of the metadata lock: a foreground read waits for
 /// at most this much writeback bookkeeping (about a microsecond per key).
 pub(crate) const META_CHUNK_KEYS: usize = 32;
-
-/// Alignment of writeback's backing-write buffers: the largest `O_DIRECT` alignment in common use.
-const DIRECT_ALIGN: usize = 4096;
 
 /// Dirty keys found by [`CacheSet::scan_dirty`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,7 +75,7 @@ pub struct WritebackReport {
     /// counted here too; it stays dirty in the tree).
     pub keys_written: usize,
     /// Keys skipped: overwritten, invalidated or reclaimed since the scan, not dirty, of a
-    /// detached device, or overlapping an earlier key of the same call.
+    /// device not in this set, or overlapping an earlier key of the same call.
     pub keys_skipped: usize,
     /// Bytes written to backing.
     pub bytes_written: u64,
@@ -92,6 +96,9 @@ pub struct CacheUsage {
     pub buckets_dirty: u64,
     /// Btree nodes, journal, superblocks and bucket tables.
     pub buckets_metadata: u64,
+    /// Buckets pinned now by an in-flight read or writeback copy (they cannot be reused until
+    /// it ends): 0 whenever the set is idle.
+    pub buckets_pinned: u64,
     /// Dirty bytes in the whole tree (including devices not attached now).
     pub dirty_bytes: u64,
     /// Dirty bytes of attached devices: what writeback can write home now.
@@ -103,10 +110,6 @@ pub struct CacheUsage {
 }
 
 impl CacheSet {
-    fn is_attached(&self, dev: u32) -> bool {
-        self.shared.backings.iter().any(|b| b.dev_id == dev && !b.detached.load(Ordering::Acquire))
-    }
-
     /// Up to `max` dirty keys of attached devices sorting after `from`, in offset order (the
     /// refill of a writeback key buffer).
     pub fn scan_dirty(&self, from: Pos, max: usize) -> CacheResult<DirtyScan> {
@@ -128,36 +131,12 @@ impl CacheSet {
         Ok(DirtyScan { keys, next, journal_seq })
     }
 
-    /// Syncs the cache device outside the metadata lock (a failed sync fails the set, as in
-    /// `commit_locked`), so that a commit right after holds the lock only briefly.
-    fn presync_cache(&self) -> CacheResult<()> {
-        if let Err(e) = self.shared.cache.sync() {
-            return self.shared.fail(e.into());
-        }
-        Ok(())
-    }
-
-    /// Commits if the journal is not durable through `seq` (rule 1 of the module doc).
-    fn commit_through(&self, seq: u64) -> CacheResult<()> {
-        let sh = &self.shared;
-        let needed = seq.min(sh.journal.last_appended_seq());
-        if sh.journal.durable_seq() >= needed {
-            return Ok(());
-        }
-        self.presync_cache()?;
-        let mut m = sh.lock_meta()?;
-        if sh.journal.durable_seq() < needed {
-            sh.commit_locked(&mut m)?;
-        }
-        Ok(())
-    }
-
     /// Writes `keys` home (see the module doc for the ordering): contiguous keys of one device
     /// are coalesced into one backing write within `limits` (in sectors). Keys no longer in the
     /// tree as given are skipped, so a key buffer filled earlier is safe to pass. Commits every
     /// pending journal entry first; [`CacheSet::write_back_scanned`] commits only when needed.
     pub fn write_back_keys(&self, keys: &[Key], limits: CoalesceLimits) -> CacheResult<WritebackReport> {
-        self.write_back_scanned(keys, u64::MAX, limits)
+        self.shared.write_back_scanned(keys, u64::MAX, limits)
     }
 
     /// [`CacheSet::write_back_keys`] for keys that all come from scans whose
@@ -170,10 +149,53 @@ impl CacheSet {
         scanned_seq: u64,
         limits: CoalesceLimits,
     ) -> CacheResult<WritebackReport> {
-        let sh = &self.shared;
+        self.shared.write_back_scanned(keys, scanned_seq, limits)
+    }
+}
+
+impl Shared {
+    pub(crate) fn is_attached(&self, dev: u32) -> bool {
+        self.backings.iter().any(|b| b.dev_id == dev && !b.detached.load(Ordering::Acquire))
+    }
+
+    /// Syncs the cache device outside the metadata lock (a failed sync fails the set, as in
+    /// `commit_locked`), so that a commit right after holds the lock only briefly.
+    fn presync_cache(&self) -> CacheResult<()> {
+        if let Err(e) = self.cache.sync() {
+            return self.fail(e.into());
+        }
+        Ok(())
+    }
+
+    /// Commits if the journal is not durable through `seq` (rule 1 of the module doc).
+    fn commit_through(&self, seq: u64) -> CacheResult<()> {
+        let sh = self;
+        let needed = seq.min(sh.journal.last_appended_seq());
+        if sh.journal.durable_seq() >= needed {
+            return Ok(());
+        }
+        self.presync_cache()?;
+        let mut m = sh.lock_meta()?;
+        if sh.journal.durable_seq() < needed {
+            sh.commit_locked(&mut m)?;
+        }
+        Ok(())
+    }
+
+    /// [`CacheSet::write_back_scanned`].
+    pub(crate) fn write_back_scanned(
+        &self,
+        keys: &[Key],
+        scanned_seq: u64,
+        limits: CoalesceLimits,
+    ) -> CacheResult<WritebackReport> {
+        let sh = self;
         let mut report = WritebackReport::default();
-        let mut wanted: Vec<Key> =
-            keys.iter().filter(|k| k.dirty && self.is_attached(k.dev)).copied().collect();
+        let mut wanted: Vec<Key> = keys
+            .iter()
+            .filter(|k| k.dirty && self.backings.iter().any(|b| b.dev_id == k.dev))
+            .copied()
+            .collect();
         report.keys_skipped += keys.len() - wanted.len();
         wanted.sort_by_key(|k| (k.dev, k.start()));
         // Keys of one scan never overlap; keys from two scans might. Keep the first of any
@@ -198,10 +220,13 @@ impl CacheSet {
         // does the same, and foreground writers hold one at a time, so they cannot deadlock.
         let mut guards = Vec::with_capacity(batches.len());
         let mut segments = Vec::with_capacity(2 * META_CHUNK_KEYS);
-        let mut done: Vec<Key> = Vec::new();
-        let mut touched: Vec<u32> = Vec::new();
+        // The keys validated and pinned, and the contiguous runs they form (one backing write
+        // each), in (device, offset) order.
+        let mut valid: Vec<Key> = Vec::new();
+        let mut runs: Vec<CopyRun> = Vec::new();
+        let mut pins = Pins::default();
         for batch in batches {
-            let Some(backing) = sh.backings.iter().find(|b| b.dev_id == batch.dev) else {
+            let Some(backing) = sh.backings.iter().position(|b| b.dev_id == batch.dev) else {
                 report.keys_skipped += batch.extents.len();
                 continue;
             };
@@ -210,10 +235,11 @@ impl CacheSet {
                 start: batch.start,
                 end: batch.start + batch.len,
             }));
+            // Runs never span two batches: a batch is one range lock and at most one write.
+            let first_run_of_batch = runs.len();
             // Rule (2): validate and pin under the lock, a chunk of keys per hold (a key
             // validated earlier stays pinned, and one overwritten meanwhile by a writeback-mode
             // write stays dirty by replace semantics in step 4).
-            let mut pinned: Vec<(Key, u64)> = Vec::new();
             for chunk in sorted[batch.extents.clone()].chunks(META_CHUNK_KEYS) {
                 let mut m = sh.lock_meta()?;
                 // One lookup over the chunk's span (its keys are sorted, non-overlapping and of
@@ -231,65 +257,60 @@ impl CacheSet {
                         report.keys_skipped += 1;
                         continue;
                     }
-                    match m.tree.store_mut().alloc.pin(k.ptr.offset, k.ptr.generation) {
-                        Ok(bucket) => pinned.push((*k, bucket)),
-                        Err(AllocError::Stale { .. }) => report.keys_skipped += 1,
-                        Err(e) => {
-                            for (_, b) in &pinned {
-                                m.tree.store_mut().alloc.unpin(*b)?;
+                    let extends =
+                        runs.len() > first_run_of_batch && valid.last().is_some_and(|p| p.end == k.start());
+                    // One pin per bucket and generation in a row: pins are all released
+                    // after the last copy, so the pin an earlier key took covers this one.
+                    if !pins.covers(sh.bucket_of(k.ptr.offset), k.ptr.generation) {
+                        match m.tree.store_mut().alloc.pin(k.ptr.offset, k.ptr.generation) {
+                            Ok(b) => pins.push(b, k.ptr.generation),
+                            Err(AllocError::Stale { .. }) => {
+                                report.keys_skipped += 1;
+                                continue;
                             }
-                            return sh.fail(e.into());
+                            Err(e) => {
+                                pins.release(&mut m)?;
+                                return sh.fail(e.into());
+                            }
                         }
                     }
-                }
-            }
-            // Keys skipped above may split the batch: one backing write per contiguous run.
-            let mut at = 0;
-            while at < pinned.len() {
-                let mut end = at + 1;
-                while end < pinned.len() && pinned[end].0.start() == pinned[end - 1].0.end {
-                    end += 1;
-                }
-                let run = &pinned[at..end];
-                let result = self.write_run(backing.dev.as_ref(), backing.data_offset, run);
-                {
-                    let mut m = sh.meta.lock();
-                    for (_, b) in run {
-                        m.tree.store_mut().alloc.unpin(*b)?;
+                    match runs.last_mut() {
+                        Some(run) if extends => run.keys.end += 1,
+                        _ => runs.push(CopyRun { backing, keys: valid.len()..valid.len() + 1 }),
                     }
+                    valid.push(*k);
                 }
-                if let Err(e) = result {
-                    // Unpin the rest before giving up; the keys stay dirty.
-                    let mut m = sh.meta.lock();
-                    for (_, b) in &pinned[end..] {
-                        m.tree.store_mut().alloc.unpin(*b)?;
-                    }
-                    return Err(e);
-                }
-                report.backing_writes += 1;
-                report.bytes_written += run.iter().map(|(k, _)| u64::from(k.size) * SECTOR_SIZE).sum::<u64>();
-                done.extend(run.iter().map(|(k, _)| *k));
-                if !touched.contains(&batch.dev) {
-                    touched.push(batch.dev);
-                }
-                at = end;
             }
         }
+        // Rule (3), first half: copy every run home. The pins keep the cached data where it is
+        // until the copies are done, whatever happens.
+        let copied = copy_runs(self, &runs, &valid);
+        pins.release(&mut sh.meta.lock())?;
+        copied?;
+        let mut touched: Vec<usize> = runs.iter().map(|r| r.backing).collect();
+        touched.dedup();
+        report.backing_writes = runs.len();
+        report.bytes_written = valid.iter().map(|k| u64::from(k.size) * SECTOR_SIZE).sum();
+        let done = valid;
         // Rule (3): backing durable before any key is journalled clean.
-        for dev in &touched {
-            if let Some(b) = sh.backings.iter().find(|b| b.dev_id == *dev) {
-                b.dev.sync()?;
-            }
+        for &b in &touched {
+            sh.backings[b].dev.sync()?;
         }
-        // Rule (4), a chunk of keys per hold of the metadata lock.
-        for chunk in done.chunks(META_CHUNK_KEYS) {
+        // Rule (4), a chunk of runs per hold of the metadata lock. Keys that were written one
+        // after another sit side by side on backing and in one cache bucket: such a run is
+        // marked clean by one replace of the whole run, expecting the run's mapping. Replace
+        // works sector by sector (a sector is replaced iff it is still mapped as expected), so
+        // this does exactly what one replace per key does, with one lookup, one tree update
+        // and one journal entry instead of one per key, and the run ends up as one clean key.
+        let runs = self.clean_runs(&done);
+        for chunk in runs.chunks(META_CHUNK_KEYS) {
             let mut m = sh.lock_meta()?;
-            for key in chunk {
-                let clean = Key { dirty: false, ..*key };
-                if let Err(e) = sh.replace_locked(&mut m, clean, Some(key)) {
+            for dirty in chunk {
+                let clean = Key { dirty: false, ..*dirty };
+                if let Err(e) = sh.replace_locked(&mut m, clean, Some(dirty)) {
                     return sh.fail(e);
                 }
-                Stats::add(&sh.stats.written_back_bytes, u64::from(key.size) * SECTOR_SIZE);
+                Stats::add(&sh.stats.written_back_bytes, u64::from(dirty.size) * SECTOR_SIZE);
             }
         }
         // The clean entries are committed when enough are pending (bounding the journal
@@ -305,61 +326,32 @@ impl CacheSet {
         Ok(report)
     }
 
-    /// Writes a contiguous run of pinned keys home: in the kernel where the cache and the
-    /// backing device are both buffered files ([`crate::dev::BlockDev::copy_from`]), else by
-    /// reading the cached data (one read per piece that is contiguous in the cache too) and
-    /// writing it to backing in one write.
-    fn write_run(
-        &self,
-        dev: &dyn crate::dev::BlockDev,
-        data_offset: u64,
-        run: &[(Key, u64)],
-    ) -> CacheResult<()> {
-        let Some((first, _)) = run.first() else {
-            return Ok(());
-        };
-        // Keys written one after another usually sit one after another in the cache:
-        // (cache sector, sectors) per piece.
-        let mut pieces: Vec<(u64, u64)> = Vec::new();
-        for (k, _) in run {
-            match pieces.last_mut() {
-                Some((from, len)) if *from + *len == k.ptr.offset => *len += u64::from(k.size),
-                _ => pieces.push((k.ptr.offset, u64::from(k.size))),
+    /// `keys` (sorted, non-overlapping, dirty) merged into the fewest keys with the same
+    /// sector-by-sector mapping: adjacent on one device, adjacent in the cache, of one
+    /// generation and within one bucket (a key never spans buckets: buckets are reused one by
+    /// one, and the allocator counts a key's sectors in the bucket its pointer names).
+    fn clean_runs(&self, keys: &[Key]) -> Vec<Key> {
+        let mut runs: Vec<Key> = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(run) = runs.last_mut()
+                && run.dev == k.dev
+                && run.end == k.start()
+                && run.ptr.generation == k.ptr.generation
+                && run.ptr.offset + u64::from(run.size) == k.ptr.offset
+                && self.bucket_of(run.ptr.offset) == self.bucket_of(k.ptr.offset + u64::from(k.size) - 1)
+                && let Some(size) = run.size.checked_add(k.size)
+            {
+                run.end = k.end;
+                run.size = size;
+                continue;
             }
+            runs.push(*k);
         }
-        let cache = self.shared.cache.as_ref();
-        let mut at = data_offset + first.start() * SECTOR_SIZE;
-        let mut copied = 0;
-        // A flush then costs about what writing the data once costs: the pages move from the
-        // cache file's page cache to the backing file's, never through a buffer of ours.
-        for &(from, len) in &pieces {
-            if !dev.copy_from(cache, from * SECTOR_SIZE, at, len * SECTOR_SIZE)? {
-                break;
-            }
-            at += len * SECTOR_SIZE;
-            copied += 1;
-        }
-        let rest = &pieces[copied..];
-        if rest.is_empty() {
-            return Ok(());
-        }
-        let sectors: u64 = rest.iter().map(|(_, len)| len).sum();
-        let n = (sectors * SECTOR_SIZE) as usize;
-        // Page-aligned, so an O_DIRECT backing device writes it as it is instead of through a
-        // bounce buffer (an extra copy, serial with the device's own transfer).
-        let mut storage = vec![0u8; n + DIRECT_ALIGN];
-        let skew = storage.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
-        let buf = &mut storage[skew..skew + n];
-        let mut filled = 0usize;
-        for &(from, len) in rest {
-            let n = (len * SECTOR_SIZE) as usize;
-            cache.read_at(&mut buf[filled..filled + n], from * SECTOR_SIZE)?;
-            filled += n;
-        }
-        dev.write_at(buf, at)?;
-        Ok(())
+        runs
     }
+}
 
+impl CacheSet {
     /// Ends a flush: commits, and marks every attached backing device without dirty data (and
     /// no dirty write in flight) Clean in its superblock.
     pub fn finish_flush(&self) -> CacheResult<()> {
@@ -384,6 +376,7 @@ impl CacheSet {
         u.journal_used_bytes = sh.journal.stats().used_sectors * SECTOR_SIZE;
         let m = sh.lock_meta()?;
         for b in m.tree.store().alloc.buckets() {
+            u.buckets_pinned += u64::from(b.pins > 0);
             match b.state {
                 BucketState::Free | BucketState::FreePending { .. } => u.buckets_free += 1,
                 BucketState::Data | BucketState::Open(OpenKind::Data) if b.dirty_sectors > 0 => {
@@ -404,7 +397,7 @@ impl CacheSet {
         u.attached_dirty_bytes = stats
             .dirty_sectors_by_dev
             .iter()
-            .filter(|(dev, _)| self.is_attached(**dev))
+            .filter(|(dev, _)| sh.is_attached(**dev))
             .map(|(_, s)| s * SECTOR_SIZE)
             .sum();
         Ok(u)

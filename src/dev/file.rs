@@ -490,6 +490,35 @@ impl BlockDev for FileDev {
         self.direct.is_none().then_some(&self.file)
     }
 
+    /// `sync_file_range(2)` with `SYNC_FILE_RANGE_WRITE`: queues the range's dirty pages for
+    /// writeout and returns (it waits only if the device's queue is full). Nothing is durable
+    /// until `sync`: the call neither waits for the disk nor writes file metadata. With
+    /// `O_DIRECT` there are no dirty pages to start: nothing to do.
+    fn start_writeback(&self, offset: u64, len: u64) -> DevResult<()> {
+        DevError::check_range("start_writeback", offset, len, self.len)?;
+        if self.direct.is_some() || len == 0 {
+            return Ok(());
+        }
+        let bad = |_| DevError::Invalid("start_writeback offset".into());
+        let (off, n) =
+            (libc::off64_t::try_from(offset).map_err(bad)?, libc::off64_t::try_from(len).map_err(bad)?);
+        loop {
+            // SAFETY: the descriptor is an open file owned by a live `File`; no memory is passed.
+            let r =
+                unsafe { libc::sync_file_range(self.file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE) };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => {}
+                // Not every file system or kernel supports it; it is only a hint.
+                Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL | libc::ESPIPE) => return Ok(()),
+                _ => return Err(DevError::Io { op: "start_writeback", offset, len, source: e }),
+            }
+        }
+    }
+
     /// `copy_file_range(2)`: the kernel moves the pages from the source file's page cache into
     /// this one's, one copy instead of a read into memory and a write out of it. Only between
     /// buffered files (mixing with `O_DIRECT` would bypass one side's page cache); a kernel or

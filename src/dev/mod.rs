@@ -170,6 +170,15 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
         let _ = (src, src_offset, offset, len);
         Ok(false)
     }
+
+    /// Starts writing the range's completed writes to stable storage without waiting for them
+    /// and without making anything durable: a later [`BlockDev::sync`] is still needed, and
+    /// then finds less to wait for. A bulk writer calls it after each large write so that the
+    /// disk works while the writer prepares the next one. The default does nothing (right for
+    /// devices whose writes already reach the disk before they return).
+    fn start_writeback(&self, offset: u64, len: u64) -> DevResult<()> {
+        DevError::check_range("start_writeback", offset, len, self.len())
+    }
 }
 
 /// Zeroes a range by writing zero buffers, the fallback for devices that cannot punch holes.
@@ -228,5 +237,8 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     }
     fn copy_from(&self, src: &dyn BlockDev, src_offset: u64, offset: u64, len: u64) -> DevResult<bool> {
         (**self).copy_from(src, src_offset, offset, len)
+    }
+    fn start_writeback(&self, offset: u64, len: u64) -> DevResult<()> {
+        (**self).start_writeback(offset, len)
     }
 }
