@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 use ubcache::cache::CacheMode;
-use ubcache::ctl::{Request, request, socket_path};
+use ubcache::ctl::{CtlArgs, Request, request, run_ctl_command, socket_path};
 use ubcache::dev::{BlockDev, NbdDev};
 
 fn knobs(dir: &Path) -> BTreeMap<String, String> {
@@ -167,6 +167,10 @@ fn an_export_detached_before_a_restart_is_served_alone_and_attaches_through_the_
     assert_eq!(export_state(&reply["exports"]), "detached");
     let text = ubcache_ok(&[&["stats"][..], &d].concat());
     assert!(text.contains("export \"\": mode writeback, detached"), "{text}");
+    assert_eq!(
+        run_ctl_command(&socket_path(dir.path()), &CtlArgs::Modes).unwrap(),
+        "\twriteback\tdetached\n"
+    );
     let while_detached = vec![0xd7u8; 4096];
     {
         let nbd = NbdDev::connect(server.uri()).unwrap();

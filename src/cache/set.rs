@@ -438,9 +438,10 @@ impl CacheSet {
     /// A given device whose superblock says Detached (no cache set: detached before a restart,
     /// or never attached) becomes a *detached export* of this set, as bcache serves a detached
     /// backing device: requests go straight to it, its superblock is not written, and
-    /// [`CacheSet::attach`] binds it (see [`detached_dev_id`] for its dev id). A device bound to
-    /// another cache set is refused, never re-bound. The returned devices keep the order of
-    /// `backings`.
+    /// [`CacheSet::attach`] binds it. Its dev id is the one the cache superblock still lists for
+    /// its uuid, else the lowest id no listed device and no key uses (so it never picks up
+    /// another device's cached data). A device bound to another cache set is refused, never
+    /// re-bound. The returned devices keep the order of `backings`.
     pub fn open(
         cache: Arc<dyn BlockDev>,
         backings: &[Arc<dyn BlockDev>],

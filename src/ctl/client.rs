@@ -179,8 +179,15 @@ pub fn run_ctl_command(socket: &Path, args: &CtlArgs) -> Result<String, CtlError
             for m in modes {
                 let export = m.get("export").and_then(Value::as_str).unwrap_or("?");
                 let mode = m.get("mode").and_then(Value::as_str).unwrap_or("?");
-                let state = m.get("state").and_then(Value::as_str).unwrap_or("attached");
-                let _ = writeln!(out, "{export}\t{mode}\t{state}");
+                // `NAME<tab>MODE` as before for an attached export; a detached one says so.
+                match m.get("state").and_then(Value::as_str) {
+                    Some("detached") => {
+                        let _ = writeln!(out, "{export}\t{mode}\tdetached");
+                    }
+                    _ => {
+                        let _ = writeln!(out, "{export}\t{mode}");
+                    }
+                }
             }
             out
         }
