@@ -326,6 +326,10 @@ fn a_device_detached_before_a_restart_is_served_alone_then_attaches_and_stays_at
     write_alone(backing.as_ref(), &mut model, &mut rng);
     let sb_before = read_backing_superblock(backing.as_ref()).unwrap().unwrap();
     assert_eq!(sb_before.state, BackingState::Detached);
+    // The offline check (`ubcache check` with serve's command line) accepts it, with a note.
+    let report = ubcache::check::check(&c, std::slice::from_ref(&b)).unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    assert!(report.warnings.iter().any(|w| w.contains("detached")), "{:?}", report.warnings);
 
     // Restart: served alone (straight from the device), nothing cached, superblock untouched.
     let set = open_wb(&c, std::slice::from_ref(&b));
@@ -468,6 +472,8 @@ fn a_detached_superblock_with_dirty_data_in_the_cache_is_refused() {
     sb.set_uuid = format::Uuid::NIL;
     sb.seq += 1;
     format::write_backing_superblock(backing.as_ref(), &sb).unwrap();
+    let report = ubcache::check::check(&c, std::slice::from_ref(&b)).unwrap();
+    assert!(report.problems.iter().any(|p| p.contains("says Detached")), "{:?}", report.problems);
     let err = CacheSet::open(c, &[b], tiny_config(CacheMode::Writeback)).unwrap_err().to_string();
     assert!(err.contains("dirty sectors"), "{err}");
 }
