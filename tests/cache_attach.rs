@@ -559,3 +559,28 @@ fn power_loss_during_attach_after_a_restart_leaves_it_detached_or_attached_and_c
     eprintln!("attach-after-restart crash states: {detached} detached, {attached} attached");
     assert!(detached > 10 && attached > 10, "both outcomes must occur: {detached} / {attached}");
 }
+
+/// Writes a detached export took without a FLUSH must be durable once a FLUSH through the
+/// cache is acknowledged after the attach: that FLUSH syncs backing only for writes that went
+/// through the cache, so attach itself must make the detached writes durable.
+#[test]
+fn writes_taken_while_detached_are_durable_after_attach_and_a_flush() {
+    let (cache, backing, mut model) = prepared_detached_restart(21);
+    let set = CacheSet::open(dynd(&cache), &[dynd(&backing)], tiny_config(CacheMode::Writeback)).unwrap();
+    let dev = set.devices().remove(0);
+    assert!(dev.is_detached());
+    let data = vec![0x77u8; 3 * BLOCK];
+    dev.write_at(&data, 9 * BLOCK as u64).unwrap(); // acknowledged, not FLUSHed
+    model[9 * BLOCK..12 * BLOCK].copy_from_slice(&data);
+    set.attach(dev.dev_id()).unwrap();
+    dev.sync().unwrap(); // the client's FLUSH, now through the cache
+    cache.crash_now();
+    backing.crash_now();
+    let state = verify(
+        cache.crash_image(&CrashMode::DropAll),
+        backing.crash_image(&CrashMode::DropAll),
+        &model,
+        "flush after attach",
+    );
+    assert_eq!(state, State::Attached);
+}

@@ -783,6 +783,9 @@ impl CacheSet {
     /// 3. The backing superblock says Clean and names this set (both copies, synced). From
     ///    here on `open` attaches it; it has no keys, so no stale data can be served.
     /// 4. Only then do requests flow through the cache.
+    ///
+    /// Before step 1 the device is synced: writes it took while detached are durable before a
+    /// FLUSH through the cache (which syncs backing only after cache-path writes) can be acked.
     pub fn attach(&self, dev_id: u32) -> CacheResult<()> {
         let sh = &self.shared;
         let Some(b) = sh.backings.iter().find(|b| b.dev_id == dev_id) else {
@@ -807,6 +810,10 @@ impl CacheSet {
                 current.set_uuid
             )));
         }
+        // Writes the device took while detached were acknowledged without a sync; once it is
+        // attached a FLUSH syncs it only if a write through the cache touched it, so make them
+        // durable now (the superblock write below syncs too, but that is not its job).
+        b.dev.sync()?;
         {
             let mut m = sh.lock_meta()?;
             sh.invalidate_locked(&mut m, dev_id, 0, u64::MAX)?;
