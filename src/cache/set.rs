@@ -821,8 +821,17 @@ impl CacheSet {
         }
         {
             let mut sb = sh.sb_current.lock();
+            // Never unregister another device: its cached data would be orphaned (open picks
+            // a detached device's id among the ids no listed device uses, so this cannot
+            // happen unless the superblocks were changed behind our back).
+            if let Some(other) = sb.backing.iter().find(|e| e.dev_id == dev_id && e.uuid != current.uuid) {
+                return Err(CacheError::Invalid(format!(
+                    "dev id {dev_id} is registered to backing device {} in the cache superblock",
+                    other.uuid
+                )));
+            }
             let mut next = sb.clone();
-            next.backing.retain(|e| e.dev_id != dev_id && e.uuid != current.uuid);
+            next.backing.retain(|e| e.uuid != current.uuid);
             next.backing.push(BackingEntry {
                 uuid: current.uuid,
                 dev_id,
