@@ -207,6 +207,24 @@ pub fn check(cache: &Arc<dyn BlockDev>, backings: &[Arc<dyn BlockDev>]) -> Cache
     }
     for b in backings {
         match format::read_backing_superblock(b.as_ref()) {
+            // Detached (no cache set): `ubcache serve` serves it alone until `ubcache attach`.
+            // Only dirty data of its listed id would be wrong (detach writes it all home first).
+            Ok(Some(bsb)) if bsb.state == BackingState::Detached && bsb.set_uuid == format::Uuid::NIL => {
+                let entry = sb.backing.iter().find(|e| e.uuid == bsb.uuid);
+                let dirty =
+                    entry.and_then(|e| report.dirty_sectors_by_dev.get(&e.dev_id)).copied().unwrap_or(0);
+                if dirty > 0 {
+                    report.problems.push(format!(
+                        "backing device {} says Detached but the cache holds {dirty} dirty sectors of it",
+                        bsb.uuid
+                    ));
+                } else {
+                    report.warnings.push(format!(
+                        "backing device {} is detached (served alone until `ubcache attach`)",
+                        bsb.uuid
+                    ));
+                }
+            }
             Ok(Some(bsb)) => {
                 let Some(entry) = sb.backing.iter().find(|e| e.uuid == bsb.uuid) else {
                     report

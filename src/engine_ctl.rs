@@ -22,13 +22,15 @@
 //!   the value applies to the set.
 //! - **flush**: a [`ctl::FlushRunner`] over [`FlushStep`] (coalesced batches at full speed).
 //! - **detach**: writes the dirty data home, then [`CacheSet::detach`].
-//! - **attach**: [`CacheSet::attach`] of an export detached at runtime (empty cache for it).
+//! - **attach**: [`CacheSet::attach`] of a detached export, detached at runtime or before the
+//!   server started (empty cache for it).
+//! - **export states** (in `stats` and `modes`): [`CachedDev::is_detached`] of each export.
 
 use crate::alloc::ReclaimPolicy;
 use crate::cache::{CacheMode, CacheSet, CachedDev, StatsSnapshot as EngineStats};
 use crate::ctl::{
-    self, ControlTarget, Counter, CtlError, FlushProgress, FlushRunner, Gauge, KnobSetting, Knobs,
-    MonotonicClock, ReplacementPolicy,
+    self, ControlTarget, Counter, CtlError, ExportState, FlushProgress, FlushRunner, Gauge, KnobSetting,
+    Knobs, MonotonicClock, ReplacementPolicy,
 };
 use crate::writeback::{FlushStep, WritebackConfig, WritebackTuning, tuning_for};
 use parking_lot::{Condvar, Mutex};
@@ -246,6 +248,15 @@ impl ControlTarget for EngineControl {
         self.exports.iter().map(|(n, d)| (n.clone(), d.mode())).collect()
     }
 
+    fn export_states(&self) -> Vec<(String, ExportState)> {
+        self.exports
+            .iter()
+            .map(|(n, d)| {
+                (n.clone(), if d.is_detached() { ExportState::Detached } else { ExportState::Attached })
+            })
+            .collect()
+    }
+
     fn set_knob(&self, export: Option<&str>, setting: KnobSetting) -> Result<(), CtlError> {
         self.select(export)?;
         let mut knobs = self.knobs.lock();
@@ -323,8 +334,9 @@ impl ControlTarget for EngineControl {
         self.set.detach(dev.dev_id()).map_err(|e| CtlError::Failed(format!("detach {name:?}: {e}")))
     }
 
-    /// Re-attaches an export detached at runtime: its backing superblock names this cache set
-    /// again and it is served through the cache, starting with an empty cache for it.
+    /// Attaches a detached export (detached at runtime, or already detached when the server
+    /// started): its backing superblock names this cache set and it is served through the
+    /// cache, starting with an empty cache for it.
     fn attach(&self, export: &str) -> Result<(), CtlError> {
         let (name, dev) = self.select(Some(export))?[0];
         if !dev.is_detached() {

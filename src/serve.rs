@@ -6,7 +6,10 @@
 //!   `cache.img` (256 MiB); both are created and formatted on the first start (only when both are
 //!   missing: a half-present pair is refused with a hint, never silently replaced).
 //! - **`--cache C --backing B...`**: a formatted cache set (see `ubcache format`) serving each
-//!   backing device through the cache, default mode writethrough (like bcache).
+//!   backing device through the cache, default mode writethrough (like bcache). A backing
+//!   device whose superblock says Detached (detached before this start) is served straight
+//!   from the device as a detached export of the set until `ubcache attach` binds it; one bound
+//!   to another cache set is refused.
 //! - **`--backing B...` without a cache**: a passthrough (mode `none`). A raw image is served
 //!   whole; a device with a ubcache backing superblock is served from its data offset (8 KiB),
 //!   and refused when its cache may hold data it lacks (state Dirty) or would go stale (attached,
@@ -834,8 +837,11 @@ fn build_cached(
         let dev = Arc::new(dev);
         let mode = dev.mode();
         cached.push((spec.name.clone(), Arc::clone(&dev)));
+        // A device detached before this start (its superblock says Detached) is served straight
+        // from the device until `ubcache attach` binds it to this cache set.
+        let detached = if dev.is_detached() { ", detached: served alone until `ubcache attach`" } else { "" };
         log::info!(
-            "export {:?}: {} cached by {} ({} bytes, mode {mode}, dev id {}{})",
+            "export {:?}: {} cached by {} ({} bytes, mode {mode}, dev id {}{detached}{})",
             spec.name,
             spec.backing.display(),
             cache.path.display(),
@@ -846,9 +852,10 @@ fn build_cached(
         exports.push(Export {
             name: spec.name.clone(),
             description: format!(
-                "ubcache: {} cached by {} (mode {mode})",
+                "ubcache: {} cached by {} (mode {mode}{})",
                 file_name(&spec.backing),
-                file_name(&cache.path)
+                file_name(&cache.path),
+                if dev.is_detached() { ", detached" } else { "" }
             ),
             dev,
             read_only: opts.read_only,

@@ -10,7 +10,9 @@ use cache_support::{arc, format_open, tiny_config};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ubcache::cache::{CacheMode, CacheSet, CachedDev};
-use ubcache::ctl::{ControlTarget, CtlError, FlushState, KnobSetting, ReplacementPolicy, Request, request};
+use ubcache::ctl::{
+    ControlTarget, CtlError, ExportState, FlushState, KnobSetting, ReplacementPolicy, Request, request,
+};
 use ubcache::dev::{BlockDev, MemDev};
 use ubcache::engine_ctl::control_target;
 use ubcache::format::{BackingState, read_backing_superblock};
@@ -191,8 +193,10 @@ fn detach_writes_everything_home_and_attach_binds_it_again() {
         Err(CtlError::Invalid(m)) => assert!(m.contains("attached"), "{m}"),
         other => panic!("attach of an attached export: {other:?}"),
     }
+    assert_eq!(f.target.export_states(), [("disk0".to_owned(), ExportState::Attached)]);
     f.target.detach("disk0").unwrap();
     assert!(f.dev.is_detached());
+    assert_eq!(f.target.export_states(), [("disk0".to_owned(), ExportState::Detached)]);
     assert_backing_equals(f.backing.as_ref(), &model);
     assert_eq!(read_backing_superblock(f.backing.as_ref()).unwrap().unwrap().state, BackingState::Detached);
     assert!(matches!(f.target.detach("disk0"), Err(CtlError::Invalid(_))));
@@ -201,6 +205,7 @@ fn detach_writes_everything_home_and_attach_binds_it_again() {
     assert!(matches!(f.target.attach("nope"), Err(CtlError::NotFound(_))));
     f.target.attach("disk0").unwrap();
     assert!(!f.dev.is_detached());
+    assert_eq!(f.target.export_states(), [("disk0".to_owned(), ExportState::Attached)]);
     let sb = read_backing_superblock(f.backing.as_ref()).unwrap().unwrap();
     assert_eq!((sb.state, sb.set_uuid), (BackingState::Clean, f.set.uuid()));
     let mut back = vec![0u8; model.len()];

@@ -3,7 +3,9 @@
 //! changes them, `ubcache detach` / `ubcache attach` unbind and rebind the export while the
 //! server runs (the data survives, writes are cached again), and after a restart without
 //! `--mode` the export comes back in the mode `ubcache set-mode` chose and with the replacement
-//! policy `ubcache set` chose (the congestion thresholds reset to their defaults).
+//! policy `ubcache set` chose (the congestion thresholds reset to their defaults). An export
+//! detached before a restart is served alone by the restarted server and `ubcache attach` binds
+//! it again.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -13,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 use ubcache::cache::CacheMode;
-use ubcache::ctl::{Request, request, socket_path};
+use ubcache::ctl::{CtlArgs, Request, request, run_ctl_command, socket_path};
 use ubcache::dev::{BlockDev, NbdDev};
 
 fn knobs(dir: &Path) -> BTreeMap<String, String> {
@@ -125,6 +127,95 @@ fn knobs_detach_attach_and_stored_settings_through_the_binary() {
         let mut buf = vec![0u8; second.len()];
         nbd.read_at(&mut buf, 1 << 20).unwrap();
         assert!(buf == second);
+    }
+    assert!(server.stop().success());
+}
+
+fn export_state(reply_list: &serde_json::Value) -> &str {
+    reply_list[0]["state"].as_str().unwrap()
+}
+
+/// Regression: after `ubcache detach` and a restart with the same command line, `ubcache serve`
+/// refused to start ("belongs to cache set 00000000-...") and the export could never be
+/// attached again. Now the restarted server serves it straight from the backing file, shows it
+/// detached, `ubcache attach` binds it (data intact, writes cached again), and the next restart
+/// finds it attached.
+#[test]
+fn an_export_detached_before_a_restart_is_served_alone_and_attaches_through_the_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backing, cache) = format_pair(dir.path(), 8 << 20, 8 << 20);
+    let d = ["--data-dir", s(dir.path())];
+    let mut server = serve(dir.path(), &cache, &backing, &["--mode", "writeback"]);
+    let mut expected: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+    {
+        let nbd = NbdDev::connect(server.uri()).unwrap();
+        nbd.write_at(&expected, 0).unwrap();
+        nbd.sync().unwrap();
+    }
+    ubcache_ok(&[&["detach", ""][..], &d].concat());
+    assert!(server.stop().success());
+    // Used alone while no server runs (the export starts 8 KiB into the file).
+    let mut image = std::fs::read(&backing).unwrap();
+    image[8192 + 4096..8192 + 8192].fill(0xa1);
+    std::fs::write(&backing, &image).unwrap();
+    expected[4096..8192].fill(0xa1);
+
+    let mut server = serve(dir.path(), &cache, &backing, &["--mode", "writeback"]);
+    let modes = request(&socket_path(dir.path()), &Request::Modes, Duration::from_secs(30)).unwrap();
+    assert_eq!(export_state(&modes["modes"]), "detached");
+    let reply = request(&socket_path(dir.path()), &Request::Stats, Duration::from_secs(30)).unwrap();
+    assert_eq!(export_state(&reply["exports"]), "detached");
+    let text = ubcache_ok(&[&["stats"][..], &d].concat());
+    assert!(text.contains("export \"\": mode writeback, detached"), "{text}");
+    assert_eq!(
+        run_ctl_command(&socket_path(dir.path()), &CtlArgs::Modes).unwrap(),
+        "\twriteback\tdetached\n"
+    );
+    let while_detached = vec![0xd7u8; 4096];
+    {
+        let nbd = NbdDev::connect(server.uri()).unwrap();
+        let mut buf = vec![0u8; expected.len()];
+        nbd.read_at(&mut buf, 0).unwrap();
+        assert!(buf == expected, "the detached export serves the backing file's data");
+        nbd.write_at(&while_detached, 16384).unwrap();
+        nbd.sync().unwrap();
+    }
+    expected[16384..20480].copy_from_slice(&while_detached);
+    let image = std::fs::read(&backing).unwrap();
+    assert!(image[8192..8192 + expected.len()] == expected[..], "detached writes go to the file");
+    assert_eq!(stats(dir.path())["total"]["write_cached"].as_u64().unwrap(), 0, "nothing was cached");
+    let again = ubcache(&[&["detach", ""][..], &d].concat());
+    assert!(!again.status.success(), "detaching a detached export is an error: {again:?}");
+
+    ubcache_ok(&[&["attach", ""][..], &d].concat());
+    let modes = request(&socket_path(dir.path()), &Request::Modes, Duration::from_secs(30)).unwrap();
+    assert_eq!(export_state(&modes["modes"]), "attached");
+    let after_attach = vec![0x6eu8; 8192];
+    {
+        let nbd = NbdDev::connect(server.uri()).unwrap();
+        let mut buf = vec![0u8; expected.len()];
+        nbd.read_at(&mut buf, 0).unwrap();
+        assert!(buf == expected, "attached, the export reads what was written while detached");
+        nbd.write_at(&after_attach, 1 << 20).unwrap();
+        nbd.sync().unwrap();
+    }
+    assert_eq!(stats(dir.path())["total"]["write_cached"].as_u64().unwrap(), 1, "cached again");
+    assert!(stats(dir.path())["gauges"]["dirty_bytes"].as_u64().unwrap() > 0);
+    assert!(server.stop().success());
+
+    // Attached for good: the next start (stored mode) serves it through the cache.
+    let mut server = serve(dir.path(), &cache, &backing, &[]);
+    let modes = request(&socket_path(dir.path()), &Request::Modes, Duration::from_secs(30)).unwrap();
+    assert_eq!(export_state(&modes["modes"]), "attached");
+    assert_eq!(mode(dir.path()), CacheMode::Writeback);
+    {
+        let nbd = NbdDev::connect(server.uri()).unwrap();
+        let mut buf = vec![0u8; expected.len()];
+        nbd.read_at(&mut buf, 0).unwrap();
+        assert!(buf == expected);
+        let mut buf = vec![0u8; after_attach.len()];
+        nbd.read_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf == after_attach, "the dirty data cached after the attach survives the restart");
     }
     assert!(server.stop().success());
 }

@@ -258,6 +258,126 @@ fn stored_mode(m: CacheMode) -> StoredCacheMode {
     }
 }
 
+/// How a backing device given to [`CacheSet::open`] relates to the set, by its superblock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Binding {
+    /// Bound to this set (Clean or Dirty), under the dev id the cache superblock lists.
+    Attached(u32),
+    /// Bound to no cache set (state Detached): served alone until [`CacheSet::attach`].
+    /// `listed` is the dev id the cache superblock still lists for its uuid, if any: left by a
+    /// crash between the two superblock writes of an attach or a detach.
+    Detached { listed: Option<u32> },
+}
+
+impl Binding {
+    fn of(sb: &CacheSuperblock, bsb: &BackingSuperblock) -> CacheResult<Binding> {
+        let listed = sb.backing.iter().find(|e| e.uuid == bsb.uuid).map(|e| e.dev_id);
+        if bsb.set_uuid == sb.set_uuid {
+            return listed.map(Binding::Attached).ok_or_else(|| {
+                CacheError::Invalid(format!(
+                    "backing device {} is not registered in the cache superblock",
+                    bsb.uuid
+                ))
+            });
+        }
+        if bsb.set_uuid != Uuid::NIL {
+            // Serving it here would have to re-bind it, and its own cache may hold data the
+            // device lacks: that is for the operator to decide (detach it there first).
+            return Err(CacheError::Invalid(format!(
+                "backing device {} belongs to cache set {}, not {} (this cache): detach it from \
+                 its cache set first",
+                bsb.uuid, bsb.set_uuid, sb.set_uuid
+            )));
+        }
+        if bsb.state != BackingState::Detached {
+            return Err(CacheError::Invalid(format!(
+                "backing device {} says {:?} but names no cache set (damaged superblock?)",
+                bsb.uuid, bsb.state
+            )));
+        }
+        Ok(Binding::Detached { listed })
+    }
+}
+
+/// The dev id of a detached device the cache superblock does not list: the lowest id that no
+/// listed device, no key in the btree and no other device of this open uses.
+///
+/// Keys carry only a dev id, so an id still listed (a registered device that is absent now)
+/// or still carrying keys would make the cache serve another device's data for this one once
+/// it is attached. The lowest free id keeps the id the same on every restart with the same
+/// command line while the device is detached; [`CacheSet::attach`] then records it in the cache
+/// superblock, and from there on it is fixed. Fewer than `u32::MAX` ids are ever in use (at
+/// most [`format::MAX_BACKING_DEVS`] listed, one per key, one per given device), so one is free.
+fn detached_dev_id(taken: &std::collections::BTreeSet<u32>) -> CacheResult<u32> {
+    (0..=u32::MAX)
+        .find(|id| !taken.contains(id))
+        .ok_or_else(|| CacheError::Invalid("no free backing dev id".into()))
+}
+
+/// Builds the [`Backing`] of every given device, in the order given: attached ones under their
+/// listed dev id, detached ones served alone (see [`detached_dev_id`]). `keys` are every key of
+/// the recovered btree.
+fn bind_backings(
+    sb: &CacheSuperblock,
+    given: Vec<(Arc<dyn BlockDev>, BackingSuperblock, Binding)>,
+    keys: &[Key],
+    dirty_by_dev: &std::collections::BTreeMap<u32, u64>,
+    cfg: &CacheConfig,
+) -> CacheResult<Vec<Arc<Backing>>> {
+    let mut taken: std::collections::BTreeSet<u32> = sb.backing.iter().map(|e| e.dev_id).collect();
+    taken.extend(keys.iter().map(|k| k.dev));
+    let mut out: Vec<Arc<Backing>> = Vec::with_capacity(given.len());
+    for (dev, bsb, binding) in given {
+        let (dev_id, detached) = match binding {
+            Binding::Attached(id) => (id, false),
+            Binding::Detached { listed: Some(id) } => {
+                // Detach writes every dirty sector home and drops the keys before the device
+                // says Detached, so dirty data here means the two disagree: serving the device
+                // alone would lose that data, attaching it would drop it.
+                let dirty = dirty_by_dev.get(&id).copied().unwrap_or(0);
+                if dirty > 0 {
+                    return Err(CacheError::Invalid(format!(
+                        "backing device {} says Detached but the cache holds {dirty} dirty sectors \
+                         of its dev id {id}; refusing to serve it (run `ubcache check`)",
+                        bsb.uuid
+                    )));
+                }
+                (id, true)
+            }
+            Binding::Detached { listed: None } => {
+                let id = detached_dev_id(&taken)?;
+                taken.insert(id);
+                (id, true)
+            }
+        };
+        if out.iter().any(|a| a.dev_id == dev_id) {
+            return Err(CacheError::Invalid(format!("backing device {} given twice", bsb.uuid)));
+        }
+        if detached {
+            log::info!(
+                "backing device {} is detached: served straight from the device (dev id {dev_id}) \
+                 until `ubcache attach`",
+                bsb.uuid
+            );
+        }
+        let export_len = (bsb.export_bytes() / SECTOR_SIZE) * SECTOR_SIZE;
+        let mode = if cfg.stored_mode { cache_mode(bsb.cache_mode) } else { cfg.mode };
+        out.push(Arc::new(Backing {
+            dev_id,
+            dev,
+            data_offset: bsb.data_offset_bytes,
+            export_len,
+            mode: AtomicU8::new(mode.to_u8()),
+            unsynced: AtomicBool::new(false),
+            sb: Mutex::new(BackingSb { sb: bsb, dirty_writers: 0 }),
+            detached: AtomicBool::new(detached),
+            passthrough_gate: parking_lot::RwLock::new(()),
+            rmw_locks: RangeLocks::default(),
+        }));
+    }
+    Ok(out)
+}
+
 /// Formats `cache` as a new cache set and attaches every device of `backings` (in order: dev id
 /// 0, 1, ...), writing a backing superblock (state Clean) at the start of each. Returns the
 /// cache-set uuid. Order: backing superblocks, journal (zeroed), empty btree, bucket table A,
@@ -315,6 +435,14 @@ impl CacheSet {
     /// verified, then a fresh checkpoint so recovery itself is durable. `backings` are matched to
     /// the set by the uuid in their backing superblocks; registered devices that are missing stay
     /// detached (their keys are kept).
+    ///
+    /// A given device whose superblock says Detached (no cache set: detached before a restart,
+    /// or never attached) becomes a *detached export* of this set, as bcache serves a detached
+    /// backing device: requests go straight to it, its superblock is not written, and
+    /// [`CacheSet::attach`] binds it. Its dev id is the one the cache superblock still lists for
+    /// its uuid, else the lowest id no listed device and no key uses (so it never picks up
+    /// another device's cached data). A device bound to another cache set is refused, never
+    /// re-bound. The returned devices keep the order of `backings`.
     pub fn open(
         cache: Arc<dyn BlockDev>,
         backings: &[Arc<dyn BlockDev>],
@@ -323,42 +451,18 @@ impl CacheSet {
         let read = format::read_cache_superblock(cache.as_ref())?;
         let sb = read.sb;
         let geometry = sb.geometry;
-        let mut attached = Vec::new();
+        let mut given: Vec<(Arc<dyn BlockDev>, BackingSuperblock, Binding)> = Vec::new();
         for b in backings {
             let Some(bsb) = format::read_backing_superblock(b.as_ref())? else {
                 return Err(CacheError::Invalid(
                     "backing device has no ubcache superblock (raw image)".into(),
                 ));
             };
-            if bsb.set_uuid != sb.set_uuid {
-                return Err(CacheError::Invalid(format!(
-                    "backing device {} belongs to cache set {}, not {}",
-                    bsb.uuid, bsb.set_uuid, sb.set_uuid
-                )));
-            }
-            let Some(entry) = sb.backing.iter().find(|e| e.uuid == bsb.uuid) else {
-                return Err(CacheError::Invalid(format!(
-                    "backing device {} is not registered in the cache superblock",
-                    bsb.uuid
-                )));
-            };
-            if attached.iter().any(|a: &Arc<Backing>| a.dev_id == entry.dev_id) {
+            if given.iter().any(|(_, other, _)| other.uuid == bsb.uuid) {
                 return Err(CacheError::Invalid(format!("backing device {} given twice", bsb.uuid)));
             }
-            let export_len = (bsb.export_bytes() / SECTOR_SIZE) * SECTOR_SIZE;
-            let mode = if cfg.stored_mode { cache_mode(bsb.cache_mode) } else { cfg.mode };
-            attached.push(Arc::new(Backing {
-                dev_id: entry.dev_id,
-                dev: Arc::clone(b),
-                data_offset: bsb.data_offset_bytes,
-                export_len,
-                mode: AtomicU8::new(mode.to_u8()),
-                unsynced: AtomicBool::new(false),
-                sb: Mutex::new(BackingSb { sb: bsb, dirty_writers: 0 }),
-                detached: AtomicBool::new(false),
-                passthrough_gate: parking_lot::RwLock::new(()),
-                rmw_locks: RangeLocks::default(),
-            }));
+            let binding = Binding::of(&sb, &bsb)?;
+            given.push((Arc::clone(b), bsb, binding));
         }
 
         let Loaded { journal, replay, table, mut tree, checkpoint, checkpoint_nodes } =
@@ -387,6 +491,7 @@ impl CacheSet {
         .map_err(|e| CacheError::Corrupted(format!("rebuilding the allocator: {e}")))?;
         tree.store_mut().alloc = alloc;
         let stats = tree.stats();
+        let attached = bind_backings(&sb, given, &keys, &stats.dirty_sectors_by_dev, &cfg)?;
         let recovery = RecoveryReport {
             replayed_entries: replay.entries.len() as u64,
             torn_tail: replay.stats.torn_tail,
@@ -453,6 +558,10 @@ impl CacheSet {
         // before a crash that lost the journalled clean keys). The write also stores the mode
         // the device opened in (an explicit mode is remembered for the next open).
         for b in &shared.backings {
+            if b.detached.load(Ordering::Acquire) {
+                // Not bound to this set until `attach`: its superblock is left as it is.
+                continue;
+            }
             let dirty =
                 shared.meta.lock().tree.stats().dirty_sectors_by_dev.get(&b.dev_id).copied().unwrap_or(0);
             let state = if dirty > 0 { BackingState::Dirty } else { b.sb.lock().sb.state };
@@ -473,7 +582,8 @@ impl CacheSet {
         &self.shared.recovery
     }
 
-    /// The attached backing devices as block devices served through the cache, by dev id.
+    /// The backing devices given to [`CacheSet::open`], in that order, as block devices served
+    /// through the cache (or, while detached, straight from the device).
     #[must_use]
     pub fn devices(&self) -> Vec<super::CachedDev> {
         self.shared
@@ -483,7 +593,7 @@ impl CacheSet {
             .collect()
     }
 
-    /// The device with this dev id, if attached.
+    /// The device with this dev id, if it was given to [`CacheSet::open`].
     #[must_use]
     pub fn device(&self, dev_id: u32) -> Option<super::CachedDev> {
         self.devices().into_iter().find(|d| d.dev_id() == dev_id)
@@ -656,22 +766,27 @@ impl CacheSet {
         Ok(())
     }
 
-    /// Re-attaches a backing device detached at runtime ([`CacheSet::detach`]): binds its
-    /// superblock to this set again (state Clean, this set's uuid), registers it in the cache
-    /// superblock, and serves it through the cache again, starting with an empty cache for it
-    /// (whatever was written to it meanwhile is read from backing).
+    /// Attaches a detached backing device: one detached at runtime ([`CacheSet::detach`]) or
+    /// one whose superblock already said Detached when the set was opened (detached before a
+    /// restart, see [`CacheSet::open`]). Binds its superblock to this set (state Clean, this
+    /// set's uuid), registers it in the cache superblock under its dev id, and serves it
+    /// through the cache, starting with an empty cache for it (whatever was written to it
+    /// meanwhile is read from backing).
     ///
     /// Crash ordering, so a crash at any point leaves it detached or attached, each consistent:
     /// 1. Every key of the device is invalidated and the journal committed. Detach already did
     ///    this; doing it again costs one lookup and guards against keys that could otherwise
     ///    serve data older than what was written to the device while it was detached.
-    /// 2. The cache superblock lists the device again (both copies, synced). A crash here: the
-    ///    backing superblock still says Detached with no set, so the device is used alone and
-    ///    `open` refuses it for this set; the extra list entry has no keys and is harmless
-    ///    (attach again rewrites it).
+    /// 2. The cache superblock lists the device (both copies, synced). A crash here: the
+    ///    backing superblock still says Detached with no set, so the device is complete alone,
+    ///    and `open` serves it as a detached export under the listed dev id; the list entry
+    ///    has no keys and is harmless (attach again rewrites it).
     /// 3. The backing superblock says Clean and names this set (both copies, synced). From
     ///    here on `open` attaches it; it has no keys, so no stale data can be served.
     /// 4. Only then do requests flow through the cache.
+    ///
+    /// Before step 1 the device is synced: writes it took while detached are durable before a
+    /// FLUSH through the cache (which syncs backing only after cache-path writes) can be acked.
     pub fn attach(&self, dev_id: u32) -> CacheResult<()> {
         let sh = &self.shared;
         let Some(b) = sh.backings.iter().find(|b| b.dev_id == dev_id) else {
@@ -696,6 +811,10 @@ impl CacheSet {
                 current.set_uuid
             )));
         }
+        // Writes the device took while detached were acknowledged without a sync; once it is
+        // attached a FLUSH syncs it only if a write through the cache touched it, so make them
+        // durable now (the superblock write below syncs too, but that is not its job).
+        b.dev.sync()?;
         {
             let mut m = sh.lock_meta()?;
             sh.invalidate_locked(&mut m, dev_id, 0, u64::MAX)?;
@@ -703,8 +822,17 @@ impl CacheSet {
         }
         {
             let mut sb = sh.sb_current.lock();
+            // Never unregister another device: its cached data would be orphaned (open picks
+            // a detached device's id among the ids no listed device uses, so this cannot
+            // happen unless the superblocks were changed behind our back).
+            if let Some(other) = sb.backing.iter().find(|e| e.dev_id == dev_id && e.uuid != current.uuid) {
+                return Err(CacheError::Invalid(format!(
+                    "dev id {dev_id} is registered to backing device {} in the cache superblock",
+                    other.uuid
+                )));
+            }
             let mut next = sb.clone();
-            next.backing.retain(|e| e.dev_id != dev_id && e.uuid != current.uuid);
+            next.backing.retain(|e| e.uuid != current.uuid);
             next.backing.push(BackingEntry {
                 uuid: current.uuid,
                 dev_id,

@@ -162,14 +162,32 @@ pub fn run_ctl_command(socket: &Path, args: &CtlArgs) -> Result<String, CtlError
             reply.get("stats").ok_or_else(|| CtlError::Protocol("reply has no \"stats\"".to_owned()))?,
         )
         .map_err(|e| CtlError::Protocol(e.to_string()))?,
-        CtlArgs::Stats { json: false } => render_stats(&decode(&reply, "stats")?),
+        CtlArgs::Stats { json: false } => {
+            let mut out = render_stats(&decode(&reply, "stats")?);
+            // Servers before the export list sent none: print what there is.
+            let exports: Vec<Value> = decode(&reply, "exports").unwrap_or_default();
+            for e in exports {
+                let text = |key: &str| e.get(key).and_then(Value::as_str).unwrap_or("?").to_owned();
+                let _ =
+                    writeln!(out, "export {:?}: mode {}, {}", text("export"), text("mode"), text("state"));
+            }
+            out
+        }
         CtlArgs::Modes => {
             let modes: Vec<Value> = decode(&reply, "modes")?;
             let mut out = String::new();
             for m in modes {
                 let export = m.get("export").and_then(Value::as_str).unwrap_or("?");
                 let mode = m.get("mode").and_then(Value::as_str).unwrap_or("?");
-                let _ = writeln!(out, "{export}\t{mode}");
+                // `NAME<tab>MODE` as before for an attached export; a detached one says so.
+                match m.get("state").and_then(Value::as_str) {
+                    Some("detached") => {
+                        let _ = writeln!(out, "{export}\t{mode}\tdetached");
+                    }
+                    _ => {
+                        let _ = writeln!(out, "{export}\t{mode}");
+                    }
+                }
             }
             out
         }

@@ -127,6 +127,15 @@ impl From<KnobError> for CtlError {
     }
 }
 
+/// Whether an export is served through its cache set or, detached, straight from its backing
+/// device (after `detach`, or detached before the server started, until `attach`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExportState {
+    Attached,
+    Detached,
+}
+
 /// Where a flush of all dirty data stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -193,6 +202,11 @@ pub trait ControlTarget: Send + Sync {
     fn set_mode(&self, export: Option<&str>, mode: CacheMode, flush_first: bool) -> Result<(), CtlError>;
     /// The current mode of each export, as (export, mode).
     fn modes(&self) -> Vec<(String, CacheMode)>;
+    /// Whether each export is attached or detached, as (export, state). The default says every
+    /// export of [`ControlTarget::modes`] is attached (for targets that cannot detach).
+    fn export_states(&self) -> Vec<(String, ExportState)> {
+        self.modes().into_iter().map(|(export, _)| (export, ExportState::Attached)).collect()
+    }
     /// Applies one validated knob setting.
     ///
     /// # Errors

@@ -120,6 +120,23 @@ fn ok() -> Value {
     ok_with(Map::new())
 }
 
+/// `[{"export": NAME, "mode": MODE, "state": "attached"|"detached"}, ...]`, in the order of
+/// [`ControlTarget::modes`]; an export the target gives no state for counts as attached.
+fn export_list(target: &dyn ControlTarget) -> Vec<Value> {
+    let states = target.export_states();
+    target
+        .modes()
+        .into_iter()
+        .map(|(export, mode)| {
+            let state = states
+                .iter()
+                .find(|(name, _)| *name == export)
+                .map_or(super::ExportState::Attached, |(_, state)| *state);
+            json!({ "export": export, "mode": mode, "state": state })
+        })
+        .collect()
+}
+
 fn field(name: &str, value: Value) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert(name.to_owned(), value);
@@ -157,15 +174,12 @@ fn try_dispatch(target: &dyn ControlTarget, request: &Request) -> Result<Value, 
             .into_iter()
             .collect(),
         ),
-        Request::Stats => ok_with(field("stats", to_value("stats", &target.stats())?)),
-        Request::Modes => {
-            let modes: Vec<Value> = target
-                .modes()
-                .into_iter()
-                .map(|(export, mode)| json!({ "export": export, "mode": mode }))
-                .collect();
-            ok_with(field("modes", Value::Array(modes)))
+        Request::Stats => {
+            let mut fields = field("stats", to_value("stats", &target.stats())?);
+            fields.insert("exports".to_owned(), Value::Array(export_list(target)));
+            ok_with(fields)
         }
+        Request::Modes => ok_with(field("modes", Value::Array(export_list(target)))),
         Request::SetMode { mode, flush_first, export } => {
             target.set_mode(export.as_deref(), *mode, *flush_first)?;
             ok_with(field("mode", json!(mode)))
