@@ -28,9 +28,9 @@
 //! `WB_BACKING` chooses what the backing device (and the sequential-write reference written the
 //! same way) is, since "the backing device's sequential write speed" depends on it:
 //! - `buffered` (default): a file through the page cache, as `ubcache serve` opens it. Here the
-//!   reference is a memory copy plus writeback, while a flush copies twice (cache file read
-//!   into memory, then written), so on a machine whose disk is as fast as memory the ratio is
-//!   bounded near 50% by construction;
+//!   reference is a memory copy plus writeback; the flush copies in the kernel
+//!   (`copy_file_range`) and starts each run's writeout at once, so it can beat the reference,
+//!   which writes everything before its one sync;
 //! - `direct`: a file opened with `O_DIRECT` (`ubcache serve --direct`): the device itself;
 //! - `hdd`: a page-cache file behind a `SlowDev` modelling one spindle (150 MB/s, 5-8 ms seeks,
 //!   2 ms cache flush, real sleeps), the SSD-in-front-of-a-disk case the cache is built for.
