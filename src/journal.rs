@@ -7,6 +7,7 @@
 //! Journal::open(dev, region, set_uuid, cfg) -> Result<(Journal, Replay)>   // recovery: scan + replay
 //! journal.append(&[JournalEntry]) -> Result<u64 /* seq of the last entry */>   // cheap, in memory
 //! journal.commit(upto_seq) -> Result<()>    // durable through upto_seq; concurrent callers coalesce
+//! journal.commit_through(upto_seq) -> Result<()>  // the same, writing only entries <= upto_seq
 //! journal.commit_all() -> Result<()>
 //! journal.release_before(seq) -> Result<()> // after a durable checkpoint whose replay_from >= seq
 //! journal.needs_checkpoint() -> bool; journal.fill_fraction() -> f64; journal.stats()
@@ -486,6 +487,18 @@ impl Journal {
     /// A caller whose seq was covered by another caller's commit returns without any I/O.
     /// The caller must already have synced the data the entries reference (module doc).
     pub fn commit(&self, upto: u64) -> JournalResult<()> {
+        self.commit_entries(upto, false)
+    }
+
+    /// Makes every entry with seq <= `upto` durable, writing *only* those (entries appended
+    /// after `upto` stay pending). For committers that do not hold off appends while they
+    /// commit: an entry appended after the caller synced the data its entries reference may
+    /// reference data not yet synced, and must not slip into the record.
+    pub fn commit_through(&self, upto: u64) -> JournalResult<()> {
+        self.commit_entries(upto, true)
+    }
+
+    fn commit_entries(&self, upto: u64, only_through_upto: bool) -> JournalResult<()> {
         self.check_failed()?;
         if self.durable_seq() >= upto {
             return Ok(());
@@ -507,19 +520,46 @@ impl Journal {
                     "commit up to seq {upto}, but only {last_appended} were appended"
                 )));
             }
+            // Every entry before `upto` that is not durable is still pending: entries leave
+            // `pending` only here, under the ring lock, and become durable before it is released.
+            let take = if only_through_upto {
+                usize::try_from((upto + 1).saturating_sub(p.first_seq))
+                    .unwrap_or(usize::MAX)
+                    .min(p.ends.len())
+            } else {
+                p.ends.len()
+            };
+            if take == 0 {
+                return Ok(());
+            }
+            let last_taken = p.first_seq + take as u64 - 1;
+            let taken_has_checkpoint = p.checkpoints.iter().any(|&(seq, _)| seq <= last_taken);
             // Space held back so that a checkpoint (what frees the journal) always fits.
             let reserve =
-                if p.checkpoints.is_empty() { ring.region_sectors / CHECKPOINT_RESERVE_DIVISOR } else { 0 };
-            let plan = self.plan_records(&ring, &p.ends, reserve)?;
+                if taken_has_checkpoint { 0 } else { ring.region_sectors / CHECKPOINT_RESERVE_DIVISOR };
+            let plan = self.plan_records(&ring, &p.ends[..take], reserve)?;
             let first_seq = p.first_seq;
-            p.first_seq += p.ends.len() as u64;
-            (
-                std::mem::take(&mut p.bytes),
-                std::mem::take(&mut p.ends),
-                first_seq,
-                std::mem::take(&mut p.checkpoints),
-                plan,
-            )
+            p.first_seq += take as u64;
+            if take == p.ends.len() {
+                (
+                    std::mem::take(&mut p.bytes),
+                    std::mem::take(&mut p.ends),
+                    first_seq,
+                    std::mem::take(&mut p.checkpoints),
+                    plan,
+                )
+            } else {
+                let byte_end = p.ends[take - 1];
+                let bytes: Vec<u8> = p.bytes.drain(..byte_end).collect();
+                let ends: Vec<usize> = p.ends.drain(..take).collect();
+                for end in &mut p.ends {
+                    *end -= byte_end;
+                }
+                let (taken, kept): (Vec<_>, Vec<_>) =
+                    p.checkpoints.iter().partition(|&&(seq, _)| seq <= last_taken);
+                p.checkpoints = kept;
+                (bytes, ends, first_seq, taken, plan)
+            }
         };
         let mut entry_idx = 0usize;
         let mut byte_start = 0usize;

@@ -90,8 +90,13 @@ fn run(seed: u64) -> usize {
                     Err(e) => panic!("step {step}: {e}"),
                 }
             }
-            6..=7 => match j.commit_all() {
-                Ok(()) => m.durable.append(&mut m.pending),
+            6..=7 => match commit_some(&j, &mut rng, step) {
+                Ok(upto) => {
+                    let still_pending =
+                        m.pending.split_off(m.pending.partition_point(|&(seq, _)| seq <= upto));
+                    m.durable.append(&mut m.pending);
+                    m.pending = still_pending;
+                }
                 Err(JournalError::Full { .. }) => {
                     fulls += 1;
                     assert!(j.fill_fraction() > 0.5, "step {step}: full at {}", j.fill_fraction());
@@ -128,6 +133,21 @@ fn run(seed: u64) -> usize {
     }
     assert!(reopens > 10 && checkpoints >= 2, "seed {seed}: {reopens} reopens, {checkpoints} checkpoints");
     fulls
+}
+
+/// Half the time commits everything, else `commit_through` a random pending seq (what a
+/// committer that does not hold off appends does). Returns the seq durable through.
+fn commit_some(j: &Journal, rng: &mut StdRng, step: usize) -> Result<u64, JournalError> {
+    let (durable, last) = (j.durable_seq(), j.last_appended_seq());
+    if last <= durable || rng.gen_bool(0.5) {
+        j.commit_all()?;
+        return Ok(last);
+    }
+    let upto = rng.gen_range(durable + 1..=last);
+    j.commit_through(upto)?;
+    // Exactly through `upto`: not less, and none of the entries appended after it.
+    assert_eq!(j.durable_seq(), upto, "step {step}: commit_through({upto}) with {last} appended");
+    Ok(upto)
 }
 
 #[test]

@@ -324,7 +324,11 @@ impl CachedDev {
             return self.shared.fail(e);
         }
         written?;
-        self.shared.maybe_commit_locked(&mut m)?;
+        let commit = self.shared.wants_commit();
+        drop(m);
+        if commit {
+            self.shared.commit()?;
+        }
         Ok(true)
     }
 
@@ -440,7 +444,7 @@ impl CachedDev {
                 }
             }
             io = self.backing.dev.write_at(data, self.backing_offset(start)).map_err(CacheError::from);
-            self.backing.unsynced.store(true, Ordering::Release);
+            self.backing.sync_state.note_write();
         }
         let mut m = self.shared.lock_meta()?;
         let mut result = io;
@@ -471,7 +475,10 @@ impl CachedDev {
             Err(e) => return self.shared.fail(e),
         }
         Stats::add(&self.shared.stats.write_cached, 1);
-        if fua { self.shared.commit_locked(&mut m) } else { self.shared.maybe_commit_locked(&mut m) }
+        // Committed without the metadata lock, so reads go on during the syncs.
+        let commit = fua || self.shared.wants_commit();
+        drop(m);
+        if commit { self.shared.commit() } else { Ok(()) }
     }
 
     /// A write (or zeroing, or discard) that goes to backing, not into the cache. Holds the
@@ -518,7 +525,7 @@ impl CachedDev {
                 BackingOp::Zeroes { may_unmap } => self.backing.dev.write_zeroes(off, len, may_unmap),
                 BackingOp::Discard => self.backing.dev.discard(off, len),
             };
-            self.backing.unsynced.store(true, Ordering::Release);
+            self.backing.sync_state.note_write();
             r?;
         }
         let replaces_dirty = has_dirty && !matches!(op, BackingOp::Discard);
@@ -532,7 +539,10 @@ impl CachedDev {
             return self.shared.fail(e);
         }
         Stats::add(&self.shared.stats.write_bypassed, 1);
-        if fua { self.shared.commit_locked(&mut m) } else { self.shared.maybe_commit_locked(&mut m) }
+        // Committed without the metadata lock, so reads go on during the syncs.
+        let commit = fua || self.shared.wants_commit();
+        drop(m);
+        if commit { self.shared.commit() } else { Ok(()) }
     }
 
     /// Prepares a range for a write to backing: invalidates every *clean* cached piece of it
@@ -646,8 +656,7 @@ impl BlockDev for CachedDev {
             Route::Alone(p) => return p.dev.sync(),
             Route::Cache(gate) => gate,
         };
-        let mut m = self.shared.lock_meta()?;
-        Ok(self.shared.commit_locked(&mut m)?)
+        Ok(self.shared.commit()?)
     }
 
     fn discard(&self, offset: u64, len: u64) -> DevResult<()> {

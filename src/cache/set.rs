@@ -4,15 +4,19 @@
 //! # Locking
 //! All metadata (btree, allocator, fill tracker) sits behind one mutex, `Shared::meta`. Data I/O
 //! never runs under it: a request takes the lock to build its read mapping or allocate space,
-//! drops it for the data transfer, and takes it again to insert keys. Journal commits (and the
-//! syncs before them) do run under the lock, because the journal writes *every* pending entry
-//! when it commits: committing under the lock guarantees that no entry whose data has not been
-//! synced yet can slip into a record (crash rule 1).
+//! drops it for the data transfer, and takes it again to insert keys. The commits of FLUSH, FUA
+//! writes, writeback and full journal buffers (`Shared::commit`) run *outside* the lock, so
+//! reads go on during their syncs: such a commit notes the last entry appended, syncs the
+//! devices, and writes only the entries up to that one (`Journal::commit_through`), so an
+//! entry appended meanwhile, whose data may not be synced yet, cannot slip into the record
+//! (crash rule 1). Commits inside a larger locked step (reclaim, checkpoint, invalidation
+//! before a backing write, attach/detach) still run under the lock (`Shared::commit_locked`),
+//! where no entry can be appended meanwhile.
 //!
 //! # Crash ordering (CACHE_DESIGN.md rules 1-6), where each is kept
-//! 1. Data before metadata: `Shared::commit_locked` syncs the backing devices that took writes
-//!    and the cache device *before* `Journal::commit`. Entries are appended only after their
-//!    data writes completed.
+//! 1. Data before metadata: `Shared::commit` and `Shared::commit_locked` sync the backing
+//!    devices that took writes (`BackingSyncState`) and the cache device *before* the journal
+//!    commit. Entries are appended only after their data writes completed.
 //! 2. Bucket reuse: `Shared::reclaim_locked` journals the generation bumps and commits before
 //!    `mark_gens_durable` makes the buckets allocatable.
 //! 3. Btree nodes: `Shared::checkpoint_locked` flushes the tree, syncs, writes the bucket table
@@ -153,8 +157,9 @@ pub(crate) struct Backing {
     /// Exported bytes (whole sectors).
     pub(crate) export_len: u64,
     pub(crate) mode: AtomicU8,
-    /// A write went to this device since its last sync: the next commit/FLUSH syncs it.
-    pub(crate) unsynced: AtomicBool,
+    /// Which completed writes of this device a sync has covered: the next commit/FLUSH syncs
+    /// it if any has not been.
+    pub(crate) sync_state: BackingSyncState,
     /// The backing superblock, and the dirty-write gate: writers that add dirty keys hold
     /// `dirty_writers` > 0 so writeback never marks the device Clean under them.
     pub(crate) sb: Mutex<BackingSb>,
@@ -168,6 +173,35 @@ pub(crate) struct Backing {
     /// Held by every write over its sector range, so a read-modify-write of a partial sector
     /// never interleaves with another write to that sector.
     pub(crate) rmw_locks: RangeLocks,
+}
+
+/// Completed writes of a backing device, and how many of them a completed sync covers. Counts,
+/// not a flag: with commits running concurrently (they do not hold the metadata lock), a flag
+/// cleared by one committer whose sync is still running would let another one journal entries
+/// whose backing data no sync has covered yet.
+#[derive(Debug, Default)]
+pub(crate) struct BackingSyncState {
+    written: AtomicU64,
+    synced: AtomicU64,
+}
+
+impl BackingSyncState {
+    /// A write to the device completed (call after it returns, before its journal entries).
+    pub(crate) fn note_write(&self) {
+        self.written.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Makes every write that completed before this call durable, syncing only if some was not
+    /// covered by a sync that already completed.
+    pub(crate) fn sync(&self, dev: &dyn BlockDev) -> CacheResult<()> {
+        let written = self.written.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) >= written {
+            return Ok(());
+        }
+        dev.sync()?;
+        self.synced.fetch_max(written, Ordering::AcqRel);
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -368,7 +402,7 @@ fn bind_backings(
             data_offset: bsb.data_offset_bytes,
             export_len,
             mode: AtomicU8::new(mode.to_u8()),
-            unsynced: AtomicBool::new(false),
+            sync_state: BackingSyncState::default(),
             sb: Mutex::new(BackingSb { sb: bsb, dirty_writers: 0 }),
             detached: AtomicBool::new(detached),
             passthrough_gate: parking_lot::RwLock::new(()),
@@ -667,8 +701,7 @@ impl CacheSet {
 
     /// FLUSH for the whole set: every acknowledged write durable.
     pub fn sync(&self) -> CacheResult<()> {
-        let mut m = self.shared.lock_meta()?;
-        self.shared.commit_locked(&mut m)
+        self.shared.commit()
     }
 
     /// Writes back up to `max_keys` dirty keys (in offset order from where the last step
@@ -1026,12 +1059,7 @@ impl Shared {
     /// backing devices that took writes, then the cache device (crash rule 1). This is FLUSH.
     pub(crate) fn commit_locked(&self, m: &mut Meta) -> CacheResult<()> {
         for b in &self.backings {
-            if b.unsynced.swap(false, Ordering::AcqRel)
-                && let Err(e) = b.dev.sync()
-            {
-                b.unsynced.store(true, Ordering::Release);
-                return Err(e.into());
-            }
+            b.sync_state.sync(b.dev.as_ref())?;
         }
         let last = self.journal.last_appended_seq();
         if self.journal.durable_seq() >= last {
@@ -1047,7 +1075,7 @@ impl Shared {
         if let Err(e) = self.journal.commit(last) {
             return self.fail(e.into());
         }
-        self.last_commit_seq.store(last, Ordering::Release);
+        self.last_commit_seq.fetch_max(last, Ordering::AcqRel);
         Stats::add(&self.stats.journal_commits, 1);
         if self.journal.needs_checkpoint() && !m.in_checkpoint {
             self.checkpoint_locked(m)?;
@@ -1055,13 +1083,57 @@ impl Shared {
         Ok(())
     }
 
-    /// Commits when too many entries are pending (bounds memory and record size).
-    pub(crate) fn maybe_commit_locked(&self, m: &mut Meta) -> CacheResult<()> {
-        let pending = self.journal.last_appended_seq().saturating_sub(self.journal.durable_seq());
-        if pending >= self.cfg.max_uncommitted_entries || self.journal.needs_checkpoint() {
-            self.commit_locked(m)?;
+    /// Commits every entry appended so far *without* holding the metadata lock across the syncs
+    /// and the journal write, so lookups (reads) and other updates go on meanwhile. This is
+    /// FLUSH. Must not be called with the metadata lock held (a checkpoint it starts takes it).
+    pub(crate) fn commit(&self) -> CacheResult<()> {
+        self.commit_through(self.journal.last_appended_seq())
+    }
+
+    /// [`Shared::commit`] through entry `seq` (at most what was appended). Crash rule 1 holds
+    /// without the lock: every entry up to `seq` was appended after its data writes completed
+    /// (and its backing writes were counted, `BackingSyncState`); the backing devices and the
+    /// cache are synced after that, and `Journal::commit_through` writes no entry appended
+    /// later, whose data may not be synced.
+    pub(crate) fn commit_through(&self, seq: u64) -> CacheResult<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(CacheError::Failed("an earlier metadata update failed half-way".into()));
+        }
+        let upto = seq.min(self.journal.last_appended_seq());
+        // Backing writes need a sync even with no entry to commit (a write that went around
+        // the cache journals nothing): FLUSH covers them too.
+        for b in &self.backings {
+            b.sync_state.sync(b.dev.as_ref())?;
+        }
+        if self.journal.durable_seq() < upto {
+            // A failed cache sync may have dropped dirty pages (Linux fsync semantics): nothing
+            // written since the last good sync can be trusted, so the set stops here.
+            if !self.cfg.debug.commit_skips_cache_sync
+                && let Err(e) = self.cache.sync()
+            {
+                return self.fail(e.into());
+            }
+            if let Err(e) = self.journal.commit_through(upto) {
+                return self.fail(e.into());
+            }
+            self.last_commit_seq.fetch_max(upto, Ordering::AcqRel);
+            Stats::add(&self.stats.journal_commits, 1);
+        }
+        if self.journal.needs_checkpoint() {
+            let mut m = self.lock_meta()?;
+            if self.journal.needs_checkpoint() && !m.in_checkpoint {
+                self.checkpoint_locked(&mut m)?;
+            }
         }
         Ok(())
+    }
+
+    /// Whether enough entries are pending (or the journal wants a checkpoint) that an update
+    /// should commit on its own (bounds memory and record size); the caller then commits with
+    /// [`Shared::commit`] after releasing the metadata lock.
+    pub(crate) fn wants_commit(&self) -> bool {
+        let pending = self.journal.last_appended_seq().saturating_sub(self.journal.durable_seq());
+        pending >= self.cfg.max_uncommitted_entries || self.journal.needs_checkpoint()
     }
 
     /// Checkpoint (crash rule 3): flush the btree, sync, write the bucket table to the slot the
@@ -1121,9 +1193,7 @@ impl Shared {
             replay_from,
         })])?;
         for b in &self.backings {
-            if b.unsynced.swap(false, Ordering::AcqRel) {
-                b.dev.sync()?;
-            }
+            b.sync_state.sync(b.dev.as_ref())?;
         }
         self.journal.commit_all()?;
         m.table_slot = slot;

@@ -35,10 +35,8 @@
 //!
 //! # Foreground priority
 //! Foreground reads need the metadata lock for their lookup, so writeback holds it only for
-//! bounded chunks of CPU work ([`META_CHUNK_KEYS`] keys at a time) and never across data I/O.
-//! Before a journal commit (which must run under the lock, see `set.rs`) the cache device is
-//! synced *outside* the lock, so the sync inside the commit finds almost nothing to write and
-//! the lock is held for the journal record's write and sync only.
+//! bounded chunks of CPU work ([`META_CHUNK_KEYS`] keys or runs at a time) and never across
+//! data I/O or a journal commit (`Shared::commit_through` runs without it, see `set.rs`).
 
 use super::CachedDev;
 use super::error::{CacheError, CacheResult};
@@ -156,30 +154,6 @@ impl CacheSet {
 impl Shared {
     pub(crate) fn is_attached(&self, dev: u32) -> bool {
         self.backings.iter().any(|b| b.dev_id == dev && !b.detached.load(Ordering::Acquire))
-    }
-
-    /// Syncs the cache device outside the metadata lock (a failed sync fails the set, as in
-    /// `commit_locked`), so that a commit right after holds the lock only briefly.
-    fn presync_cache(&self) -> CacheResult<()> {
-        if let Err(e) = self.cache.sync() {
-            return self.fail(e.into());
-        }
-        Ok(())
-    }
-
-    /// Commits if the journal is not durable through `seq` (rule 1 of the module doc).
-    fn commit_through(&self, seq: u64) -> CacheResult<()> {
-        let sh = self;
-        let needed = seq.min(sh.journal.last_appended_seq());
-        if sh.journal.durable_seq() >= needed {
-            return Ok(());
-        }
-        self.presync_cache()?;
-        let mut m = sh.lock_meta()?;
-        if sh.journal.durable_seq() < needed {
-            sh.commit_locked(&mut m)?;
-        }
-        Ok(())
     }
 
     /// [`CacheSet::write_back_scanned`].
@@ -314,12 +288,9 @@ impl Shared {
             }
         }
         // The clean entries are committed when enough are pending (bounding the journal
-        // buffer), with the cache synced outside the lock first.
-        let pending = sh.journal.last_appended_seq().saturating_sub(sh.journal.durable_seq());
-        if pending >= sh.cfg.max_uncommitted_entries || sh.journal.needs_checkpoint() {
-            self.presync_cache()?;
-            let mut m = sh.lock_meta()?;
-            sh.maybe_commit_locked(&mut m)?;
+        // buffer), without the metadata lock.
+        if sh.wants_commit() {
+            sh.commit()?;
         }
         drop(guards);
         report.keys_written = done.len();
