@@ -19,12 +19,12 @@
 
 mod cache_support;
 
-use cache_support::{TINY, tiny_config};
+use cache_support::{Cut, TINY, crash_modes, tiny_config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use ubcache::cache::{CacheMode, CacheSet};
-use ubcache::dev::{BlockDev, CrashMode, MemDev, SimDev};
+use ubcache::dev::{BlockDev, CrashMode, MemDev, SimDev, SimStats};
 use ubcache::format::{self, BackingState, read_backing_superblock, read_cache_superblock};
 
 const SECTOR: usize = 512;
@@ -119,15 +119,6 @@ fn detach_write_alone_attach_reads_the_newest_data_caches_again_and_survives_a_r
     assert!(backing_data(backing.as_ref()) == model);
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Cut {
-    Never,
-    CacheWrite(u64),
-    CacheSync(u64),
-    BackingWrite(u64),
-    BackingSync(u64),
-}
-
 /// A set in writeback mode with a workload written and FLUSHed, on fresh SimDevs holding the
 /// durable images.
 fn prepared(seed: u64) -> (Arc<SimDev>, Arc<SimDev>, Vec<u8>) {
@@ -156,13 +147,7 @@ fn run_attach(cache: &Arc<SimDev>, backing: &Arc<SimDev>, model: &mut [u8], seed
     let set = CacheSet::open(dynd(cache), &[dynd(backing)], tiny_config(CacheMode::Writeback)).unwrap();
     set.detach(0).unwrap();
     write_alone(backing.as_ref(), model, &mut StdRng::seed_from_u64(seed ^ 0xa77));
-    match cut {
-        Cut::Never => {}
-        Cut::CacheWrite(n) => cache.set_crash_after_writes(n),
-        Cut::CacheSync(n) => cache.set_crash_at_sync(n),
-        Cut::BackingWrite(n) => backing.set_crash_after_writes(n),
-        Cut::BackingSync(n) => backing.set_crash_at_sync(n),
-    }
+    cut.arm(cache, backing);
     let done = set.attach(0).is_ok();
     cache.crash_now();
     backing.crash_now();
@@ -217,6 +202,43 @@ fn verify(cache_image: Vec<u8>, backing_image: Vec<u8>, model: &[u8], label: &st
     State::Attached
 }
 
+/// Cuts the power at every write and sync of one attach (whose uncut run changed the devices'
+/// stats from `.0` to `.1`): `run` prepares fresh devices, attaches with the cut armed and
+/// returns them with the model and whether the attach completed. Every crash image must be
+/// consistently detached or attached, and a completed attach must be durable. Returns how many
+/// images were (detached, attached).
+fn sweep_attach_cuts(
+    label: &str,
+    cache: (SimStats, SimStats),
+    backing: (SimStats, SimStats),
+    seed: u64,
+    run: impl Fn(Cut) -> (Arc<SimDev>, Arc<SimDev>, Vec<u8>, bool),
+) -> (usize, usize) {
+    let ((c0, c1), (b0, b1)) = (cache, backing);
+    assert!(b1.syncs > b0.syncs && c1.syncs > c0.syncs, "{label}: attach writes both superblocks");
+    let cuts = Cut::points(
+        (c1.writes - c0.writes, c1.syncs - c0.syncs),
+        (b1.writes - b0.writes, b1.syncs - b0.syncs),
+        |_| 1,
+    );
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let (mut detached, mut attached) = (0, 0);
+    for cut in cuts {
+        let (cache, backing, model, completed) = run(cut);
+        for mode in crash_modes(&mut rng) {
+            let label = format!("{label} cut {cut:?} (completed: {completed}) crash {mode:?}");
+            match verify(cache.crash_image(&mode), backing.crash_image(&mode), &model, &label) {
+                State::Detached => {
+                    assert!(!completed, "{label}: a completed attach must be durable");
+                    detached += 1;
+                }
+                State::Attached => attached += 1,
+            }
+        }
+    }
+    (detached, attached)
+}
+
 #[test]
 fn power_loss_during_attach_leaves_it_detached_or_attached_and_consistent() {
     let (mut detached, mut attached) = (0, 0);
@@ -230,32 +252,13 @@ fn power_loss_during_attach_leaves_it_detached_or_attached_and_consistent() {
         set.attach(0).unwrap();
         let (c1, b1) = (cache.stats(), backing.stats());
         drop(set);
-        let mut cuts = vec![Cut::Never];
-        cuts.extend((1..=c1.writes - c0.writes).map(Cut::CacheWrite));
-        cuts.extend((1..=c1.syncs - c0.syncs).map(Cut::CacheSync));
-        cuts.extend((1..=b1.writes - b0.writes).map(Cut::BackingWrite));
-        cuts.extend((1..=b1.syncs - b0.syncs).map(Cut::BackingSync));
-        assert!(b1.syncs > b0.syncs && c1.syncs > c0.syncs, "attach writes both superblocks");
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-        for cut in cuts {
+        let (d, a) = sweep_attach_cuts(&format!("seed {seed}"), (c0, c1), (b0, b1), seed, |cut| {
             let (cache, backing, mut model) = prepared(seed);
             let completed = run_attach(&cache, &backing, &mut model, seed, cut);
-            for mode in [
-                CrashMode::DropAll,
-                CrashMode::KeepAll,
-                CrashMode::Random { seed: rng.r#gen() },
-                CrashMode::TornRandom { seed: rng.r#gen() },
-            ] {
-                let label = format!("seed {seed} cut {cut:?} (completed: {completed}) crash {mode:?}");
-                match verify(cache.crash_image(&mode), backing.crash_image(&mode), &model, &label) {
-                    State::Detached => {
-                        assert!(!completed, "{label}: a completed attach must be durable");
-                        detached += 1;
-                    }
-                    State::Attached => attached += 1,
-                }
-            }
-        }
+            (cache, backing, model, completed)
+        });
+        detached += d;
+        attached += a;
     }
     eprintln!("attach crash states: {detached} detached, {attached} attached");
     assert!(detached > 10 && attached > 10, "both outcomes must occur: {detached} / {attached}");
@@ -504,13 +507,7 @@ fn run_attach_after_restart(cache: &Arc<SimDev>, backing: &Arc<SimDev>, model: &
     dev.write_at(&data, 5 * BLOCK as u64).unwrap();
     dev.sync().unwrap();
     model[5 * BLOCK..6 * BLOCK].copy_from_slice(&data);
-    match cut {
-        Cut::Never => {}
-        Cut::CacheWrite(n) => cache.set_crash_after_writes(n),
-        Cut::CacheSync(n) => cache.set_crash_at_sync(n),
-        Cut::BackingWrite(n) => backing.set_crash_after_writes(n),
-        Cut::BackingSync(n) => backing.set_crash_at_sync(n),
-    }
+    cut.arm(cache, backing);
     let done = set.attach(dev.dev_id()).is_ok();
     cache.crash_now();
     backing.crash_now();
@@ -528,33 +525,13 @@ fn power_loss_during_attach_after_a_restart_leaves_it_detached_or_attached_and_c
         set.attach(set.devices()[0].dev_id()).unwrap();
         let (c1, b1) = (cache.stats(), backing.stats());
         drop(set);
-        let mut cuts = vec![Cut::Never];
-        cuts.extend((1..=c1.writes - c0.writes).map(Cut::CacheWrite));
-        cuts.extend((1..=c1.syncs - c0.syncs).map(Cut::CacheSync));
-        cuts.extend((1..=b1.writes - b0.writes).map(Cut::BackingWrite));
-        cuts.extend((1..=b1.syncs - b0.syncs).map(Cut::BackingSync));
-        assert!(b1.syncs > b0.syncs && c1.syncs > c0.syncs, "attach writes both superblocks");
-        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-        for cut in cuts {
+        let (d, a) = sweep_attach_cuts(&format!("restart seed {seed}"), (c0, c1), (b0, b1), seed, |cut| {
             let (cache, backing, mut model) = prepared_detached_restart(seed);
             let completed = run_attach_after_restart(&cache, &backing, &mut model, cut);
-            for mode in [
-                CrashMode::DropAll,
-                CrashMode::KeepAll,
-                CrashMode::Random { seed: rng.r#gen() },
-                CrashMode::TornRandom { seed: rng.r#gen() },
-            ] {
-                let label =
-                    format!("restart seed {seed} cut {cut:?} (completed: {completed}) crash {mode:?}");
-                match verify(cache.crash_image(&mode), backing.crash_image(&mode), &model, &label) {
-                    State::Detached => {
-                        assert!(!completed, "{label}: a completed attach must be durable");
-                        detached += 1;
-                    }
-                    State::Attached => attached += 1,
-                }
-            }
-        }
+            (cache, backing, model, completed)
+        });
+        detached += d;
+        attached += a;
     }
     eprintln!("attach-after-restart crash states: {detached} detached, {attached} attached");
     assert!(detached > 10 && attached > 10, "both outcomes must occur: {detached} / {attached}");

@@ -12,12 +12,10 @@
 
 mod cache_support;
 
-use cache_support::{TINY, format_open, tiny_config};
-use parking_lot::{Condvar, Mutex};
+use cache_support::{GatedDev, TINY, format_open, tiny_config};
 use std::sync::Arc;
-use std::time::Duration;
 use ubcache::cache::{CacheMode, CacheSet};
-use ubcache::dev::{BlockDev, DevResult, FaultDev, FaultOp, FaultRule, MemDev};
+use ubcache::dev::{BlockDev, FaultDev, FaultOp, FaultRule, MemDev};
 use ubcache::format::read_backing_superblock;
 use ubcache::wbpolicy::CoalesceLimits;
 use ubcache_btree::Pos;
@@ -32,60 +30,6 @@ fn data_offset(backing: &dyn BlockDev) -> u64 {
 
 fn fill(i: u64, generation: u8) -> Vec<u8> {
     vec![(i as u8).wrapping_mul(7).wrapping_add(generation); BLOCK as usize]
-}
-
-/// A MemDev whose first write at one offset parks until released.
-#[derive(Debug)]
-struct GatedDev {
-    inner: MemDev,
-    armed_at: Mutex<Option<u64>>,
-    parked: Mutex<bool>,
-    changed: Condvar,
-}
-
-impl GatedDev {
-    fn wait_parked(&self) {
-        let mut p = self.parked.lock();
-        while !*p {
-            assert!(!self.changed.wait_for(&mut p, Duration::from_secs(30)).timed_out(), "never parked");
-        }
-    }
-
-    fn release(&self) {
-        *self.parked.lock() = false;
-        self.changed.notify_all();
-    }
-}
-
-impl BlockDev for GatedDev {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        let park = {
-            let mut armed = self.armed_at.lock();
-            let hit = *armed == Some(offset);
-            if hit {
-                *armed = None;
-            }
-            hit
-        };
-        if park {
-            let mut p = self.parked.lock();
-            *p = true;
-            self.changed.notify_all();
-            while *p {
-                self.changed.wait(&mut p);
-            }
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> DevResult<()> {
-        self.inner.sync()
-    }
 }
 
 #[test]
@@ -149,12 +93,7 @@ impl CacheConfigs {
 #[test]
 fn a_key_overwritten_during_the_copy_stays_dirty_and_the_rest_of_its_run_is_cleaned() {
     let cache: Arc<dyn BlockDev> = Arc::new(MemDev::new(4 << 20));
-    let gated = Arc::new(GatedDev {
-        inner: MemDev::new(8192 + (4 << 20)),
-        armed_at: Mutex::new(None),
-        parked: Mutex::new(false),
-        changed: Condvar::new(),
-    });
+    let gated = Arc::new(GatedDev::new(8192 + (4 << 20)));
     let backing: Arc<dyn BlockDev> = Arc::clone(&gated) as Arc<dyn BlockDev>;
     let set = Arc::new(format_open(&cache, &backing, CacheConfigs::writeback()));
     set.set_sequential_cutoff(0);
@@ -173,7 +112,7 @@ fn a_key_overwritten_during_the_copy_stays_dirty_and_the_rest_of_its_run_is_clea
         "the writes did not land side by side in one bucket: {keys:?}"
     );
     let offset = data_offset(backing.as_ref());
-    *gated.armed_at.lock() = Some(offset);
+    gated.arm(offset);
     let wb_set = Arc::clone(&set);
     let writeback = std::thread::spawn(move || wb_set.write_back_keys(&keys, LIMITS).unwrap());
     gated.wait_parked();

@@ -12,7 +12,7 @@
 
 mod cache_support;
 
-use cache_support::{TINY, tiny_config};
+use cache_support::{Cut, TINY, crash_modes, tiny_config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
@@ -30,15 +30,6 @@ const CACHE_BYTES: u64 = 1 << 20;
 enum Operation {
     Flush,
     Detach,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Cut {
-    Never,
-    CacheWrite(u64),
-    CacheSync(u64),
-    BackingWrite(u64),
-    BackingSync(u64),
 }
 
 fn dynd(d: &Arc<SimDev>) -> Arc<dyn BlockDev> {
@@ -78,13 +69,7 @@ fn prepared(seed: u64) -> (Arc<SimDev>, Arc<SimDev>, Vec<u8>) {
 fn run_operation(cache: &Arc<SimDev>, backing: &Arc<SimDev>, op: Operation, cut: Cut) -> bool {
     let set =
         Arc::new(CacheSet::open(dynd(cache), &[dynd(backing)], tiny_config(CacheMode::Writeback)).unwrap());
-    match cut {
-        Cut::Never => {}
-        Cut::CacheWrite(n) => cache.set_crash_after_writes(n),
-        Cut::CacheSync(n) => cache.set_crash_at_sync(n),
-        Cut::BackingWrite(n) => backing.set_crash_after_writes(n),
-        Cut::BackingSync(n) => backing.set_crash_at_sync(n),
-    }
+    cut.arm(cache, backing);
     let done = match op {
         Operation::Flush => {
             let cfg = WritebackConfig { batch_keys: 4, max_io_bytes: 8192, ..WritebackConfig::default() };
@@ -150,12 +135,7 @@ fn cuts(op: Operation, seed: u64) -> Vec<Cut> {
     assert!(run_operation(&cache, &backing, op, Cut::Never));
     let cs = cache.stats();
     let bs = backing.stats();
-    let stride = |n: u64| (n / 12).max(1);
-    let mut out = Vec::new();
-    out.extend((1..=cs.writes).step_by(stride(cs.writes) as usize).map(Cut::CacheWrite));
-    out.extend((1..=cs.syncs).step_by(stride(cs.syncs) as usize).map(Cut::CacheSync));
-    out.extend((1..=bs.writes).step_by(stride(bs.writes) as usize).map(Cut::BackingWrite));
-    out.extend((1..=bs.syncs).step_by(stride(bs.syncs) as usize).map(Cut::BackingSync));
+    let out = Cut::points((cs.writes, cs.syncs), (bs.writes, bs.syncs), |n| n / 12);
     assert!(bs.writes > 0 && bs.syncs > 0, "the operation must write backing");
     out
 }
@@ -168,12 +148,7 @@ fn campaign(op: Operation, seeds: std::ops::Range<u64>) -> usize {
         for cut in cuts(op, seed) {
             let (cache, backing, model) = prepared(seed);
             let completed = run_operation(&cache, &backing, op, cut);
-            for mode in [
-                CrashMode::DropAll,
-                CrashMode::KeepAll,
-                CrashMode::Random { seed: rng.r#gen() },
-                CrashMode::TornRandom { seed: rng.r#gen() },
-            ] {
+            for mode in crash_modes(&mut rng) {
                 let label = format!("{op:?} seed {seed} cut {cut:?} (completed: {completed}) crash {mode:?}");
                 assert_eq!(
                     verify(cache.crash_image(&mode), backing.crash_image(&mode), &model, &label),

@@ -17,74 +17,16 @@
 
 mod cache_support;
 
-use cache_support::{format_open, tiny_config};
-use parking_lot::{Condvar, Mutex};
+use cache_support::{GatedDev, format_open, tiny_config};
 use std::sync::Arc;
 use std::time::Duration;
 use ubcache::cache::{CacheMode, CacheSet};
-use ubcache::dev::{BlockDev, DevResult, MemDev};
+use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::read_backing_superblock;
 use ubcache::wbpolicy::CoalesceLimits;
 use ubcache_btree::Pos;
 
 const SECTOR: u64 = 512;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gate {
-    Off,
-    Armed(u64),
-    Parked,
-    Released,
-}
-
-/// A MemDev whose next write at one offset parks until released.
-#[derive(Debug)]
-struct GatedDev {
-    inner: MemDev,
-    gate: Mutex<Gate>,
-    changed: Condvar,
-}
-
-impl GatedDev {
-    fn new(len: u64) -> Self {
-        Self { inner: MemDev::new(len), gate: Mutex::new(Gate::Off), changed: Condvar::new() }
-    }
-    fn wait_parked(&self) {
-        let mut g = self.gate.lock();
-        while *g != Gate::Parked {
-            assert!(!self.changed.wait_for(&mut g, Duration::from_secs(30)).timed_out(), "never parked");
-        }
-    }
-    fn release(&self) {
-        *self.gate.lock() = Gate::Released;
-        self.changed.notify_all();
-    }
-}
-
-impl BlockDev for GatedDev {
-    fn len(&self) -> u64 {
-        self.inner.len()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        {
-            let mut g = self.gate.lock();
-            if *g == Gate::Armed(offset) {
-                *g = Gate::Parked;
-                self.changed.notify_all();
-                while *g == Gate::Parked {
-                    self.changed.wait(&mut g);
-                }
-            }
-        }
-        self.inner.write_at(buf, offset)
-    }
-    fn sync(&self) -> DevResult<()> {
-        self.inner.sync()
-    }
-}
 
 /// Runs the race with `writeback` as the writeback under test: the writethrough write must wait
 /// while the writeback, whose range locks cover it, is parked. Returns whether backing holds
@@ -100,7 +42,7 @@ fn race(writeback: impl FnOnce(&CacheSet) + Send + 'static) -> bool {
     // Two dirty keys with a gap between them (never merged, never coalesced).
     dev.write_at(&[1u8; 4096], 0).unwrap();
     dev.write_at(&[2u8; 4096], 64 * SECTOR).unwrap();
-    *gated.gate.lock() = Gate::Armed(data_offset);
+    gated.arm(data_offset);
     let wb_set = Arc::clone(&set);
     let handle = std::thread::spawn(move || writeback(&wb_set));
     gated.wait_parked();

@@ -1056,27 +1056,12 @@ impl Shared {
     }
 
     /// Commits every appended journal entry, after making the data they reference durable:
-    /// backing devices that took writes, then the cache device (crash rule 1). This is FLUSH.
+    /// backing devices that took writes, then the cache device (crash rule 1). For steps that
+    /// must commit in the middle of a locked update; everything else uses [`Shared::commit`].
     pub(crate) fn commit_locked(&self, m: &mut Meta) -> CacheResult<()> {
-        for b in &self.backings {
-            b.sync_state.sync(b.dev.as_ref())?;
-        }
+        // With the lock held nothing is appended meanwhile: every pending entry is committed.
         let last = self.journal.last_appended_seq();
-        if self.journal.durable_seq() >= last {
-            return Ok(());
-        }
-        // A failed cache sync may have dropped dirty pages (Linux fsync semantics): nothing
-        // written since the last good sync can be trusted, so the set stops here.
-        if !self.cfg.debug.commit_skips_cache_sync
-            && let Err(e) = self.cache.sync()
-        {
-            return self.fail(e.into());
-        }
-        if let Err(e) = self.journal.commit(last) {
-            return self.fail(e.into());
-        }
-        self.last_commit_seq.fetch_max(last, Ordering::AcqRel);
-        Stats::add(&self.stats.journal_commits, 1);
+        self.sync_and_commit_through(last)?;
         if self.journal.needs_checkpoint() && !m.in_checkpoint {
             self.checkpoint_locked(m)?;
         }
@@ -1099,32 +1084,39 @@ impl Shared {
         if self.failed.load(Ordering::Acquire) {
             return Err(CacheError::Failed("an earlier metadata update failed half-way".into()));
         }
-        let upto = seq.min(self.journal.last_appended_seq());
-        // Backing writes need a sync even with no entry to commit (a write that went around
-        // the cache journals nothing): FLUSH covers them too.
-        for b in &self.backings {
-            b.sync_state.sync(b.dev.as_ref())?;
-        }
-        if self.journal.durable_seq() < upto {
-            // A failed cache sync may have dropped dirty pages (Linux fsync semantics): nothing
-            // written since the last good sync can be trusted, so the set stops here.
-            if !self.cfg.debug.commit_skips_cache_sync
-                && let Err(e) = self.cache.sync()
-            {
-                return self.fail(e.into());
-            }
-            if let Err(e) = self.journal.commit_through(upto) {
-                return self.fail(e.into());
-            }
-            self.last_commit_seq.fetch_max(upto, Ordering::AcqRel);
-            Stats::add(&self.stats.journal_commits, 1);
-        }
+        self.sync_and_commit_through(seq.min(self.journal.last_appended_seq()))?;
         if self.journal.needs_checkpoint() {
             let mut m = self.lock_meta()?;
             if self.journal.needs_checkpoint() && !m.in_checkpoint {
                 self.checkpoint_locked(&mut m)?;
             }
         }
+        Ok(())
+    }
+
+    /// Syncs the backing devices that took writes, then, if entries up to `upto` are not all
+    /// durable, the cache device, and commits them. The caller read `upto` before this call.
+    fn sync_and_commit_through(&self, upto: u64) -> CacheResult<()> {
+        // Backing writes need a sync even with no entry to commit (a write that went around
+        // the cache journals nothing): FLUSH covers them too.
+        for b in &self.backings {
+            b.sync_state.sync(b.dev.as_ref())?;
+        }
+        if self.journal.durable_seq() >= upto {
+            return Ok(());
+        }
+        // A failed cache sync may have dropped dirty pages (Linux fsync semantics): nothing
+        // written since the last good sync can be trusted, so the set stops here.
+        if !self.cfg.debug.commit_skips_cache_sync
+            && let Err(e) = self.cache.sync()
+        {
+            return self.fail(e.into());
+        }
+        if let Err(e) = self.journal.commit_through(upto) {
+            return self.fail(e.into());
+        }
+        self.last_commit_seq.fetch_max(upto, Ordering::AcqRel);
+        Stats::add(&self.stats.journal_commits, 1);
         Ok(())
     }
 
