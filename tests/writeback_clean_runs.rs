@@ -178,3 +178,38 @@ fn a_backing_write_failing_in_the_writer_thread_keeps_every_key_dirty_and_unpinn
         assert!(got == fill(i, 1), "block {i} on backing");
     }
 }
+
+/// Short runs are written by several writer threads at once. A failure at any one of the
+/// writes must end the call with an error, never hang it (the other writers are idle or busy
+/// when it happens, and fewer jobs than writers may be left), and lose nothing.
+#[test]
+fn a_failure_at_any_write_among_several_writers_ends_the_call_without_hanging() {
+    let n = 6u64;
+    for failing_write in 1..=n {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let cache: Arc<dyn BlockDev> = Arc::new(MemDev::new(4 << 20));
+            let faulty = Arc::new(FaultDev::new(MemDev::new(8192 + (4 << 20))));
+            let backing: Arc<dyn BlockDev> = Arc::clone(&faulty) as Arc<dyn BlockDev>;
+            let set = format_open(&cache, &backing, CacheConfigs::writeback());
+            set.set_sequential_cutoff(0);
+            let dev = set.devices().remove(0);
+            for i in 0..n {
+                dev.write_at(&fill(i, 1), 2 * i * BLOCK).unwrap();
+            }
+            let keys = set.scan_dirty(Pos::MIN, 1000).unwrap().keys;
+            let rule = faulty.add_rule(FaultRule::nth(FaultOp::Write, failing_write));
+            let failed = set.write_back_keys(&keys, LIMITS).is_err();
+            let usage = set.usage().unwrap();
+            faulty.remove_rule(rule);
+            let retried = set.write_back_keys(&keys, LIMITS).unwrap();
+            done_tx.send((failed, usage.buckets_pinned, usage.dirty_bytes, retried.keys_written)).unwrap();
+        });
+        let (failed, pinned, dirty, retried) = done_rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("write {failing_write} failing: the writeback hung"));
+        assert!(failed, "write {failing_write} failing: the call reported success");
+        assert_eq!((pinned, dirty), (0, n * BLOCK), "write {failing_write} failing");
+        assert_eq!(retried as u64, n, "write {failing_write} failing: the retry");
+    }
+}

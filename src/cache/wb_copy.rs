@@ -7,8 +7,9 @@
 //!   other (`copy_file_range`), no buffer of ours in between;
 //! - otherwise a run is read from the cache into a page-aligned buffer (an `O_DIRECT` backing
 //!   file writes it as it is, without a bounce copy) and written with one write. With more than
-//!   one run, a second thread does the writes while this one reads the next run, so the
-//!   device's write time and our read time overlap instead of adding up;
+//!   one run, writer threads do the writes while this one reads the next run, so the device's
+//!   write time and our read time overlap instead of adding up; short runs (random extents)
+//!   get several writers, so several writes are in flight;
 //! - a long run is queued for writeout as soon as it is written
 //!   ([`crate::dev::BlockDev::start_writeback`]): the disk writes it while the next one is
 //!   copied, rather than all of the batch during the caller's sync.
@@ -16,7 +17,9 @@
 use super::error::{CacheError, CacheResult};
 use super::set::{Meta, Shared};
 use crate::dev::SECTOR_SIZE;
+use parking_lot::Mutex;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use ubcache_btree::Key;
 
@@ -183,52 +186,97 @@ pub(crate) fn copy_runs(sh: &Shared, runs: &[CopyRun], keys: &[Key]) -> CacheRes
     }
 }
 
-/// Copies through memory with two buffers: this thread reads run `i + 1` from the cache while a
-/// writer thread writes run `i` to backing. Falls back to one thread if none can be started.
+/// Backing writes in flight at once when the runs are short (random extents): each one is a
+/// round trip to the device (a seek, a flash write, a network request to a remote volume), and a
+/// device overlaps several of them. Long runs keep one writer, so they reach the device in
+/// offset order (a disk writes them without seeking back).
+const SHORT_RUN_WRITERS: usize = 4;
+
+/// Runs shorter than this on average count as short (see [`SHORT_RUN_WRITERS`]).
+const SHORT_RUN_BYTES: usize = 256 << 10;
+
+/// Copies through memory: this thread reads run `i + 1` from the cache while writer threads
+/// write earlier runs to backing (one writer for long runs, [`SHORT_RUN_WRITERS`] for short
+/// ones). The runs are disjoint and all synced before any is marked clean, so the order in
+/// which the writes complete does not matter. Falls back to one thread if none can be started.
 fn copy_pipelined(sh: &Shared, copies: &[MemCopy]) -> CacheResult<()> {
+    let total: usize = copies.iter().map(MemCopy::len).sum();
+    let writers =
+        if total / copies.len().max(1) < SHORT_RUN_BYTES { SHORT_RUN_WRITERS.min(copies.len()) } else { 1 };
+    let stop = AtomicBool::new(false);
+    let (to_writers, jobs) = mpsc::sync_channel::<(usize, AlignedBuf)>(writers);
+    let jobs = Mutex::new(jobs);
+    let (to_reader, returned) = mpsc::channel::<AlignedBuf>();
     std::thread::scope(|scope| {
-        let (to_writer, jobs) = mpsc::sync_channel::<(usize, AlignedBuf)>(1);
-        let (to_reader, returned) = mpsc::channel::<AlignedBuf>();
-        let spawned = std::thread::Builder::new().name("ubcache-wb-write".into()).spawn_scoped(
-            scope,
-            move || -> CacheResult<()> {
-                for (i, mut buf) in jobs {
-                    write_pieces(sh, &copies[i], &mut buf)?;
-                    // The reader may have stopped already; then the buffer is simply dropped.
-                    let _ = to_reader.send(buf);
-                }
-                Ok(())
-            },
-        );
-        let writer = match spawned {
-            Ok(writer) => writer,
-            Err(e) => {
-                log::warn!("writeback: no writer thread ({e}); copying with one thread");
-                let mut buf = AlignedBuf::default();
-                for copy in copies {
-                    read_pieces(sh, copy, &mut buf)?;
-                    write_pieces(sh, copy, &mut buf)?;
-                }
-                return Ok(());
+        let mut handles = Vec::with_capacity(writers);
+        for _ in 0..writers {
+            let (jobs, to_reader, stop) = (&jobs, to_reader.clone(), &stop);
+            let spawned = std::thread::Builder::new().name("ubcache-wb-write".into()).spawn_scoped(
+                scope,
+                move || -> CacheResult<()> {
+                    let mut result = Ok(());
+                    // Until the reader closes the queue. After a failure the remaining jobs are
+                    // skipped, but every buffer still goes back: a reader waiting for one must
+                    // get it, see `stop` and close the queue, or idle writers would wait forever.
+                    // The lock is held only while waiting for the next job, not while writing.
+                    loop {
+                        // A statement of its own: in a `while let` the guard would live through
+                        // the body and the writers would take turns.
+                        let job = jobs.lock().recv();
+                        let Ok((i, mut buf)) = job else { break };
+                        if result.is_ok()
+                            && !stop.load(Ordering::Acquire)
+                            && let Err(e) = write_pieces(sh, &copies[i], &mut buf)
+                        {
+                            stop.store(true, Ordering::Release);
+                            result = Err(e);
+                        }
+                        // The reader may have stopped already; then the buffer is simply dropped.
+                        let _ = to_reader.send(buf);
+                    }
+                    result
+                },
+            );
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => log::warn!("writeback: no writer thread ({e}); {} writers", handles.len()),
             }
-        };
-        let mut spare = vec![AlignedBuf::default(), AlignedBuf::default()];
+        }
+        drop(to_reader);
         let mut read_result = Ok(());
+        if handles.is_empty() {
+            let mut buf = AlignedBuf::default();
+            for copy in copies {
+                read_pieces(sh, copy, &mut buf)?;
+                write_pieces(sh, copy, &mut buf)?;
+            }
+            return Ok(());
+        }
+        let mut spare: Vec<AlignedBuf> = (0..=handles.len()).map(|_| AlignedBuf::default()).collect();
         for (i, copy) in copies.iter().enumerate() {
-            // No buffer coming back means the writer stopped: its error says why.
+            // No buffer coming back means every writer stopped: their errors say why.
             let Some(mut buf) = spare.pop().or_else(|| returned.recv().ok()) else { break };
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
             if let Err(e) = read_pieces(sh, copy, &mut buf) {
                 read_result = Err(e);
                 break;
             }
-            if to_writer.send((i, buf)).is_err() {
+            if to_writers.send((i, buf)).is_err() {
                 break;
             }
         }
-        drop(to_writer);
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err(CacheError::Failed("writeback's backing writer thread panicked".into())));
+        drop(to_writers);
+        let mut written = Ok(());
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(CacheError::Failed("writeback's backing writer thread panicked".into()))
+            });
+            if written.is_ok() {
+                written = r;
+            }
+        }
         written.and(read_result)
     })
 }
