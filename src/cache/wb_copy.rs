@@ -147,42 +147,36 @@ fn write_pieces(sh: &Shared, copy: &MemCopy, buf: &mut AlignedBuf) -> CacheResul
 /// Copies every run's cached data to its backing device (not durable: the caller syncs).
 /// The runs' buckets must be pinned.
 pub(crate) fn copy_runs(sh: &Shared, runs: &[CopyRun], keys: &[Key]) -> CacheResult<()> {
-    {
-        let mut through_memory = Vec::new();
-        for run in runs {
-            let run_keys = &keys[run.keys.clone()];
-            let Some(first) = run_keys.first() else { continue };
-            let backing = &sh.backings[run.backing];
-            let start = backing.data_offset + first.start() * SECTOR_SIZE;
-            let pieces = cache_pieces(run_keys);
-            let mut at = start;
-            let mut in_kernel = 0;
-            for &(from, n) in &pieces {
-                if !backing.dev.copy_from(sh.cache.as_ref(), from, at, n)? {
-                    break;
-                }
-                at += n;
-                in_kernel += 1;
+    let mut through_memory = Vec::new();
+    for run in runs {
+        let run_keys = &keys[run.keys.clone()];
+        let Some(first) = run_keys.first() else { continue };
+        let backing = &sh.backings[run.backing];
+        let start = backing.data_offset + first.start() * SECTOR_SIZE;
+        let pieces = cache_pieces(run_keys);
+        let mut at = start;
+        let mut in_kernel = 0;
+        for &(from, n) in &pieces {
+            if !backing.dev.copy_from(sh.cache.as_ref(), from, at, n)? {
+                break;
             }
-            if in_kernel == pieces.len() {
-                start_writeback_if_long(sh, run.backing, start, at - start)?;
-            } else {
-                through_memory.push(MemCopy {
-                    backing: run.backing,
-                    at,
-                    pieces: pieces[in_kernel..].to_vec(),
-                });
-            }
+            at += n;
+            in_kernel += 1;
         }
-        match through_memory.as_slice() {
-            [] => Ok(()),
-            [one] => {
-                let mut buf = AlignedBuf::default();
-                read_pieces(sh, one, &mut buf)?;
-                write_pieces(sh, one, &mut buf)
-            }
-            many => copy_pipelined(sh, many),
+        if in_kernel == pieces.len() {
+            start_writeback_if_long(sh, run.backing, start, at - start)?;
+        } else {
+            through_memory.push(MemCopy { backing: run.backing, at, pieces: pieces[in_kernel..].to_vec() });
         }
+    }
+    match through_memory.as_slice() {
+        [] => Ok(()),
+        [one] => {
+            let mut buf = AlignedBuf::default();
+            read_pieces(sh, one, &mut buf)?;
+            write_pieces(sh, one, &mut buf)
+        }
+        many => copy_pipelined(sh, many),
     }
 }
 
