@@ -213,3 +213,85 @@ fn a_failure_at_any_write_among_several_writers_ends_the_call_without_hanging() 
         assert_eq!(retried as u64, n, "write {failing_write} failing: the retry");
     }
 }
+
+/// A backing device that counts the writes it has been given (before they park) and says
+/// whether parallel writes help it.
+#[derive(Debug)]
+struct CountingDev {
+    gated: GatedDev,
+    writes_started: std::sync::atomic::AtomicU64,
+    parallel: bool,
+}
+
+impl BlockDev for CountingDev {
+    fn len(&self) -> u64 {
+        self.gated.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> ubcache::dev::DevResult<()> {
+        self.gated.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> ubcache::dev::DevResult<()> {
+        self.writes_started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.gated.write_at(buf, offset)
+    }
+    fn sync(&self) -> ubcache::dev::DevResult<()> {
+        self.gated.sync()
+    }
+    fn parallel_writes_help(&self) -> bool {
+        self.parallel
+    }
+}
+
+/// Long runs go to a device in offset order, one at a time, unless the device says parallel
+/// writes help it (a remote volume): then the next run's write starts while the first one is
+/// still in flight.
+#[test]
+fn long_runs_are_written_one_at_a_time_unless_the_device_says_parallel_writes_help() {
+    for parallel in [false, true] {
+        let cache: Arc<dyn BlockDev> = Arc::new(MemDev::new(8 << 20));
+        let dev_impl = Arc::new(CountingDev {
+            gated: GatedDev::new(8192 + (8 << 20)),
+            writes_started: std::sync::atomic::AtomicU64::new(0),
+            parallel,
+        });
+        let backing: Arc<dyn BlockDev> = Arc::clone(&dev_impl) as Arc<dyn BlockDev>;
+        let set = Arc::new(format_open(&cache, &backing, CacheConfigs::writeback()));
+        set.set_sequential_cutoff(0);
+        let dev = set.devices().remove(0);
+        // Three runs of 512 KiB (long), with gaps between them.
+        for run in 0..3u64 {
+            for i in 0..128u64 {
+                dev.write_at(&fill(run * 128 + i, 1), run * (1 << 20) + i * BLOCK).unwrap();
+            }
+        }
+        let keys = set.scan_dirty(Pos::MIN, 1000).unwrap().keys;
+        let started_before = dev_impl.writes_started.load(std::sync::atomic::Ordering::SeqCst);
+        dev_impl.gated.arm(data_offset(backing.as_ref()));
+        let wb_set = Arc::clone(&set);
+        let writeback = std::thread::spawn(move || wb_set.write_back_keys(&keys, LIMITS).unwrap());
+        dev_impl.gated.wait_parked();
+        let second_started =
+            || dev_impl.writes_started.load(std::sync::atomic::Ordering::SeqCst) >= started_before + 2;
+        if parallel {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !second_started() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            assert!(second_started(), "no second write started while the first was in flight");
+        } else {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            assert!(!second_started(), "a second long run was written while the first was in flight");
+        }
+        dev_impl.gated.release();
+        let report = writeback.join().unwrap();
+        assert_eq!((report.keys_written, report.backing_writes), (3 * 128, 3), "{report:?}");
+        let mut got = vec![0u8; BLOCK as usize];
+        let offset = data_offset(backing.as_ref());
+        for run in 0..3u64 {
+            for i in [0, 127] {
+                backing.read_at(&mut got, offset + run * (1 << 20) + i * BLOCK).unwrap();
+                assert!(got == fill(run * 128 + i, 1), "parallel={parallel}: run {run} block {i}");
+            }
+        }
+    }
+}

@@ -180,23 +180,30 @@ pub(crate) fn copy_runs(sh: &Shared, runs: &[CopyRun], keys: &[Key]) -> CacheRes
     }
 }
 
-/// Backing writes in flight at once when the runs are short (random extents): each one is a
-/// round trip to the device (a seek, a flash write, a network request to a remote volume), and a
-/// device overlaps several of them. Long runs keep one writer, so they reach the device in
-/// offset order (a disk writes them without seeking back).
-const SHORT_RUN_WRITERS: usize = 4;
+/// Backing writes in flight at once when the runs are short (random extents), or when the
+/// backing device says several writes help ([`crate::dev::BlockDev::parallel_writes_help`]: a
+/// remote volume): each write is a round trip to the device (a seek, a flash write, a network
+/// request), and a device overlaps several of them. Otherwise long runs keep one writer, so
+/// they reach the device in offset order (a disk writes them without seeking back).
+const PARALLEL_WRITERS: usize = 4;
 
-/// Runs shorter than this on average count as short (see [`SHORT_RUN_WRITERS`]).
+/// Runs shorter than this on average count as short (see [`PARALLEL_WRITERS`]).
 const SHORT_RUN_BYTES: usize = 256 << 10;
 
-/// Copies through memory: this thread reads run `i + 1` from the cache while writer threads
-/// write earlier runs to backing (one writer for long runs, [`SHORT_RUN_WRITERS`] for short
-/// ones). The runs are disjoint and all synced before any is marked clean, so the order in
-/// which the writes complete does not matter. Falls back to one thread if none can be started.
-fn copy_pipelined(sh: &Shared, copies: &[MemCopy]) -> CacheResult<()> {
+/// How many writer threads copy `copies` (see [`PARALLEL_WRITERS`]).
+fn writer_count(sh: &Shared, copies: &[MemCopy]) -> usize {
     let total: usize = copies.iter().map(MemCopy::len).sum();
-    let writers =
-        if total / copies.len().max(1) < SHORT_RUN_BYTES { SHORT_RUN_WRITERS.min(copies.len()) } else { 1 };
+    let short = total / copies.len().max(1) < SHORT_RUN_BYTES;
+    let parallel_device = copies.iter().any(|c| sh.backings[c.backing].dev.parallel_writes_help());
+    if short || parallel_device { PARALLEL_WRITERS.min(copies.len()) } else { 1 }
+}
+
+/// Copies through memory: this thread reads run `i + 1` from the cache while writer threads
+/// write earlier runs to backing ([`writer_count`]). The runs are disjoint and all synced
+/// before any is marked clean, so the order in which the writes complete does not matter.
+/// Falls back to one thread if none can be started.
+fn copy_pipelined(sh: &Shared, copies: &[MemCopy]) -> CacheResult<()> {
+    let writers = writer_count(sh, copies);
     let stop = AtomicBool::new(false);
     let (to_writers, jobs) = mpsc::sync_channel::<(usize, AlignedBuf)>(writers);
     let jobs = Mutex::new(jobs);

@@ -179,6 +179,15 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     fn start_writeback(&self, offset: u64, len: u64) -> DevResult<()> {
         DevError::check_range("start_writeback", offset, len, self.len())
     }
+
+    /// Whether large writes that are adjacent on the device still go faster several at a time
+    /// than one after another in offset order: true where each write waits for a round trip
+    /// (a remote volume), false where order matters more (a disk seeks back for an
+    /// out-of-order write). Bulk writers (writeback) keep one large write in flight unless
+    /// this says so. The default, false, is always safe.
+    fn parallel_writes_help(&self) -> bool {
+        false
+    }
 }
 
 /// Zeroes a range by writing zero buffers, the fallback for devices that cannot punch holes.
@@ -240,5 +249,8 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     }
     fn start_writeback(&self, offset: u64, len: u64) -> DevResult<()> {
         (**self).start_writeback(offset, len)
+    }
+    fn parallel_writes_help(&self) -> bool {
+        (**self).parallel_writes_help()
     }
 }

@@ -369,6 +369,11 @@ impl BlockDev for NbdDev {
         self.size
     }
 
+    /// Every request is a round trip to the server, and the connection carries many at once.
+    fn parallel_writes_help(&self) -> bool {
+        true
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         let len = buf.len() as u64;
         DevError::check_range("read", offset, len, self.size)?;
