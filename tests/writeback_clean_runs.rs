@@ -146,21 +146,30 @@ fn a_key_overwritten_during_the_copy_stays_dirty_and_the_rest_of_its_run_is_clea
     assert!(got == fill(overwritten, 2), "the overwrite reached backing at the next writeback");
 }
 
-#[test]
-fn a_backing_write_failing_in_the_writer_thread_keeps_every_key_dirty_and_unpinned() {
+/// A writeback-mode set over a fault-injecting backing device with `n` dirty 4 KiB keys with
+/// gaps between them (one run, and one backing write, per key): (backing's faults, backing,
+/// set, the dirty keys).
+fn spaced_dirty_keys(
+    n: u64,
+) -> (Arc<FaultDev<MemDev>>, Arc<dyn BlockDev>, CacheSet, Vec<ubcache_btree::Key>) {
     let cache: Arc<dyn BlockDev> = Arc::new(MemDev::new(4 << 20));
     let faulty = Arc::new(FaultDev::new(MemDev::new(8192 + (4 << 20))));
     let backing: Arc<dyn BlockDev> = Arc::clone(&faulty) as Arc<dyn BlockDev>;
     let set = format_open(&cache, &backing, CacheConfigs::writeback());
     set.set_sequential_cutoff(0);
     let dev = set.devices().remove(0);
-    // Gaps between the writes: one run, and one backing write, per key.
-    let n = 24u64;
     for i in 0..n {
         dev.write_at(&fill(i, 1), 2 * i * BLOCK).unwrap();
     }
     let keys = set.scan_dirty(Pos::MIN, 1000).unwrap().keys;
     assert_eq!(keys.len() as u64, n);
+    (faulty, backing, set, keys)
+}
+
+#[test]
+fn a_backing_write_failing_in_the_writer_thread_keeps_every_key_dirty_and_unpinned() {
+    let n = 24u64;
+    let (faulty, backing, set, keys) = spaced_dirty_keys(n);
     let failing = faulty.add_rule(FaultRule::nth(FaultOp::Write, 5));
     let err = set.write_back_keys(&keys, LIMITS).expect_err("the fifth backing write failed");
     assert!(err.to_string().contains("I/O") || err.to_string().to_lowercase().contains("error"), "{err}");
@@ -188,16 +197,7 @@ fn a_failure_at_any_write_among_several_writers_ends_the_call_without_hanging() 
     for failing_write in 1..=n {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let cache: Arc<dyn BlockDev> = Arc::new(MemDev::new(4 << 20));
-            let faulty = Arc::new(FaultDev::new(MemDev::new(8192 + (4 << 20))));
-            let backing: Arc<dyn BlockDev> = Arc::clone(&faulty) as Arc<dyn BlockDev>;
-            let set = format_open(&cache, &backing, CacheConfigs::writeback());
-            set.set_sequential_cutoff(0);
-            let dev = set.devices().remove(0);
-            for i in 0..n {
-                dev.write_at(&fill(i, 1), 2 * i * BLOCK).unwrap();
-            }
-            let keys = set.scan_dirty(Pos::MIN, 1000).unwrap().keys;
+            let (faulty, _, set, keys) = spaced_dirty_keys(n);
             let rule = faulty.add_rule(FaultRule::nth(FaultOp::Write, failing_write));
             let failed = set.write_back_keys(&keys, LIMITS).is_err();
             let usage = set.usage().unwrap();
