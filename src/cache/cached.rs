@@ -324,11 +324,7 @@ impl CachedDev {
             return self.shared.fail(e);
         }
         written?;
-        let commit = self.shared.wants_commit();
-        drop(m);
-        if commit {
-            self.shared.commit()?;
-        }
+        self.shared.unlock_and_commit(m, false)?;
         Ok(true)
     }
 
@@ -476,9 +472,7 @@ impl CachedDev {
         }
         Stats::add(&self.shared.stats.write_cached, 1);
         // Committed without the metadata lock, so reads go on during the syncs.
-        let commit = fua || self.shared.wants_commit();
-        drop(m);
-        if commit { self.shared.commit() } else { Ok(()) }
+        self.shared.unlock_and_commit(m, fua)
     }
 
     /// A write (or zeroing, or discard) that goes to backing, not into the cache. Holds the
@@ -540,9 +534,7 @@ impl CachedDev {
         }
         Stats::add(&self.shared.stats.write_bypassed, 1);
         // Committed without the metadata lock, so reads go on during the syncs.
-        let commit = fua || self.shared.wants_commit();
-        drop(m);
-        if commit { self.shared.commit() } else { Ok(()) }
+        self.shared.unlock_and_commit(m, fua)
     }
 
     /// Prepares a range for a write to backing: invalidates every *clean* cached piece of it

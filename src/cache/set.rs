@@ -1120,6 +1120,18 @@ impl Shared {
         Ok(())
     }
 
+    /// Ends a locked update: releases the metadata lock, then commits (without it, see
+    /// [`Shared::commit`]) if `now` (FUA) or [`Shared::wants_commit`].
+    pub(crate) fn unlock_and_commit(
+        &self,
+        m: parking_lot::MutexGuard<'_, Meta>,
+        now: bool,
+    ) -> CacheResult<()> {
+        let commit = now || self.wants_commit();
+        drop(m);
+        if commit { self.commit() } else { Ok(()) }
+    }
+
     /// Whether enough entries are pending (or the journal wants a checkpoint) that an update
     /// should commit on its own (bounds memory and record size); the caller then commits with
     /// [`Shared::commit`] after releasing the metadata lock.
