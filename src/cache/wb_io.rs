@@ -152,6 +152,7 @@ impl CacheSet {
 }
 
 impl Shared {
+    /// Whether `dev` is one of this set's devices and not detached.
     pub(crate) fn is_attached(&self, dev: u32) -> bool {
         self.backings.iter().any(|b| b.dev_id == dev && !b.detached.load(Ordering::Acquire))
     }
