@@ -6,6 +6,7 @@
 //! - [`cached`]: [`CachedDev`], the per-backing data path for every [`CacheMode`].
 //! - [`policy`]: mode decisions and the sequential-cutoff detector, as pure functions.
 //! - [`inflight`]: fill/collision tracking and the writeback range lock.
+//! - [`writeback`]: writing dirty data home (the engine's writeback step and drain).
 //! - [`wb_io`]: hooks for [`crate::writeback`] and [`crate::engine_ctl`] (dirty scan, coalescing
 //!   writeback of a key batch, usage report).
 //! - [`crate::check`]: the fsck (offline [`crate::check::check`], online [`CacheSet::check`]).
@@ -58,6 +59,7 @@ pub mod stats;
 mod store;
 mod wb_copy;
 pub mod wb_io;
+pub mod writeback;
 
 pub use cached::CachedDev;
 pub use error::{CacheError, CacheResult};
