@@ -253,6 +253,8 @@ pub(crate) struct Shared {
     reclaim_policy: Mutex<ReclaimPolicy>,
     /// Serializes whole-set writeback passes (two passes would write the same keys twice).
     pub(crate) writeback_pass: Mutex<()>,
+    /// Writeback knobs and gauges, shared by the set's writeback thread and control target.
+    pub(crate) writeback_tuning: Arc<super::writeback::WritebackTuning>,
     pub(crate) recovery: RecoveryReport,
     failed: AtomicBool,
     last_commit_seq: AtomicU64,
@@ -576,6 +578,7 @@ impl CacheSet {
             congestion,
             reclaim_policy: Mutex::new(reclaim_policy),
             writeback_pass: Mutex::new(()),
+            writeback_tuning: Arc::default(),
             recovery,
             failed: AtomicBool::new(false),
             last_commit_seq: AtomicU64::new(0),
