@@ -10,6 +10,8 @@
 //! - [`cache`]: the cache engine: `CacheSet` (format, open with crash recovery, FLUSH,
 //!   checkpoint, writeback in [`cache::writeback`]) and `CachedDev`, a backing device served through the cache.
 //! - [`check`]: fsck, cross-checking btree x allocator x journal.
+//! - [`failpoints`]: named fail points that break one ordering rule on purpose (tests only;
+//!   nothing without the `failpoints` feature).
 //! - [`serve`]: `ubcache serve`: options, default files, exports, running the server.
 //! - [`cache`]: the cache set engine (`CacheSet`, per-backing `CachedDev`, modes, recovery).
 //! - [`check`]: fsck of a cache set.
@@ -23,6 +25,7 @@ pub mod cache;
 pub mod check;
 pub mod ctl;
 pub mod dev;
+pub mod failpoints;
 pub mod format;
 pub mod fuzzing;
 pub mod journal;

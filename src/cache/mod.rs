@@ -62,7 +62,7 @@ pub mod writeback;
 pub use cached::CachedDev;
 pub use error::{CacheError, CacheResult};
 pub use policy::{BypassReason, CacheMode, SequentialDetector, WriteRoute};
-pub use set::{CacheConfig, CacheSet, Congestion, DebugKnobs, FormatOptions, RecoveryReport, format};
+pub use set::{CacheConfig, CacheSet, Congestion, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};
 pub use usage::CacheUsage;
 pub use writeback::{DirtyScan, WritebackReport};

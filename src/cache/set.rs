@@ -33,6 +33,7 @@ use super::stats::{Stats, StatsSnapshot};
 use super::store::CacheStore;
 use crate::alloc::{AllocConfig, AllocError, Allocator, LiveExtent, OpenKind, ReclaimPolicy, SectorAlloc};
 use crate::dev::{BlockDev, SECTOR_SIZE};
+use crate::failpoints;
 use crate::format::{
     self, BackingEntry, BackingState, BackingSuperblock, CacheSuperblock, CheckpointEntry, Geometry,
     JournalEntry, StoredCacheMode, TableSlot, Uuid,
@@ -49,17 +50,6 @@ use ubcache_btree::{Key, Pos, Tree, TreeConfig};
 /// buckets of data were written reaches 0 from the initial priority (32768). A read hit resets
 /// its bucket to the initial priority, so LRU takes the buckets unused for the longest.
 const PRIO_DECAY_PER_BUCKET_WRITTEN: u16 = 8;
-
-/// Test-only switches that break one crash-ordering rule on purpose, so the crash harness can
-/// prove it catches the breakage. Never set outside tests.
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DebugKnobs {
-    /// Journal commits (FLUSH, FUA) skip the cache sync before writing the record (breaks rule 1).
-    pub commit_skips_cache_sync: bool,
-    /// Reclaimed buckets are reused before their bumped generation is durable (breaks rule 2).
-    pub reuse_bucket_before_gen_durable: bool,
-}
 
 /// Tuning of a cache set (nothing here is part of the on-disk format).
 #[derive(Debug, Clone)]
@@ -85,8 +75,6 @@ pub struct CacheConfig {
     pub congested_read_threshold_us: u64,
     /// Cache write latency (µs) over which writes bypass the cache; 0: never.
     pub congested_write_threshold_us: u64,
-    #[doc(hidden)]
-    pub debug: DebugKnobs,
 }
 
 impl Default for CacheConfig {
@@ -105,7 +93,6 @@ impl Default for CacheConfig {
             // caches; `ubcache serve` turns on bcache's defaults (2 ms read, 20 ms write).
             congested_read_threshold_us: 0,
             congested_write_threshold_us: 0,
-            debug: DebugKnobs::default(),
         }
     }
 }
@@ -1098,7 +1085,7 @@ impl Shared {
         }
         // A failed cache sync may have dropped dirty pages (Linux fsync semantics): nothing
         // written since the last good sync can be trusted, so the set stops here.
-        if !self.cfg.debug.commit_skips_cache_sync
+        if !failpoints::returns(failpoints::COMMIT_SKIP_CACHE_SYNC)
             && let Err(e) = self.cache.sync()
         {
             return self.fail(e.into());
@@ -1230,7 +1217,7 @@ impl Shared {
         };
         let entries: Vec<JournalEntry> = changes.iter().map(crate::alloc::GenChange::entry).collect();
         self.append_locked(m, &entries)?;
-        if !self.cfg.debug.reuse_bucket_before_gen_durable {
+        if !failpoints::returns(failpoints::RECLAIM_SKIP_GEN_COMMIT) {
             self.commit_locked(m)?;
         }
         let freed = m.tree.store_mut().alloc.mark_gens_durable(last);
