@@ -9,7 +9,7 @@
 //!    - `rate fixed`: the thread paced at a fixed rate (`min_rate = max_rate`), so the paced
 //!      path is measured while it writes a meaningful amount;
 //!    - `full speed`: a requested flush (no pacing) until nothing is dirty.
-//! 2. **Flush throughput** (`DrainStep` with `WritebackConfig::for_flush`, what `ubcache flush`
+//! 2. **Drain throughput** (`DrainStep` with `WritebackConfig::for_drain`, what `ubcache flush`
 //!    runs) of contiguous dirty extents (sequential 4 KiB writes in writeback mode: adjacent
 //!    keys, coalesced into large backing writes; and the same with 64 KiB writes) and of random
 //!    4 KiB extents, next to the backing
@@ -274,7 +274,7 @@ fn timed_flush(set: &Arc<CacheSet>) -> Result<(f64, f64, f64, u64), Box<dyn Erro
     Ok((mib / secs, cpu / (mib / 1024.0), secs, dirty))
 }
 
-/// `WritebackConfig::for_flush`, with its batch size overridden by `WB_FLUSH_BATCH_KEYS` (to
+/// `WritebackConfig::for_drain`, with its batch size overridden by `WB_FLUSH_BATCH_KEYS` (to
 /// explore the trade-off; the default is what `ubcache flush` uses).
 fn flush_config() -> WritebackConfig {
     let base = WritebackConfig::for_drain();

@@ -1,4 +1,4 @@
-//! How writeback marks keys clean and copies them (`cache/wb_io.rs`, `cache/wb_copy.rs`):
+//! How writeback marks keys clean and copies them (`cache/writeback/copy.rs`):
 //!
 //! - keys written one after another (adjacent on backing, adjacent in one cache bucket) are
 //!   marked clean with one replace of the whole run, so they end up as one clean key per
