@@ -169,7 +169,7 @@ fn generate() -> Vec<(&'static str, Images)> {
 
     // Clean: written, then closed (everything written home, a final checkpoint).
     let (cache, backing, set) = fresh();
-    set.flush_dirty().unwrap();
+    set.write_back_all().unwrap();
     set.close().unwrap();
     out.push((CLEAN, Images { cache: cache.snapshot(), backing: backing.snapshot() }));
 
