@@ -200,7 +200,7 @@ fn concurrent_adds_while_the_clock_moves_are_counted_exactly() {
 
 /// Cost of one counter update on the request path, uncontended and with two threads.
 /// Prints figures only (speed is not asserted in tests). Run:
-/// `cargo test --test ctl_stats stats_add_cost -- --ignored --nocapture`
+/// `cargo test --test ctl stats_add_cost -- --ignored --nocapture`
 #[test]
 #[ignore = "measurement; run by hand"]
 fn stats_add_cost() {

@@ -1,7 +1,7 @@
 //! FileDev on a real block device (a loop device over a temp file).
 //!
 //! Needs root and `losetup`, so it is ignored by default. Run it with:
-//! `sudo -E cargo test --test dev_blockdev -- --ignored`
+//! `sudo -E cargo test --test dev blockdev -- --ignored`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ impl Drop for LoopDev {
 }
 
 #[test]
-#[ignore = "needs root and losetup: sudo -E cargo test --test dev_blockdev -- --ignored"]
+#[ignore = "needs root and losetup: sudo -E cargo test --test dev blockdev -- --ignored"]
 fn file_dev_on_a_loop_device() {
     let dir = tempfile::tempdir().unwrap();
     let backing = dir.path().join("backing.img");

@@ -615,7 +615,7 @@ fn release_keeps_the_record_holding_replay_from() {
 }
 
 /// Measurement, not a check (no time is asserted). Run by hand:
-/// `cargo test --test journal_replay -- --ignored --nocapture journal_figures`
+/// `cargo test --test engine journal_figures -- --ignored --nocapture`
 #[test]
 #[ignore = "measurement; run by hand"]
 fn journal_figures() {

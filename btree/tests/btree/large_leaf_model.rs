@@ -1,5 +1,5 @@
 //! Model test with leaves of hundreds of keys: the in-memory leaf is a list of small blocks, and
-//! the proptest model (`tests/model.rs`, 512-byte nodes) keeps every leaf inside one block. Here
+//! the proptest model (`model.rs`, 512-byte nodes) keeps every leaf inside one block. Here
 //! 16 KiB nodes hold ~440 keys per leaf, so inserts, cuts, invalidations, lookups and scans cross
 //! block boundaries, blocks split and merge, and leaves split and merge by moving blocks — all
 //! checked against a per-sector reference map, with flushes, reopens and `check()` on the way.

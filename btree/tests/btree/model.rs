@@ -298,7 +298,7 @@ proptest! {
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
-    /// Soak run (minutes): `cargo test -p ubcache-btree --test model -- --ignored`.
+    /// Soak run (minutes): `cargo test -p ubcache-btree --test btree model -- --ignored`.
     #[test]
     #[ignore = "soak run; see the doc comment"]
     fn tree_matches_sector_model_soak(ops in proptest::collection::vec(op(), 1..600)) {
