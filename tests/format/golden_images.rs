@@ -8,9 +8,10 @@
 //! because they change the encoder and decoder together.
 //!
 //! Each image is gzip-compressed (they are almost all zeros) and kept tiny with the smallest legal
-//! geometry: 4 KiB buckets, 48 of them (the fewest the layout accepts plus room for data).
+//! geometry: 4 KiB buckets, 48 of them (28 for the fixed regions, 20 for data and btree).
 //!
-//! The images are made by [`regenerate_golden_images`] (ignored). Run plainly with `--ignored` it
+//! The images are made by [`regenerate_golden_images`] (ignored; `cargo test --test format --
+//! --ignored golden_images::regenerate`). Run plainly with `--ignored` it
 //! builds the images in memory and checks them with the same assertions, so the generator keeps
 //! working; with `UBCACHE_WRITE_GOLDEN=1` it also writes them. Only a deliberate format bump
 //! does that, and then into files of the new version beside the old ones (see
