@@ -14,10 +14,8 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use ubcache::dev::{
-    BlockDev, DevError, DevResult, MemDev, NbdDev, NbdDevOptions, SimDev, SlowDev, SlowDevConfig,
-};
-use ubcache::nbd::{Export, ListenAddr, Server, ServerConfig, build_runtime};
+use ubcache::dev::{BlockDev, DevError, DevResult, MemDev, SimDev, SlowDev, SlowDevConfig};
+use ubcache::nbd::{Export, ListenAddr, NbdDev, NbdDevOptions, Server, ServerConfig, build_runtime};
 
 /// Our own server on 127.0.0.1:0, run on its own runtime thread; stopped and joined on drop.
 struct TestServer {

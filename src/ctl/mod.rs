@@ -9,14 +9,12 @@
 //! - [`protocol`]: request/reply types and the dispatcher (one JSON object per line; see
 //!   `docs/control.md`).
 //! - [`server`]: the Unix socket server (a std thread, bounded clients, stop + join).
-//! - [`cli`]: the `ubcache stats|set-mode|set|knobs|flush|detach|attach` subcommands (clap).
 //! - [`client`]: one request per call, and the CLI's text renderers (flush progress bar).
 //! - [`flush`]: runs a flush on a background thread with progress and cancel.
 //! - [`knobs`]: knob and cache-mode parsing with bounds, as pure functions.
 //! - [`stats`]: atomic counters with exact rolling windows (5 min, 1 h, 1 day).
 //! - [`metrics`]: Prometheus text format 0.0.4 and a tiny HTTP responder.
 
-pub mod cli;
 pub mod client;
 pub mod flush;
 pub mod knobs;

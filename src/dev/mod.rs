@@ -3,7 +3,10 @@
 //! Everything that touches a cache or backing device (the NBD server, the cache engine, the
 //! journal, tests) does so through [`BlockDev`]. Tests swap in devices that keep data in memory
 //! ([`MemDev`]), simulate power loss ([`SimDev`]), inject faults ([`FaultDev`]) or latency
-//! ([`SlowDev`]), so the same code that runs in production is the code under test.
+//! ([`SlowDev`]), so the same code that runs in production is the code under test. [`OffsetDev`]
+//! is a window of another device (a backing device's data region behind its superblock). A
+//! remote NBD export as a device lives with the NBD code (`crate::nbd::NbdDev`), which sits above
+//! this layer.
 //!
 //! Semantics every implementation keeps:
 //! - `read_at`/`write_at` transfer the whole buffer or return an error; callers never see a short
@@ -16,14 +19,14 @@
 mod fault;
 mod file;
 mod mem;
-mod nbd_dev;
+mod offset;
 mod sim;
 mod slow;
 
 pub use fault::{FaultCounts, FaultDev, FaultOp, FaultRule, OpFilter, OpInfo, RuleId};
 pub use file::{FileDev, FileDevOptions};
 pub use mem::MemDev;
-pub use nbd_dev::{NbdDev, NbdDevOptions};
+pub use offset::OffsetDev;
 pub use sim::{CrashMode, SimDev, SimStats, UnsyncedWrite, WriteFate};
 pub use slow::{SlowDev, SlowDevConfig, SlowStats};
 

@@ -369,14 +369,7 @@ impl Server {
         let mut out = Vec::new();
         for addr in self.local_addrs() {
             for e in &self.shared.exports {
-                let name = uri_escape(&e.export.name);
-                out.push(match &addr {
-                    ListenAddr::Tcp(sa) if name.is_empty() => format!("nbd://{sa}"),
-                    ListenAddr::Tcp(sa) => format!("nbd://{sa}/{name}"),
-                    ListenAddr::Unix(p) => {
-                        format!("nbd+unix:///{name}?socket={}", uri_escape(&p.to_string_lossy()))
-                    }
-                });
+                out.push(super::uri::export_uri(&addr, &e.export.name));
             }
         }
         out
@@ -453,18 +446,6 @@ async fn remove_stale_socket(path: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
         Err(e) => Err(e),
     }
-}
-
-fn uri_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
@@ -1614,13 +1595,6 @@ mod tests {
         // Overlapping or unsorted ranges mean the device is confused: read everything instead.
         assert_eq!(sanitize_holes(vec![10..30, 20..40], 0..100), Vec::<Range<u64>>::new());
         assert_eq!(sanitize_holes(vec![50..60, 10..20], 0..100), Vec::<Range<u64>>::new());
-    }
-
-    #[test]
-    fn uri_escape_keeps_unreserved_and_escapes_the_rest() {
-        assert_eq!(uri_escape("disk-1_a.b~/x"), "disk-1_a.b~/x");
-        assert_eq!(uri_escape("a b?&%"), "a%20b%3F%26%25");
-        assert_eq!(uri_escape("é"), "%C3%A9");
     }
 
     #[test]

@@ -3,10 +3,9 @@
 //!
 //! Cached exports need no adapter: the NBD server advertises a minimum block size of 1 byte, and
 //! the engine's `CachedDev` does its own read-modify-write of partial sectors under its per-range
-//! lock. (An earlier sector-aligning wrapper here did a second read-modify-write and took a
-//! global lock on every write.)
+//! lock.
 
-use crate::dev::{BlockDev, DevError, DevResult, SECTOR_SIZE};
+use super::{BlockDev, DevError, DevResult, SECTOR_SIZE};
 use std::ops::Range;
 use std::sync::Arc;
 

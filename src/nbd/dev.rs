@@ -14,9 +14,9 @@
 //! every later call fails at once with an I/O error: a dead server gives errors, never a hang.
 //! There is no reconnect.
 
-use super::{BlockDev, DevError, DevResult, write_zeroes_by_writing};
-use crate::nbd::client::{ClientError, ClientOptions, NbdClient};
-use crate::nbd::proto::{self, cmd_flags, transmission_flags as tf};
+use super::client::{ClientError, ClientOptions, NbdClient};
+use super::proto::{self, cmd_flags, transmission_flags as tf};
+use crate::dev::{BlockDev, DevError, DevResult, write_zeroes_by_writing};
 use parking_lot::Mutex;
 use std::future::Future;
 use std::io;
@@ -147,7 +147,7 @@ impl NbdDev {
     /// Connects with explicit options.
     pub fn connect_with(uri: &str, opts: &NbdDevOptions) -> DevResult<NbdDev> {
         // Parse first so a bad URI is an `Invalid` error, not a connection failure.
-        crate::nbd::client::parse_uri(uri).map_err(|e| DevError::Invalid(e.to_string()))?;
+        super::client::parse_uri(uri).map_err(|e| DevError::Invalid(e.to_string()))?;
         let (handle_tx, handle_rx) = mpsc::sync_channel(1);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Option<Arc<NbdClient>>>();
         // The runtime is built, run and dropped on its own thread: dropping a runtime inside an
