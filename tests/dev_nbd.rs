@@ -96,7 +96,7 @@ fn round_trip_through_our_server_lands_on_the_served_device() {
     let server = TestServer::serving(mem.clone());
     let dev = NbdDev::connect(&server.uri).unwrap();
     assert_eq!(dev.len(), 4 << 20);
-    assert!(!dev.is_read_only());
+    assert!(!dev.capabilities().read_only);
 
     let data = pattern(1, 64 << 10);
     dev.write_at(&data, 8192).unwrap();
@@ -245,6 +245,9 @@ impl BlockDev for RecordingDev {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.inner.read_at(buf, offset)
     }
@@ -311,6 +314,9 @@ impl BlockDev for ErrDev {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.inner.read_at(buf, offset)
     }
@@ -360,7 +366,7 @@ fn read_only_export_refuses_writes() {
     let server = TestServer::start(vec![export]);
     let dev = NbdDev::connect(&server.uri).unwrap();
     assert!(server.uri.ends_with("/ro"), "{}", server.uri);
-    assert!(dev.is_read_only());
+    assert!(dev.capabilities().read_only);
     assert!(matches!(dev.write_at(&[1u8; 512], 0), Err(DevError::ReadOnly)));
     assert!(matches!(dev.write_zeroes(0, 512, true), Err(DevError::ReadOnly)));
     let mut buf = [9u8; 512];

@@ -16,7 +16,7 @@
 
 use super::client::{ClientError, ClientOptions, NbdClient};
 use super::proto::{self, cmd_flags, transmission_flags as tf};
-use crate::dev::{BlockDev, DevError, DevResult, write_zeroes_by_writing};
+use crate::dev::{BlockDev, DevCaps, DevError, DevResult, write_zeroes_by_writing};
 use parking_lot::Mutex;
 use std::future::Future;
 use std::io;
@@ -369,11 +369,6 @@ impl BlockDev for NbdDev {
         self.size
     }
 
-    /// Every request is a round trip to the server, and the connection carries many at once.
-    fn parallel_writes_help(&self) -> bool {
-        true
-    }
-
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         let len = buf.len() as u64;
         DevError::check_range("read", offset, len, self.size)?;
@@ -460,8 +455,10 @@ impl BlockDev for NbdDev {
         self.range_command("prefetch", proto::Command::Cache, 0, offset, len)
     }
 
-    fn is_read_only(&self) -> bool {
-        self.has(tf::READ_ONLY)
+    /// Every request is a round trip to the server, and the connection carries many at once:
+    /// parallel writes help. Read-only as the server says.
+    fn capabilities(&self) -> DevCaps<'_> {
+        DevCaps { read_only: self.has(tf::READ_ONLY), parallel_writes: true, ..DevCaps::default() }
     }
 }
 

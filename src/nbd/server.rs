@@ -15,7 +15,7 @@
 //!   costs one `write` system call and an uncontended reply costs no task hand-off.
 //!
 //! Non-FUA WRITEs to a device whose writes are copies into memory
-//! ([`BlockDev::writes_are_cheap`]: a buffered file, where a write lands in the page cache) run
+//! ([`crate::dev::DevCaps::cheap_writes`]: a buffered file, where a write lands in the page cache) run
 //! in the reader itself, straight from the read buffer: no task, no payload copy, no wake-up of
 //! another worker. The reader defers their replies and writes them all at once when it is about
 //! to wait for the client (or has `MAX_DEFERRED_REPLIES` of them), so a burst of writes costs
@@ -289,7 +289,7 @@ impl Shared {
                 return Err(ServerError::DuplicateExport(export.name));
             }
             let size = export.dev.len();
-            let read_only = export.read_only || export.dev.is_read_only();
+            let read_only = export.read_only || export.dev.capabilities().read_only;
             exports.push(Arc::new(ExportState { export, size, read_only, syncer: Arc::default() }));
         }
         Ok(Self {
@@ -967,7 +967,7 @@ async fn transmission(
         device_calls: shared.device_calls,
         min_hole_query_len: shared.min_hole_query_len,
         cheap_writes: shared.device_calls != DeviceCalls::BlockingPool
-            && export.export.dev.writes_are_cheap(),
+            && export.export.dev.capabilities().cheap_writes,
     };
     // The reader checks for shutdown between requests. A client that stops reading replies
     // can keep it waiting for an in-flight slot or in the middle of a payload, so shutdown also
@@ -1018,7 +1018,7 @@ struct Conn {
     device_calls: DeviceCalls,
     min_hole_query_len: u32,
     /// Non-FUA WRITEs run in the reader itself: the device says a write is a copy into memory
-    /// ([`BlockDev::writes_are_cheap`]) and device calls are not meant for the blocking pool.
+    /// ([`crate::dev::DevCaps::cheap_writes`]) and device calls are not meant for the blocking pool.
     /// A task per write would cost a spawn, a wake-up of another worker and a copy of the
     /// payload, more than the `pwrite` into the page cache itself.
     cheap_writes: bool,
@@ -1390,7 +1390,7 @@ impl Job {
             Request::Trim { offset, len, .. } => status(dev.discard(offset, u64::from(len))),
             Request::Cache { offset, len } => status(dev.prefetch(offset, u64::from(len))),
             Request::WriteZeroes { offset, len, no_hole, fast_zero, .. } => {
-                if fast_zero && !dev.fast_zero() {
+                if fast_zero && !dev.capabilities().fast_zero {
                     // The client asked to fail rather than be slow.
                     ReplyBody::Status { errno: errno::ENOTSUP }
                 } else {
