@@ -37,7 +37,7 @@ pub struct ServeOptions {
     /// export named `""` (the default export).
     pub export_names: Vec<String>,
     /// The cache mode; `None` picks the mode each backing superblock stores with a cache (the
-    /// last `set-mode`; [`DEFAULT_CACHED_MODE`] after format), `none` without.
+    /// last `set-mode`; [`super::DEFAULT_CACHED_MODE`] after format), `none` without.
     pub mode: Option<CacheMode>,
     /// Serve what would otherwise be refused to protect data: a Dirty backing device without
     /// its cache (its cached writes are lost), an attached one writable without its cache.

@@ -132,7 +132,7 @@ fn connect_error(uri: &str, e: impl std::fmt::Display) -> DevError {
     }
 }
 
-/// One request spawned on the runtime; [`Pending::wait`] blocks the caller for its answer.
+/// One request spawned on the runtime; [`NbdDev::wait`] blocks the caller for its answer.
 struct Pending<T> {
     rx: mpsc::Receiver<Result<T, ClientError>>,
 }
