@@ -11,12 +11,12 @@
 //! - [`journal`]: the journal ring with group commit and replay.
 //! - [`alloc`]: buckets, generations, free lists, reclaim.
 //! - [`cache`]: the cache engine: `CacheSet` (format, open with crash recovery, FLUSH,
-//!   checkpoint, writeback) and `CachedDev`, a backing device served through the cache.
+//!   checkpoint, writeback in [`cache::writeback`]) and `CachedDev`, a backing device served through the cache.
 //! - [`check`]: fsck, cross-checking btree x allocator x journal.
-//! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics.
-//! - [`wbpolicy`]: writeback policy as pure functions (rate controller, extent coalescing).
-//! - [`writeback`]: the background writeback thread (key buffer, coalescing, rate control).
-//! - [`engine_ctl`]: the cache engine behind the control socket ([`ctl::ControlTarget`]).
+//! - [`failpoints`]: named fail points that break one ordering rule on purpose (tests only;
+//!   nothing without the `failpoints` feature).
+//! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics, and the engine
+//!   behind it (`ctl::engine`).
 //!
 //! The btree of extent keys lives in its own crate, `ubcache-btree`, with no I/O of its own.
 
@@ -26,10 +26,8 @@ pub mod check;
 pub mod cli;
 pub mod ctl;
 pub mod dev;
-pub mod engine_ctl;
+pub mod failpoints;
 pub mod format;
 pub mod fuzzing;
 pub mod journal;
 pub mod nbd;
-pub mod wbpolicy;
-pub mod writeback;

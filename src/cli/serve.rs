@@ -3,12 +3,12 @@
 
 use super::defaults::DEFAULT_CACHE_FILE;
 use super::{ServeError, ServeOptions, build_exports, listen_addrs};
+use crate::cache::writeback::{WritebackConfig, WritebackThread};
 use crate::cache::{CacheSet, CachedDev};
 use crate::ctl::metrics::MetricsServer;
 use crate::ctl::server::{CtlServer, CtlServerConfig};
 use crate::nbd::uri::export_uri;
 use crate::nbd::{ListenAddr, Server, ServerConfig, build_runtime};
-use crate::writeback::{WritebackConfig, WritebackThread};
 use std::sync::Arc;
 
 /// The line printed on stdout for every URI once the server listens. Scripts and tests wait for
@@ -76,7 +76,7 @@ impl ControlPlane {
         // and writes back dirty data left by an earlier run in writeback mode whatever the mode
         // is now (or after `ubcache set-mode`).
         let writeback = WritebackThread::start(Arc::clone(&set), WritebackConfig::default());
-        let target = crate::engine_ctl::control_target(set, cached);
+        let target = crate::ctl::engine::control_target(set, cached);
         let socket = opts.ctl_socket.clone().unwrap_or_else(|| crate::ctl::socket_path(&opts.data_dir));
         if let Some(dir) = socket.parent()
             && !dir.as_os_str().is_empty()
