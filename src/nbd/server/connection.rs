@@ -105,7 +105,7 @@ async fn transmission(
         device_calls: shared.device_calls,
         min_hole_query_len: shared.min_hole_query_len,
         cheap_writes: shared.device_calls != DeviceCalls::BlockingPool
-            && export.export.dev.writes_are_cheap(),
+            && export.export.dev.capabilities().cheap_writes,
     };
     // The reader checks for shutdown between requests. A client that stops reading replies
     // can keep it waiting for an in-flight slot or in the middle of a payload, so shutdown also
@@ -156,7 +156,7 @@ struct Conn {
     device_calls: DeviceCalls,
     min_hole_query_len: u32,
     /// Non-FUA WRITEs run in the reader itself: the device says a write is a copy into memory
-    /// ([`BlockDev::writes_are_cheap`]) and device calls are not meant for the blocking pool.
+    /// ([`crate::dev::DevCaps::cheap_writes`]) and device calls are not meant for the blocking pool.
     /// A task per write would cost a spawn, a wake-up of another worker and a copy of the
     /// payload, more than the `pwrite` into the page cache itself.
     cheap_writes: bool,
@@ -528,7 +528,7 @@ impl Job {
             Request::Trim { offset, len, .. } => status(dev.discard(offset, u64::from(len))),
             Request::Cache { offset, len } => status(dev.prefetch(offset, u64::from(len))),
             Request::WriteZeroes { offset, len, no_hole, fast_zero, .. } => {
-                if fast_zero && !dev.fast_zero() {
+                if fast_zero && !dev.capabilities().fast_zero {
                     // The client asked to fail rather than be slow.
                     ReplyBody::Status { errno: errno::ENOTSUP }
                 } else {

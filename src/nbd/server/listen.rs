@@ -68,14 +68,7 @@ impl Server {
         let mut out = Vec::new();
         for addr in self.local_addrs() {
             for e in &self.shared.exports {
-                let name = uri_escape(&e.export.name);
-                out.push(match &addr {
-                    ListenAddr::Tcp(sa) if name.is_empty() => format!("nbd://{sa}"),
-                    ListenAddr::Tcp(sa) => format!("nbd://{sa}/{name}"),
-                    ListenAddr::Unix(p) => {
-                        format!("nbd+unix:///{name}?socket={}", uri_escape(&p.to_string_lossy()))
-                    }
-                });
+                out.push(crate::nbd::uri::export_uri(&addr, &e.export.name));
             }
         }
         out
@@ -154,18 +147,6 @@ async fn remove_stale_socket(path: &Path) -> io::Result<()> {
     }
 }
 
-fn uri_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut conns = JoinSet::new();
     loop {
@@ -214,17 +195,5 @@ async fn accept(listener: &Listener) -> io::Result<(BoxRead, BoxWrite, String)> 
             let (r, w) = s.into_split();
             Ok((Box::new(r), Box::new(w), format!("unix:{}", path.display())))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uri_escape_keeps_unreserved_and_escapes_the_rest() {
-        assert_eq!(uri_escape("disk-1_a.b~/x"), "disk-1_a.b~/x");
-        assert_eq!(uri_escape("a b?&%"), "a%20b%3F%26%25");
-        assert_eq!(uri_escape("é"), "%C3%A9");
     }
 }

@@ -15,7 +15,7 @@
 //!   costs one `write` system call and an uncontended reply costs no task hand-off.
 //!
 //! Non-FUA WRITEs to a device whose writes are copies into memory
-//! ([`BlockDev::writes_are_cheap`]: a buffered file, where a write lands in the page cache) run
+//! ([`crate::dev::DevCaps::cheap_writes`]: a buffered file, where a write lands in the page cache) run
 //! in the reader itself, straight from the read buffer: no task, no payload copy, no wake-up of
 //! another worker. The reader defers their replies and writes them all at once when it is about
 //! to wait for the client (or has `MAX_DEFERRED_REPLIES` of them), so a burst of writes costs
@@ -294,7 +294,7 @@ impl Shared {
                 return Err(ServerError::DuplicateExport(export.name));
             }
             let size = export.dev.len();
-            let read_only = export.read_only || export.dev.is_read_only();
+            let read_only = export.read_only || export.dev.capabilities().read_only;
             exports.push(Arc::new(ExportState { export, size, read_only, syncer: Arc::default() }));
         }
         Ok(Self {
