@@ -1,13 +1,12 @@
 //! One connection after the accept: handshake then transmission, the request reader and
 //! the requests it runs.
 
-use super::handshake::{discard, handshake};
-use super::listen::{BoxRead, BoxWrite};
+use super::handshake::{Session, discard, handshake};
 use super::reply::{
     BufPool, MAX_BLOCK_STATUS_EXTENTS, MAX_BLOCK_STATUS_LEN, Permits, Reply, ReplyBody, ReplySink,
     WriterState,
 };
-use super::{DeviceCalls, ExportState, Shared};
+use super::{BoxRead, BoxWrite, ConnError, DeviceCalls, ExportState, Shared};
 use crate::dev::{BlockDev, DevError};
 use crate::nbd::proto::{self, ExportParams, Request, RequestHeader, errno};
 use std::io;
@@ -15,17 +14,6 @@ use std::ops::Range;
 use std::sync::Arc;
 use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-
-/// Why a connection ended early. Only logged: it never affects other connections.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum ConnError {
-    #[error("I/O: {0}")]
-    Io(#[from] io::Error),
-    #[error("protocol violation: {0}")]
-    Proto(#[from] proto::ProtoError),
-    #[error("{0}")]
-    Refused(&'static str),
-}
 
 const READ_BUFFER: usize = 256 << 10;
 const WRITE_BUFFER: usize = 256 << 10;
@@ -58,13 +46,6 @@ pub(super) async fn serve_connection(
     if let Err(e) = transmission(reader, writer, &shared, session, stop).await {
         log::debug!("nbd: {peer}: connection closed: {e}");
     }
-}
-
-pub(super) struct Session {
-    pub(super) export: Arc<ExportState>,
-    pub(super) structured: bool,
-    /// `base:allocation` was selected for this export: BLOCK_STATUS is allowed.
-    pub(super) block_status: bool,
 }
 
 async fn transmission(

@@ -1,7 +1,7 @@
 //! Listening sockets, the accept loop and the [`Server`] that owns them.
 
 use super::connection::serve_connection;
-use super::{ListenAddr, ServerConfig, ServerError, Shared};
+use super::{BoxRead, BoxWrite, ListenAddr, ServerConfig, ServerError, Shared};
 use crate::dev::BlockDev;
 use std::future::Future;
 use std::io;
@@ -177,9 +177,6 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::R
     drop(listener);
     while conns.join_next().await.is_some() {}
 }
-
-pub(super) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-pub(super) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 async fn accept(listener: &Listener) -> io::Result<(BoxRead, BoxWrite, String)> {
     match listener {

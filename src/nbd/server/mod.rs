@@ -89,7 +89,24 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
+
+/// The two halves of an accepted stream (TCP or Unix socket), boxed so one connection loop
+/// serves both.
+pub(super) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub(super) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Why a connection ended early. Only logged: it never affects other connections.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ConnError {
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol violation: {0}")]
+    Proto(#[from] proto::ProtoError),
+    #[error("{0}")]
+    Refused(&'static str),
+}
 
 /// One named export.
 #[derive(Debug, Clone)]
