@@ -93,3 +93,63 @@ fn overlap_inside_a_multi_block_leaf_is_reported_by_lookup_and_scan() {
     }
     assert_eq!(t.lookup(1, 0, 2400).unwrap().len(), 300);
 }
+
+/// A leaf whose own range no longer matches its parent's entry (here: its low bound widened to
+/// the start of the key space, every key still inside) is refused at write-out before any byte
+/// is written. Written, it would make the next open and `check` refuse the whole set.
+#[test]
+fn node_range_out_of_step_with_its_parent_is_never_written() {
+    let mut t = tree_with_leaves();
+    t.write_out().unwrap();
+    let writes = t.store().writes();
+    let leaf_depth = t.stats().depth as usize - 1;
+    t.debug_set_bounds(Pos::new(1, 1200), leaf_depth, Some(Pos::MIN), None).unwrap();
+    let err = t.write_out().unwrap_err();
+    assert_eq!(err.corruption_kind(), Some(CorruptionKind::OutOfNodeRange), "{err}");
+    assert!(err.to_string().contains("refusing to write"), "{err}");
+    assert_eq!(t.store().writes(), writes, "nothing may be written");
+    assert!(matches!(t.insert(key(1, 9000, 8)), Err(BtreeError::Poisoned)));
+}
+
+/// The same for the level: an interior node one level above what its parent gives it (its
+/// range right) is refused before it is written.
+#[test]
+fn node_level_out_of_step_with_its_parent_is_never_written() {
+    let mut t =
+        Tree::create(MemStore::new(512), TreeConfig { max_cached_nodes: 64, bset_align: 16 }).unwrap();
+    for i in 0..2000 {
+        t.insert(key(1, i * 8, 8)).unwrap();
+    }
+    assert!(t.stats().depth >= 3, "the test needs a level-1 interior node under the root");
+    t.write_out().unwrap();
+    let writes = t.store().writes();
+    let depth = t.stats().depth as usize;
+    // The interior node just above the leaves, one level too high.
+    t.debug_set_bounds(Pos::new(1, 4000), depth - 2, None, Some(2)).unwrap();
+    let err = t.write_out().unwrap_err();
+    assert_eq!(err.corruption_kind(), Some(CorruptionKind::BadLevel), "{err}");
+    assert_eq!(t.store().writes(), writes, "nothing may be written");
+}
+
+/// The per-step check of `cut_in_leaf`: a key overlapping the one before it in the leaf (in
+/// memory) stops an invalidate with `OverlappingKeys` instead of cutting around it.
+#[test]
+fn cut_reports_a_key_overlapping_its_predecessor() {
+    let mut t = tree_with_leaves();
+    t.debug_insert_raw(Pos::new(1, 0), key(1, 10, 8)).unwrap();
+    let err = t.invalidate(1, 0, 40).unwrap_err();
+    assert_eq!(err.corruption_kind(), Some(CorruptionKind::OverlappingKeys), "{err}");
+    assert!(err.to_string().contains("dev 1 [10, 18)"), "dump of the keys: {err}");
+}
+
+/// The check of `overwrite_exact` (the in-place fast path of insert): the key it would replace
+/// lies outside its leaf's range (here the leaf's low bound moved past it in memory), so the
+/// insert fails instead of rewriting a misplaced key.
+#[test]
+fn overwrite_in_place_checks_the_key_it_replaces() {
+    let mut t = tree_with_leaves();
+    let leaf_depth = t.stats().depth as usize - 1;
+    t.debug_set_bounds(Pos::new(1, 1200), leaf_depth, Some(Pos::new(1, 1204)), None).unwrap();
+    let err = t.insert(key(1, 1200, 8)).unwrap_err();
+    assert_eq!(err.corruption_kind(), Some(CorruptionKind::OutOfNodeRange), "{err}");
+}

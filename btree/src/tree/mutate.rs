@@ -447,4 +447,27 @@ impl<S: NodeStore> Tree<S> {
         self.nodes[leaf].rewrite = true;
         Ok(())
     }
+
+    /// Test hook: on the path to the leaf holding positions just after `descent`, gives the node
+    /// at `depth` (0: the root) a new low bound and/or level without telling its parent, and
+    /// marks it for a rewrite, to simulate an in-memory split or merge gone wrong.
+    #[cfg(test)]
+    pub(crate) fn debug_set_bounds(
+        &mut self,
+        descent: Pos,
+        depth: usize,
+        lo: Option<Pos>,
+        level: Option<u8>,
+    ) -> Result<(), BtreeError> {
+        let path = self.descend_gt(descent)?;
+        if depth >= path.len {
+            return Err(internal("debug_set_bounds below the leaf"));
+        }
+        let node = &mut self.nodes[path.ids[depth]];
+        node.lo = lo.unwrap_or(node.lo);
+        node.level = level.unwrap_or(node.level);
+        node.dirty = true;
+        node.rewrite = true;
+        Ok(())
+    }
 }

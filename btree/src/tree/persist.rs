@@ -15,7 +15,9 @@ impl<S: NodeStore> Tree<S> {
     /// The caller syncs the store, records the root durably, and only then reuses `freed`.
     pub fn write_out(&mut self) -> Result<Checkpoint, BtreeError> {
         self.check_poisoned()?;
-        let r = self.write_out_node(self.root, 0);
+        // The root answers for the whole key space, at whatever level it has.
+        let root_bound = Bound { lo: Pos::MIN, hi: Pos::MAX, level: None };
+        let r = self.write_out_node(self.root, 0, root_bound);
         let root = self.poison_on_err(r)?;
         self.last_root = Some(root);
         // Every cached node is clean now: eviction may make progress again.
@@ -25,7 +27,7 @@ impl<S: NodeStore> Tree<S> {
         Ok(Checkpoint { root, freed })
     }
 
-    fn write_out_node(&mut self, id: NodeId, depth: usize) -> Result<NodePtr, BtreeError> {
+    fn write_out_node(&mut self, id: NodeId, depth: usize, bound: Bound) -> Result<NodePtr, BtreeError> {
         if depth >= MAX_DEPTH {
             return Err(BtreeError::corrupted(
                 CorruptionKind::TooDeep,
@@ -33,15 +35,31 @@ impl<S: NodeStore> Tree<S> {
                 "write-out deeper than the maximum depth",
             ));
         }
-        let n = match &self.nodes[id].body {
-            Body::Interior(c) => c.len(),
-            Body::Leaf(_) => 0,
+        // Before anything below is written: the node must cover exactly what its parent's entry
+        // gives it. Open and check compare the two and refuse a set where they differ, so a node
+        // written with its own range (or level) out of step would lose the whole tree.
+        self.check_bound(id, bound)?;
+        let (n, lo, level) = {
+            let node = &self.nodes[id];
+            let n = match &node.body {
+                Body::Interior(c) => c.len(),
+                Body::Leaf(_) => 0,
+            };
+            (n, node.lo, node.level)
         };
+        let child_level = match n {
+            0 => None,
+            _ => Some(level.checked_sub(1).ok_or_else(|| internal("interior node at level 0"))?),
+        };
+        let mut clo = lo;
         for i in 0..n {
             let Body::Interior(children) = &self.nodes[id].body else { break };
+            let chi = children[i].hi;
+            let child_bound = Bound { lo: clo, hi: chi, level: child_level };
+            clo = chi;
             let Some(cid) = children[i].mem else { continue };
             // Children first: a parent's pointer must describe what is already written.
-            let p = self.write_out_node(cid, depth + 1)?;
+            let p = self.write_out_node(cid, depth + 1, child_bound)?;
             let node = &mut self.nodes[id];
             if let Body::Interior(children) = &mut node.body {
                 if children[i].ptr != Some(p) {
@@ -95,6 +113,28 @@ impl<S: NodeStore> Tree<S> {
             }
             push_whiteouts(out, dev, cur, b);
         }
+    }
+
+    /// Compares node `id`'s own range and level with what its parent gives it (`bound`).
+    fn check_bound(&self, id: NodeId, bound: Bound) -> Result<(), BtreeError> {
+        let node = &self.nodes[id];
+        let kind = if node.lo != bound.lo || node.hi != bound.hi {
+            CorruptionKind::OutOfNodeRange
+        } else if bound.level.is_some_and(|l| l != node.level) {
+            CorruptionKind::BadLevel
+        } else {
+            return Ok(());
+        };
+        let want = bound.level.map_or_else(|| "any".to_string(), |l| l.to_string());
+        Err(BtreeError::corrupted(
+            kind,
+            node.disk.map(|d| d.addr),
+            format!(
+                "node covers [{}, {}] at level {}, its parent gives it [{}, {}] at level {want}; \
+                 refusing to write the node",
+                node.lo, node.hi, node.level, bound.lo, bound.hi
+            ),
+        ))
     }
 
     fn check_mem_leaf(&self, id: NodeId) -> Result<(), BtreeError> {
@@ -234,6 +274,15 @@ impl<S: NodeStore> Tree<S> {
         node.changed = Vec::new();
         Ok(ptr)
     }
+}
+
+/// What a parent's entry says a child covers: `(lo, hi]` of the key space at `level` (`None`
+/// for the root, whose level is its own).
+#[derive(Clone, Copy, Debug)]
+struct Bound {
+    lo: Pos,
+    hi: Pos,
+    level: Option<u8>,
 }
 
 /// Merges overlapping or adjacent ranges of a sorted list in place.
