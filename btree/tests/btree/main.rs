@@ -1,6 +1,8 @@
 //! The btree crate through its public API: basic operations, a model check, large leaves,
-//! crash ordering of node writes, store errors, refused writes and decoding random bytes.
+//! crash ordering of node writes, store errors, refused writes, decoding random bytes, checked
+//! appended bsets and opening inconsistent multi-node trees.
 
+mod appended_bsets;
 mod basic;
 mod crash_ordering;
 mod fuzz_decode_batch;
@@ -8,4 +10,5 @@ mod key_order_regression;
 mod large_leaf_model;
 mod model;
 mod store_errors;
+mod tree_open_batch;
 mod write_refused;
