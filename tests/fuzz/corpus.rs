@@ -98,3 +98,8 @@ fn journal_decode_corpus() {
 fn btree_node_decode_corpus() {
     replay("btree_node_decode", ubcache_btree::fuzzing::node_decode);
 }
+
+#[test]
+fn btree_tree_open_corpus() {
+    replay("btree_tree_open", ubcache_btree::fuzzing::tree_open);
+}
