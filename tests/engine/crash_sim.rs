@@ -21,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
-use ubcache::alloc::ReclaimPolicy;
+use ubcache::alloc::ReplacementPolicy;
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet, FormatOptions};
 use ubcache::dev::{BlockDev, CrashMode, SimDev};
 use ubcache::failpoints;
@@ -47,7 +47,7 @@ fn config(mode: CacheMode) -> CacheConfig {
         },
         tree: TreeConfig { max_cached_nodes: 32, bset_align: 512 },
         sequential_cutoff: 48 * 1024,
-        reclaim_policy: ReclaimPolicy::Fifo,
+        reclaim_policy: ReplacementPolicy::Fifo,
         reclaim_batch: 2,
         max_uncommitted_entries: 16,
         mode,
