@@ -436,7 +436,7 @@ pub fn format(
     let journal = Journal::create(Arc::clone(cache), geometry.journal_region(), set_uuid, cfg.journal)?;
     let store = CacheStore::new(Arc::clone(cache), geometry, Allocator::new(&geometry, cfg.alloc));
     let mut tree = Tree::create(store, cfg.tree)?;
-    let cp = tree.flush()?;
+    let cp = tree.write_out()?;
     cache.sync()?;
     let table = tree.store().alloc.table(1);
     format::write_bucket_table(cache.as_ref(), &geometry, set_uuid, TableSlot::A, &table)?;
@@ -1149,7 +1149,7 @@ impl Shared {
                 break;
             }
         }
-        let cp = m.tree.flush()?;
+        let cp = m.tree.write_out()?;
         // The new nodes (and every data write they reference) durable before the checkpoint
         // record can name them.
         self.cache.sync()?;
