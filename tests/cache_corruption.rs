@@ -8,7 +8,7 @@ mod cache_support;
 
 use cache_support::{TINY, tiny_config};
 use std::sync::Arc;
-use ubcache::cache::{CacheError, CacheMode, CacheSet};
+use ubcache::cache::{CacheError, CacheMode, CacheSet, Metadata};
 use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::{self, JOURNAL_MAGIC, RecordHeader, TABLE_MAGIC};
 
@@ -95,9 +95,9 @@ fn flipped_bit_in_a_btree_node_is_detected_at_open() {
             let mut img = cache.clone();
             img[node + delta] ^= 0x10;
             match open(img, &backing).0 {
-                Err(CacheError::Corrupted(msg)) => {
+                Err(CacheError::Corrupted(c)) => {
                     detected += 1;
-                    assert!(!msg.is_empty());
+                    assert!(matches!(c.what, Metadata::BtreeNode | Metadata::Btree), "{c}");
                 }
                 Err(e) => panic!("node at {node}+{delta}: expected Corrupted, got {e}"),
                 // A slot the current tree no longer uses: harmless, and reads stay right.
@@ -126,7 +126,7 @@ fn flipped_bit_in_a_journal_record_before_the_last_is_corruption() {
     let mut img = cache.clone();
     img[region.offset_bytes as usize + middle + 100] ^= 0x01;
     match open(img, &backing).0 {
-        Err(CacheError::Corrupted(msg)) => assert!(msg.contains("journal"), "{msg}"),
+        Err(CacheError::Corrupted(c)) => assert_eq!(c.what, Metadata::Journal, "{c}"),
         Err(e) => panic!("expected Corrupted, got {e}"),
         Ok(_) => panic!("a damaged journal record in the middle of the chain was accepted"),
     }

@@ -4,7 +4,7 @@
 //! allocate cache space, drop it for the data transfer, take it again to insert keys. Requests
 //! that are not whole 512-byte sectors are served by read-modify-write of the partial sectors.
 
-use super::error::{CacheError, CacheResult};
+use super::error::{CacheError, CacheResult, Metadata};
 use super::inflight::{DevRange, FillId};
 use super::policy::{
     BypassReason, CacheMode, WriteRoute, read_bypass_reason, write_bypass_reason, write_route,
@@ -590,16 +590,22 @@ fn check_mapping(segs: &[Segment], start: u64, end: u64) -> CacheResult<()> {
     let mut at = start;
     for s in segs {
         if s.start() != at || s.end() <= s.start() || s.end() > end {
-            return Err(CacheError::Corrupted(format!(
-                "read mapping of [{start}, {end}) has segment [{}, {}) where sector {at} was expected",
-                s.start(),
-                s.end()
-            )));
+            return Err(CacheError::corrupted(
+                Metadata::Btree,
+                format!(
+                    "read mapping of [{start}, {end}) has segment [{}, {}) where sector {at} was expected",
+                    s.start(),
+                    s.end()
+                ),
+            ));
         }
         at = s.end();
     }
     if at != end {
-        return Err(CacheError::Corrupted(format!("read mapping of [{start}, {end}) ends at {at}")));
+        return Err(CacheError::corrupted(
+            Metadata::Btree,
+            format!("read mapping of [{start}, {end}) ends at {at}"),
+        ));
     }
     Ok(())
 }

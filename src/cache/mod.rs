@@ -8,7 +8,8 @@
 //! - [`inflight`]: fill/collision tracking and the writeback range lock.
 //! - [`wb_io`]: hooks for [`crate::writeback`] and [`crate::engine_ctl`] (dirty scan, coalescing
 //!   writeback of a key batch, usage report).
-//! - [`crate::check`]: the fsck (offline [`crate::check::check`], online [`CacheSet::check`]).
+//! - [`verify`]: the cross-checks of fsck as pure functions, run online by [`CacheSet::check`]
+//!   and offline by [`crate::check::check`] (which consumes the recovery load path).
 //!
 //! # Decisions beyond DESIGN.md / CACHE_DESIGN.md
 //! - **Commits run under the metadata lock.** `Journal::commit` writes every pending entry, not
@@ -56,11 +57,12 @@ pub mod policy;
 pub mod set;
 pub mod stats;
 mod store;
+pub mod verify;
 mod wb_copy;
 pub mod wb_io;
 
 pub use cached::CachedDev;
-pub use error::{CacheError, CacheResult};
+pub use error::{CacheError, CacheResult, Corruption, Metadata};
 pub use policy::{BypassReason, CacheMode, SequentialDetector, WriteRoute};
 pub use set::{CacheConfig, CacheSet, Congestion, DebugKnobs, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};

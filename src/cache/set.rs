@@ -26,11 +26,12 @@
 //! 5. Reads pin buckets in the allocator from lookup to copy; fills register in the fill tracker.
 //! 6. Backing writes hold the writeback range lock of their range.
 
-use super::error::{CacheError, CacheResult};
+use super::error::{CacheError, CacheResult, Metadata};
 use super::inflight::{DevRange, FillTracker, RangeLocks};
 use super::policy::{CacheMode, CongestionTracker, DEFAULT_SEQUENTIAL_CUTOFF, SequentialDetector};
 use super::stats::{Stats, StatsSnapshot};
 use super::store::CacheStore;
+use super::verify::{self, Report};
 use crate::alloc::{AllocConfig, AllocError, Allocator, LiveExtent, OpenKind, ReclaimPolicy, SectorAlloc};
 use crate::dev::{BlockDev, SECTOR_SIZE};
 use crate::format::{
@@ -369,11 +370,9 @@ fn bind_backings(
                 // says Detached, so dirty data here means the two disagree: serving the device
                 // alone would lose that data, attaching it would drop it.
                 let dirty = dirty_by_dev.get(&id).copied().unwrap_or(0);
-                if dirty > 0 {
+                if let Some(problem) = verify::detached_with_dirty(bsb.uuid, dirty) {
                     return Err(CacheError::Invalid(format!(
-                        "backing device {} says Detached but the cache holds {dirty} dirty sectors \
-                         of its dev id {id}; refusing to serve it (run `ubcache check`)",
-                        bsb.uuid
+                        "{problem} (dev id {id}); refusing to serve it (run `ubcache check`)"
                     )));
                 }
                 (id, true)
@@ -482,12 +481,15 @@ impl CacheSet {
         backings: &[Arc<dyn BlockDev>],
         cfg: CacheConfig,
     ) -> CacheResult<CacheSet> {
-        let read = format::read_cache_superblock(cache.as_ref())?;
+        let read = format::read_cache_superblock(cache.as_ref())
+            .map_err(|e| CacheError::reading(Metadata::Superblock, e))?;
         let sb = read.sb;
         let geometry = sb.geometry;
         let mut given: Vec<(Arc<dyn BlockDev>, BackingSuperblock, Binding)> = Vec::new();
         for b in backings {
-            let Some(bsb) = format::read_backing_superblock(b.as_ref())? else {
+            let Some(bsb) = format::read_backing_superblock(b.as_ref())
+                .map_err(|e| CacheError::reading(Metadata::Superblock, e))?
+            else {
                 return Err(CacheError::Invalid(
                     "backing device has no ubcache superblock (raw image)".into(),
                 ));
@@ -499,30 +501,22 @@ impl CacheSet {
             given.push((Arc::clone(b), bsb, binding));
         }
 
-        let Loaded { journal, replay, table, mut tree, checkpoint, checkpoint_nodes } =
-            load(&cache, &sb, &cfg)?;
-        let problems = tree.check()?;
+        let mut loaded = load(&cache, &sb, &cfg)?;
+        let problems = loaded.tree.check()?;
         if !problems.is_empty() {
             let list: Vec<String> = problems.iter().take(20).map(ToString::to_string).collect();
-            return Err(CacheError::Corrupted(format!(
-                "btree check found {} problems: {}",
-                problems.len(),
-                list.join("; ")
-            )));
+            return Err(CacheError::corrupted(
+                Metadata::Btree,
+                format!("btree check found {} problems: {}", problems.len(), list.join("; ")),
+            ));
         }
-        let keys = all_keys(&mut tree)?;
-        let mut nodes = tree.node_addrs()?;
-        nodes.extend(checkpoint_nodes);
-        nodes.sort_unstable();
-        nodes.dedup();
-        let alloc = Allocator::rebuild(
-            &geometry,
-            &table,
-            keys.iter().map(live_extent),
-            nodes.iter().copied(),
-            cfg.alloc,
-        )
-        .map_err(|e| CacheError::Corrupted(format!("rebuilding the allocator: {e}")))?;
+        let keys = all_keys(&mut loaded.tree)?;
+        let tree_nodes = loaded.tree.node_addrs()?;
+        let nodes = loaded.node_slots(tree_nodes);
+        let alloc = loaded.rebuild_allocator(&keys, &nodes, cfg.alloc).map_err(|e| {
+            CacheError::corrupted_by(Metadata::BucketAccounting, None, "rebuilding the allocator", e)
+        })?;
+        let Loaded { journal, replay, mut tree, checkpoint, .. } = loaded;
         tree.store_mut().alloc = alloc;
         let stats = tree.stats();
         let attached = bind_backings(&sb, given, &keys, &stats.dirty_sectors_by_dev, &cfg)?;
@@ -724,27 +718,24 @@ impl CacheSet {
     /// Online fsck: walks the btree (invariants), checks every key and node slot, and compares
     /// the allocator's per-bucket counts and the backing superblocks with what the btree says.
     /// Takes the metadata lock for the whole walk.
-    pub fn check(&self) -> CacheResult<crate::check::Report> {
-        let mut report = crate::check::Report::default();
+    pub fn check(&self) -> CacheResult<Report> {
+        let mut report = Report::default();
         let mut m = self.shared.lock_meta()?;
-        report.problems.extend(m.tree.check()?.iter().map(|p| format!("btree: {p}")));
+        verify::btree_invariants(&m.tree.check()?, &mut report);
         let keys = all_keys(&mut m.tree)?;
         let nodes = m.tree.node_addrs()?;
         let alloc = &m.tree.store().alloc;
         let gens: Vec<u8> = alloc.buckets().iter().map(|b| b.generation).collect();
-        let expected =
-            crate::check::check_keys_and_nodes(&self.shared.geometry, &gens, &keys, &nodes, &mut report);
-        crate::check::compare_allocator(&self.shared.geometry, alloc, &expected, &mut report);
+        let expected = verify::keys_and_nodes(&self.shared.geometry, &gens, &keys, &nodes, &mut report);
+        verify::allocator_counts(&self.shared.geometry, alloc, &expected, &mut report);
         drop(m);
         for b in &self.shared.backings {
             let dirty = report.dirty_sectors_by_dev.get(&b.dev_id).copied().unwrap_or(0);
-            let state = b.sb.lock().sb.state;
-            if dirty > 0 && state != BackingState::Dirty {
-                report.problems.push(format!(
-                    "backing dev {} has {dirty} dirty sectors but its superblock says {state:?}",
-                    b.dev_id
-                ));
-            }
+            let (uuid, state) = {
+                let g = b.sb.lock();
+                (g.sb.uuid, g.sb.state)
+            };
+            report.problems.extend(verify::backing_state(uuid, state, dirty));
         }
         Ok(report)
     }
@@ -922,7 +913,10 @@ pub(crate) fn load(
     let (journal, replay) =
         Journal::open(Arc::clone(cache), geometry.journal_region(), sb.set_uuid, cfg.journal)?;
     let Some((_, checkpoint)) = replay.checkpoint.clone() else {
-        return Err(CacheError::Corrupted("journal holds no checkpoint (not formatted by ubcache?)".into()));
+        return Err(CacheError::corrupted(
+            Metadata::Journal,
+            "journal holds no checkpoint (not formatted by ubcache?)",
+        ));
     };
     let mut table = format::read_bucket_table(
         cache.as_ref(),
@@ -930,7 +924,8 @@ pub(crate) fn load(
         sb.set_uuid,
         checkpoint.table_slot,
         checkpoint.table_seq,
-    )?;
+    )
+    .map_err(|e| CacheError::reading(Metadata::BucketTable, e))?;
     let root = checkpoint.root;
     // The placeholder allocator is never asked for a node slot: the btree allocates only
     // in flush(), which runs after the real allocator is rebuilt below.
@@ -948,23 +943,69 @@ pub(crate) fn load(
                 match table.gens.get_mut(*bucket as usize) {
                     Some(g) => *g = *generation,
                     None => {
-                        return Err(CacheError::Corrupted(format!(
-                            "journal entry {seq}: generation of bucket {bucket} outside the device"
-                        )));
+                        return Err(CacheError::corrupted(
+                            Metadata::Journal,
+                            format!("journal entry {seq}: generation of bucket {bucket} outside the device"),
+                        ));
                     }
                 }
                 Ok(())
             }
             JournalEntry::Checkpoint(_) => Ok(()),
         };
-        applied
-            .map_err(|e| CacheError::Corrupted(format!("replaying journal entry {seq} ({entry:?}): {e}")))?;
+        applied.map_err(|e| replay_error(*seq, entry, e))?;
     }
     Ok(Loaded { journal, replay, table, tree, checkpoint, checkpoint_nodes })
 }
 
-fn live_extent(k: &Key) -> LiveExtent {
-    LiveExtent { offset: k.ptr.offset, sectors: k.size, generation: k.ptr.generation, dirty: k.dirty }
+/// A journal entry that does not apply: an entry the btree refuses is a damaged journal; a
+/// node that does not read back is a damaged node; a device failure stays a device failure.
+fn replay_error(seq: u64, entry: &JournalEntry, e: ubcache_btree::BtreeError) -> CacheError {
+    let context = format!("replaying journal entry {seq} ({entry:?})");
+    match e {
+        ubcache_btree::BtreeError::Invalid(_) => {
+            CacheError::corrupted_by(Metadata::Journal, None, &context, e)
+        }
+        other => match CacheError::from(other) {
+            CacheError::Corrupted(mut c) => {
+                c.detail = format!("{context}: {}", c.detail);
+                CacheError::Corrupted(c)
+            }
+            CacheError::Invalid(detail) => {
+                CacheError::corrupted(Metadata::Journal, format!("{context}: {detail}"))
+            }
+            other => other,
+        },
+    }
+}
+
+impl Loaded {
+    /// Every node slot in use on disk: `tree_nodes` (the replayed tree's) and the checkpointed
+    /// tree's, sorted, each once.
+    pub(crate) fn node_slots(&self, mut tree_nodes: Vec<u64>) -> Vec<u64> {
+        tree_nodes.extend_from_slice(&self.checkpoint_nodes);
+        tree_nodes.sort_unstable();
+        tree_nodes.dedup();
+        tree_nodes
+    }
+
+    /// The allocator recovery installs: generations from the bucket table (with the replayed
+    /// changes), live and dirty counts from `keys`, btree buckets from `slots`
+    /// ([`Loaded::node_slots`]). fsck rebuilds the same one to check it.
+    pub(crate) fn rebuild_allocator(
+        &self,
+        keys: &[Key],
+        slots: &[u64],
+        cfg: AllocConfig,
+    ) -> Result<Allocator, AllocError> {
+        let live = keys.iter().map(|k| LiveExtent {
+            offset: k.ptr.offset,
+            sectors: k.size,
+            generation: k.ptr.generation,
+            dirty: k.dirty,
+        });
+        Allocator::rebuild(&self.tree.store().geometry, &self.table, live, slots.iter().copied(), cfg)
+    }
 }
 
 /// Every key of the tree, in order.
