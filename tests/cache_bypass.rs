@@ -196,7 +196,7 @@ fn congested_writeback_keeps_dirty_overwrites_in_the_cache_and_data_matches_the_
     f.assert_reads_model(&model);
 
     f.slow(false);
-    f.set.flush_dirty().unwrap();
+    f.set.write_back_all().unwrap();
     assert_eq!(f.set.stats().dirty_bytes, 0);
     assert!(f.backing_image(model.len()) == model, "backing differs from the model after the flush");
     let cache = Arc::clone(&f.cache);

@@ -397,8 +397,8 @@ fn verify(run: &Run, mode: CacheMode, rng: &mut StdRng, tally: &mut Tally, label
     if stability {
         // Writing everything home must not change a single value, nor may the backing device
         // alone disagree afterwards (stale data resurrected by writeback or eviction).
-        if let Err(e) = set.flush_dirty() {
-            tally.violation(format!("{label}: flush_dirty after recovery failed: {e}"));
+        if let Err(e) = set.write_back_all() {
+            tally.violation(format!("{label}: write_back_all after recovery failed: {e}"));
             return;
         }
         let mut again = vec![0u8; all.len()];

@@ -141,7 +141,7 @@ fn a_key_overwritten_during_the_copy_stays_dirty_and_the_rest_of_its_run_is_clea
         backing.read_at(&mut got, offset + i * BLOCK).unwrap();
         assert!(got == fill(i, 1), "block {i} on backing: the copy made before the overwrite");
     }
-    set.flush_dirty().unwrap();
+    set.write_back_all().unwrap();
     backing.read_at(&mut got, offset + overwritten * BLOCK).unwrap();
     assert!(got == fill(overwritten, 2), "the overwrite reached backing at the next writeback");
 }

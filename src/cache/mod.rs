@@ -6,6 +6,7 @@
 //! - [`cached`]: [`CachedDev`], the per-backing data path for every [`CacheMode`].
 //! - [`policy`]: mode decisions and the sequential-cutoff detector, as pure functions.
 //! - [`inflight`]: fill/collision tracking and the writeback range lock.
+//! - [`writeback`]: writing dirty data home (the engine's writeback step and drain).
 //! - [`wb_io`]: hooks for [`crate::writeback`] and [`crate::engine_ctl`] (dirty scan, coalescing
 //!   writeback of a key batch, usage report).
 //! - [`verify`]: the cross-checks of fsck as pure functions, run online by [`CacheSet::check`]
@@ -60,6 +61,7 @@ mod store;
 pub mod verify;
 mod wb_copy;
 pub mod wb_io;
+pub mod writeback;
 
 pub use cached::CachedDev;
 pub use error::{CacheError, CacheResult, Corruption, Metadata};

@@ -1,7 +1,7 @@
 //! Engine hooks for the background writeback thread ([`crate::writeback`]) and the control
 //! target ([`crate::engine_ctl`]): a dirty-key scan for a key buffer, a coalescing writeback of
 //! a batch of keys, and a usage report. The engine's own writeback (`Shared::writeback_step`,
-//! for `flush_dirty`, `detach`, flush-first mode switches and a full cache) runs the same
+//! for `write_back_all`, `detach`, flush-first mode switches and a full cache) runs the same
 //! writeback path.
 //!
 //! # Crash ordering of [`CacheSet::write_back_keys`] (rules 4 and 6)
