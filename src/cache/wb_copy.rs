@@ -60,7 +60,7 @@ impl Pins {
     pub(crate) fn release(&mut self, m: &mut Meta) -> CacheResult<()> {
         let mut result = Ok(());
         for (bucket, _) in self.pinned.drain(..) {
-            if let Err(e) = m.tree.store_mut().alloc.unpin(bucket)
+            if let Err(e) = m.alloc_mut().unpin(bucket)
                 && result.is_ok()
             {
                 result = Err(e.into());

@@ -237,7 +237,7 @@ impl Shared {
                     // One pin per bucket and generation in a row: pins are all released
                     // after the last copy, so the pin an earlier key took covers this one.
                     if !pins.covers(sh.bucket_of(k.ptr.offset), k.ptr.generation) {
-                        match m.tree.store_mut().alloc.pin(k.ptr.offset, k.ptr.generation) {
+                        match m.alloc_mut().pin(k.ptr.offset, k.ptr.generation) {
                             Ok(b) => pins.push(b, k.ptr.generation),
                             Err(AllocError::Stale { .. }) => {
                                 report.keys_skipped += 1;
@@ -347,7 +347,7 @@ impl CacheSet {
         };
         u.journal_used_bytes = sh.journal.stats().used_sectors * SECTOR_SIZE;
         let m = sh.lock_meta()?;
-        for b in m.tree.store().alloc.buckets() {
+        for b in m.alloc().buckets() {
             u.buckets_pinned += u64::from(b.pins > 0);
             match b.state {
                 BucketState::Free | BucketState::FreePending { .. } => u.buckets_free += 1,

@@ -150,7 +150,7 @@ impl Shared {
     }
 
     fn checkpoint_steps(&self, m: &mut Meta) -> CacheResult<()> {
-        if m.tree.store().alloc.wants_gc() {
+        if m.alloc().wants_gc() {
             self.gc_locked(m)?;
         }
         // The node write-out puts every changed node in a fresh slot: make sure free buckets for them
@@ -167,7 +167,7 @@ impl Shared {
             .div_ceil(self.geometry.bucket_bytes())
             .min(self.geometry.nbuckets / 4)
             + 2;
-        while m.tree.store().alloc.free_buckets() < needed {
+        while m.alloc().free_buckets() < needed {
             if self.reclaim_locked(m)? == 0 {
                 break;
             }
@@ -178,7 +178,7 @@ impl Shared {
         self.cache.sync()?;
         let slot = m.table_slot.other();
         let table_seq = m.table_seq + 1;
-        let table = m.tree.store().alloc.table(table_seq);
+        let table = m.alloc().table(table_seq);
         format::write_bucket_table(self.cache.as_ref(), &self.geometry, self.sb.set_uuid, slot, &table)?;
         let replay_from = self.journal.last_appended_seq() + 1;
         self.journal.append(&[JournalEntry::Checkpoint(CheckpointEntry {
@@ -203,16 +203,16 @@ impl Shared {
     /// Removes every stale pointer (generation behind its bucket) from the btree, so bucket
     /// generations may keep advancing without wrapping onto an old pointer.
     fn gc_locked(&self, m: &mut Meta) -> CacheResult<()> {
-        let snapshot = m.tree.store().alloc.gc_begin();
+        let snapshot = m.alloc().gc_begin();
         let keys = all_keys(&mut m.tree)?;
         for k in keys {
             let b = self.bucket_of(k.ptr.offset);
-            let current = m.tree.store().alloc.bucket(b).map(|x| x.generation);
+            let current = m.alloc().bucket(b).map(|x| x.generation);
             if current != Some(k.ptr.generation) {
                 self.invalidate_locked(m, k.dev, k.start(), k.end)?;
             }
         }
-        m.tree.store_mut().alloc.gc_finish(&snapshot);
+        m.alloc_mut().gc_finish(&snapshot);
         Ok(())
     }
 
@@ -220,11 +220,11 @@ impl Shared {
     /// bumps are journalled and committed before the buckets become allocatable). Returns how
     /// many buckets were freed.
     pub(crate) fn reclaim_locked(&self, m: &mut Meta) -> CacheResult<usize> {
-        if m.tree.store().alloc.wants_gc() {
+        if m.alloc().wants_gc() {
             self.gc_locked(m)?;
         }
         let policy = *self.reclaim_policy.lock();
-        let changes = m.tree.store_mut().alloc.reclaim(&policy, self.cfg.reclaim_batch);
+        let changes = m.alloc_mut().reclaim(&policy, self.cfg.reclaim_batch);
         let Some(last) = changes.last().map(|c| c.token) else {
             return Ok(0);
         };
@@ -233,7 +233,7 @@ impl Shared {
         if !self.cfg.debug.reuse_bucket_before_gen_durable {
             self.commit_locked(m)?;
         }
-        let freed = m.tree.store_mut().alloc.mark_gens_durable(last);
+        let freed = m.alloc_mut().mark_gens_durable(last);
         Stats::add(&self.stats.buckets_reclaimed, freed as u64);
         Ok(freed)
     }
@@ -242,13 +242,13 @@ impl Shared {
     /// `None`: nothing can be freed without writeback.
     pub(crate) fn alloc_data_locked(&self, m: &mut Meta, sectors: u32) -> CacheResult<Option<SectorAlloc>> {
         for _ in 0..4 {
-            match m.tree.store_mut().alloc.alloc_sectors(OpenKind::Data, sectors) {
+            match m.alloc_mut().alloc_sectors(OpenKind::Data, sectors) {
                 Ok(a) => {
                     m.sectors_since_decay += u64::from(a.sectors);
                     let bucket_sectors = u64::from(self.geometry.bucket_sectors).max(1);
                     if m.sectors_since_decay >= bucket_sectors {
                         m.sectors_since_decay -= bucket_sectors;
-                        m.tree.store_mut().alloc.decay_prios(PRIO_DECAY_PER_BUCKET_WRITTEN);
+                        m.alloc_mut().decay_prios(PRIO_DECAY_PER_BUCKET_WRITTEN);
                     }
                     return Ok(Some(a));
                 }
@@ -279,9 +279,7 @@ impl Shared {
                     got.push(a);
                 }
                 None => {
-                    for a in &got {
-                        m.tree.store_mut().alloc.unpin(a.bucket)?;
-                    }
+                    m.unpin_allocs(&got)?;
                     return Ok(None);
                 }
             }

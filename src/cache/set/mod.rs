@@ -48,7 +48,7 @@ use super::policy::{CacheMode, CongestionTracker, DEFAULT_SEQUENTIAL_CUTOFF, Seq
 use super::stats::{Stats, StatsSnapshot};
 use super::store::CacheStore;
 use super::verify::{self, Report};
-use crate::alloc::{AllocConfig, ReclaimPolicy};
+use crate::alloc::{AllocConfig, AllocError, Allocator, ReclaimPolicy, SectorAlloc};
 use crate::dev::{BlockDev, SECTOR_SIZE};
 use crate::format::{self, BackingSuperblock, CacheSuperblock, Geometry, JournalEntry, TableSlot, Uuid};
 use crate::journal::{Journal, JournalConfig};
@@ -212,6 +212,28 @@ pub(crate) struct Meta {
     sectors_since_decay: u64,
 }
 
+impl Meta {
+    /// The bucket allocator. It is kept inside the btree's node store because the btree takes
+    /// node slots from it while it writes nodes out (`Tree::flush`); everything else names it
+    /// here.
+    pub(crate) fn alloc(&self) -> &Allocator {
+        &self.tree.store().alloc
+    }
+
+    /// The bucket allocator, to change it (see [`Meta::alloc`]).
+    pub(crate) fn alloc_mut(&mut self) -> &mut Allocator {
+        &mut self.tree.store_mut().alloc
+    }
+
+    /// Releases the pins of data sectors that were allocated for a write.
+    pub(crate) fn unpin_allocs(&mut self, allocs: &[SectorAlloc]) -> Result<(), AllocError> {
+        for a in allocs {
+            self.alloc_mut().unpin(a.bucket)?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) cache: Arc<dyn BlockDev>,
@@ -359,7 +381,7 @@ impl CacheSet {
         verify::btree_invariants(&m.tree.check()?, &mut report);
         let keys = all_keys(&mut m.tree)?;
         let nodes = m.tree.node_addrs()?;
-        let alloc = &m.tree.store().alloc;
+        let alloc = m.alloc();
         let gens: Vec<u8> = alloc.buckets().iter().map(|b| b.generation).collect();
         let expected = verify::keys_and_nodes(&self.shared.geometry, &gens, &keys, &nodes, &mut report);
         verify::allocator_counts(&self.shared.geometry, alloc, &expected, &mut report);
@@ -391,6 +413,47 @@ impl Shared {
         Ok(self.meta.lock())
     }
 
+    /// The metadata lock even after a failure: only to release what a request holds (pins,
+    /// fill registrations), which must happen whether or not the set failed meanwhile.
+    pub(crate) fn lock_meta_to_release(&self) -> parking_lot::MutexGuard<'_, Meta> {
+        self.meta.lock()
+    }
+
+    /// Reads cached data at cache sector `sector`, timing it for the congestion tracker.
+    pub(crate) fn read_cache(&self, buf: &mut [u8], sector: u64) -> crate::dev::DevResult<()> {
+        let began = std::time::Instant::now();
+        let r = self.cache.read_at(buf, sector * SECTOR_SIZE);
+        self.congestion.read.record(began.elapsed());
+        r
+    }
+
+    /// Writes data into the cache at cache sector `sector`, timing it for the congestion
+    /// tracker.
+    pub(crate) fn write_cache(&self, data: &[u8], sector: u64) -> crate::dev::DevResult<()> {
+        let began = std::time::Instant::now();
+        let r = self.cache.write_at(data, sector * SECTOR_SIZE);
+        self.congestion.write.record(began.elapsed());
+        r
+    }
+
+    /// Feeds a request to the sequential detector: the bytes of its stream so far, and whether
+    /// the stream is past the sequential cutoff.
+    pub(crate) fn observe_stream(&self, dev: u32, offset: u64, len: u64) -> (u64, bool) {
+        let mut seq = self.seq.lock();
+        let stream = seq.observe_stream(dev, offset, len);
+        (stream, seq.past_cutoff(stream))
+    }
+
+    /// Whether a read miss of a stream of `stream_bytes` skips the fill (cache congested).
+    pub(crate) fn read_congested(&self, stream_bytes: u64) -> bool {
+        self.congestion.read_bypasses(stream_bytes)
+    }
+
+    /// Whether a write of a stream of `stream_bytes` bypasses the cache (cache congested).
+    pub(crate) fn write_congested(&self, stream_bytes: u64) -> bool {
+        self.congestion.write_bypasses(stream_bytes)
+    }
+
     /// Marks the set failed after an error that may have left memory and disk disagreeing.
     pub(crate) fn fail<T>(&self, e: CacheError) -> CacheResult<T> {
         if !matches!(e, CacheError::Invalid(_) | CacheError::NoSpace(_)) {
@@ -418,7 +481,7 @@ impl Shared {
 
     /// Uncounts displaced key pieces from their buckets.
     pub(crate) fn uncount(m: &mut Meta, displaced: &[Key]) -> CacheResult<()> {
-        let alloc = &mut m.tree.store_mut().alloc;
+        let alloc = m.alloc_mut();
         for k in displaced {
             alloc.remove_live(k.ptr.offset, k.size, k.ptr.generation, k.dirty)?;
         }
@@ -429,7 +492,7 @@ impl Shared {
     pub(crate) fn insert_locked(&self, m: &mut Meta, key: Key) -> CacheResult<()> {
         let out = m.tree.insert(key)?;
         Self::uncount(m, &out.displaced)?;
-        m.tree.store_mut().alloc.add_live(key.ptr.offset, key.size, key.ptr.generation, key.dirty)?;
+        m.alloc_mut().add_live(key.ptr.offset, key.size, key.ptr.generation, key.dirty)?;
         self.append_locked(m, &[JournalEntry::KeyInsert(key)])?;
         Ok(())
     }
@@ -439,7 +502,7 @@ impl Shared {
         let out = m.tree.replace(key, expected)?;
         if out.inserted_sectors > 0 {
             Self::uncount(m, &out.displaced)?;
-            m.tree.store_mut().alloc.add_live(
+            m.alloc_mut().add_live(
                 key.ptr.offset,
                 out.inserted_sectors as u32,
                 key.ptr.generation,
