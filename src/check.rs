@@ -24,10 +24,10 @@
 //! - journal: a checkpoint exists, the bucket table it names reads back, torn tail reported.
 
 use crate::cache::error::Metadata;
-use crate::cache::set::{CacheConfig, all_keys, load};
+use crate::cache::set::{Binding, CacheConfig, all_keys, load};
 use crate::cache::{CacheError, CacheResult, verify};
 use crate::dev::BlockDev;
-use crate::format::{self, BackingState};
+use crate::format;
 use std::sync::Arc;
 
 pub use crate::cache::verify::{Problem, ProblemKind, Report};
@@ -89,13 +89,24 @@ pub fn check(cache: &Arc<dyn BlockDev>, backings: &[Arc<dyn BlockDev>]) -> Cache
         }
     }
     for b in backings {
-        match format::read_backing_superblock(b.as_ref()) {
+        let bsb = match format::read_backing_superblock(b.as_ref()) {
+            Ok(Some(bsb)) => bsb,
+            Ok(None) => {
+                report.push(ProblemKind::BackingUnbound, "a backing device has no ubcache superblock".into());
+                continue;
+            }
+            Err(e) => {
+                report.push(ProblemKind::BackingUnbound, format!("backing superblock unreadable: {e}"));
+                continue;
+            }
+        };
+        // The same judgement `CacheSet::open` makes before it serves the device.
+        match Binding::of(&sb, &bsb) {
+            Err(problem) => report.problems.push(problem),
             // Detached (no cache set): `ubcache serve` serves it alone until `ubcache attach`.
             // Only dirty data of its listed id would be wrong (detach writes it all home first).
-            Ok(Some(bsb)) if bsb.state == BackingState::Detached && bsb.set_uuid == format::Uuid::NIL => {
-                let entry = sb.backing.iter().find(|e| e.uuid == bsb.uuid);
-                let dirty =
-                    entry.and_then(|e| report.dirty_sectors_by_dev.get(&e.dev_id)).copied().unwrap_or(0);
+            Ok(Binding::Detached { listed }) => {
+                let dirty = listed.and_then(|id| report.dirty_sectors_by_dev.get(&id)).copied().unwrap_or(0);
                 if let Some(problem) = verify::detached_with_dirty(bsb.uuid, dirty) {
                     report.problems.push(problem);
                 } else {
@@ -105,27 +116,10 @@ pub fn check(cache: &Arc<dyn BlockDev>, backings: &[Arc<dyn BlockDev>]) -> Cache
                     ));
                 }
             }
-            Ok(Some(bsb)) => {
-                let Some(entry) = sb.backing.iter().find(|e| e.uuid == bsb.uuid) else {
-                    report.push(
-                        ProblemKind::BackingUnbound,
-                        format!("backing device {} is not registered in this cache set", bsb.uuid),
-                    );
-                    continue;
-                };
-                if bsb.set_uuid != sb.set_uuid {
-                    report.push(
-                        ProblemKind::BackingUnbound,
-                        format!("backing device {} names cache set {}", bsb.uuid, bsb.set_uuid),
-                    );
-                }
-                let dirty = report.dirty_sectors_by_dev.get(&entry.dev_id).copied().unwrap_or(0);
+            Ok(Binding::Attached(id)) => {
+                let dirty = report.dirty_sectors_by_dev.get(&id).copied().unwrap_or(0);
                 report.problems.extend(verify::backing_state(bsb.uuid, bsb.state, dirty));
             }
-            Ok(None) => {
-                report.push(ProblemKind::BackingUnbound, "a backing device has no ubcache superblock".into())
-            }
-            Err(e) => report.push(ProblemKind::BackingUnbound, format!("backing superblock unreadable: {e}")),
         }
     }
     Ok(report)

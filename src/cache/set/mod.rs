@@ -40,7 +40,7 @@ mod open;
 
 pub(crate) use commit::BackingSyncState;
 pub use open::format;
-pub(crate) use open::{all_keys, load};
+pub(crate) use open::{Binding, all_keys, load};
 
 use super::error::{CacheError, CacheResult};
 use super::inflight::{DevRange, FillTracker, RangeLocks};

@@ -13,7 +13,7 @@ use crate::cache::inflight::{FillTracker, RangeLocks};
 use crate::cache::policy::{CacheMode, CongestionTracker, SequentialDetector};
 use crate::cache::stats::Stats;
 use crate::cache::store::CacheStore;
-use crate::cache::verify;
+use crate::cache::verify::{self, Problem, ProblemKind};
 use crate::dev::{BlockDev, SECTOR_SIZE};
 use crate::format::{
     self, BackingEntry, BackingState, BackingSuperblock, CacheSuperblock, CheckpointEntry, Geometry,
@@ -43,9 +43,10 @@ fn random_seed(cfg: &CacheConfig) -> u64 {
     }
 }
 
-/// How a backing device given to [`CacheSet::open`] relates to the set, by its superblock.
+/// How a backing device relates to the set, by its superblock: what [`CacheSet::open`] serves
+/// it as, and what the offline fsck checks it against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Binding {
+pub(crate) enum Binding {
     /// Bound to this set (Clean or Dirty), under the dev id the cache superblock lists.
     Attached(u32),
     /// Bound to no cache set (state Detached): served alone until [`CacheSet::attach`].
@@ -55,27 +56,27 @@ enum Binding {
 }
 
 impl Binding {
-    fn of(sb: &CacheSuperblock, bsb: &BackingSuperblock) -> CacheResult<Binding> {
+    /// The binding, or why the device cannot be served by this set (open refuses it, fsck
+    /// reports it).
+    pub(crate) fn of(sb: &CacheSuperblock, bsb: &BackingSuperblock) -> Result<Binding, Problem> {
+        let unbound = |detail: String| Problem { kind: ProblemKind::BackingUnbound, detail };
         let listed = sb.backing.iter().find(|e| e.uuid == bsb.uuid).map(|e| e.dev_id);
         if bsb.set_uuid == sb.set_uuid {
             return listed.map(Binding::Attached).ok_or_else(|| {
-                CacheError::Invalid(format!(
-                    "backing device {} is not registered in the cache superblock",
-                    bsb.uuid
-                ))
+                unbound(format!("backing device {} is not registered in the cache superblock", bsb.uuid))
             });
         }
         if bsb.set_uuid != Uuid::NIL {
             // Serving it here would have to re-bind it, and its own cache may hold data the
             // device lacks: that is for the operator to decide (detach it there first).
-            return Err(CacheError::Invalid(format!(
+            return Err(unbound(format!(
                 "backing device {} belongs to cache set {}, not {} (this cache): detach it from \
                  its cache set first",
                 bsb.uuid, bsb.set_uuid, sb.set_uuid
             )));
         }
         if bsb.state != BackingState::Detached {
-            return Err(CacheError::Invalid(format!(
+            return Err(unbound(format!(
                 "backing device {} says {:?} but names no cache set (damaged superblock?)",
                 bsb.uuid, bsb.state
             )));
@@ -247,7 +248,7 @@ impl CacheSet {
             if given.iter().any(|(_, other, _)| other.uuid == bsb.uuid) {
                 return Err(CacheError::Invalid(format!("backing device {} given twice", bsb.uuid)));
             }
-            let binding = Binding::of(&sb, &bsb)?;
+            let binding = Binding::of(&sb, &bsb).map_err(|p| CacheError::Invalid(p.detail))?;
             given.push((Arc::clone(b), bsb, binding));
         }
 
