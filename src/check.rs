@@ -85,7 +85,7 @@ pub fn check(cache: &Arc<dyn BlockDev>, backings: &[Arc<dyn BlockDev>]) -> Cache
     match loaded.rebuild_allocator(&keys, &slots, cfg.alloc) {
         Ok(a) => verify::allocator_invariants(&a, &mut report),
         Err(e) => {
-            report.push(ProblemKind::AllocatorUnrebuildable, format!("allocator cannot be rebuilt: {e}"))
+            report.push(ProblemKind::AllocatorUnrebuildable, format!("allocator cannot be rebuilt: {e}"));
         }
     }
     for b in backings {
