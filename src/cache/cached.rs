@@ -411,7 +411,7 @@ impl CachedDev {
         if !dirty && io.is_ok() {
             // Writethrough: backing too, under the writeback range lock (rule 6), after the
             // clean cached copy of the range is durably invalidated.
-            _guard = self.shared.wb_locks.lock(self.range(start, end));
+            _guard = self.shared.lock_backing_range(self.range(start, end));
             {
                 let mut m = self.shared.lock_meta()?;
                 if let Err(e) = self.prepare_backing_write(&mut m, start, end) {
@@ -463,7 +463,7 @@ impl CachedDev {
     /// than the dirty one. Discard leaves dirty data alone (it is advisory) and skips those
     /// sectors.
     fn write_backing(&self, op: BackingOp<'_>, start: u64, end: u64, fua: bool) -> CacheResult<()> {
-        let _guard = self.shared.wb_locks.lock(self.range(start, end));
+        let _guard = self.shared.lock_backing_range(self.range(start, end));
         let dev = self.backing.dev_id;
         // Sub-ranges to send to backing (discard skips dirty ones).
         let mut targets = vec![(start, end)];

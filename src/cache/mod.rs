@@ -1,8 +1,9 @@
 //! The cache engine: a cache set (one cache device shared by backing devices) and, per backing
 //! device, a [`crate::dev::BlockDev`] that serves it through the cache.
 //!
-//! - [`set`]: [`CacheSet`] (format, open with crash recovery, commit/FLUSH, checkpoint,
-//!   reclaim, writeback) — its module doc lists where each crash-ordering rule is kept.
+//! - [`set`]: [`CacheSet`], split by responsibility: `open` (format, open with crash recovery,
+//!   the load path fsck shares), `commit` (commit/FLUSH, checkpoint, reclaim), `attach` (attach,
+//!   detach, mode) — its module doc lists where each crash-ordering rule is kept.
 //! - [`cached`]: [`CachedDev`], the per-backing data path for every [`CacheMode`].
 //! - [`policy`]: mode decisions and the sequential-cutoff detector, as pure functions.
 //! - [`inflight`]: fill/collision tracking and the writeback range lock.

@@ -419,6 +419,12 @@ impl Shared {
         self.meta.lock()
     }
 
+    /// Takes the writeback range lock of `range`: held by every write to backing (crash rule
+    /// 6), so writeback of older cached data can never land over it.
+    pub(crate) fn lock_backing_range(&self, range: DevRange) -> super::inflight::RangeGuard<'_> {
+        self.wb_locks.lock(range)
+    }
+
     /// Reads cached data at cache sector `sector`, timing it for the congestion tracker.
     pub(crate) fn read_cache(&self, buf: &mut [u8], sector: u64) -> crate::dev::DevResult<()> {
         let began = std::time::Instant::now();
