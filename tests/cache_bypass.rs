@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet, CachedDev, StatsSnapshot};
+use ubcache::ctl::engine::control_target;
 use ubcache::ctl::metrics::render_prometheus;
 use ubcache::dev::{BlockDev, MemDev};
-use ubcache::engine_ctl::control_target;
 use ubcache::format::read_backing_superblock;
 
 const BLOCK: usize = 4096;

@@ -1,4 +1,4 @@
-//! How writeback marks keys clean and copies them (`cache/wb_io.rs`, `cache/wb_copy.rs`):
+//! How writeback marks keys clean and copies them (`cache/writeback/copy.rs`):
 //!
 //! - keys written one after another (adjacent on backing, adjacent in one cache bucket) are
 //!   marked clean with one replace of the whole run, so they end up as one clean key per
@@ -14,10 +14,10 @@ mod cache_support;
 
 use cache_support::{GatedDev, TINY, format_open, tiny_config};
 use std::sync::Arc;
+use ubcache::cache::writeback::policy::CoalesceLimits;
 use ubcache::cache::{CacheMode, CacheSet};
 use ubcache::dev::{BlockDev, FaultDev, FaultOp, FaultRule, MemDev};
 use ubcache::format::read_backing_superblock;
-use ubcache::wbpolicy::CoalesceLimits;
 use ubcache_btree::Pos;
 
 const BLOCK: u64 = 4096;

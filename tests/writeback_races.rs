@@ -20,10 +20,10 @@ mod cache_support;
 use cache_support::{GatedDev, format_open, tiny_config};
 use std::sync::Arc;
 use std::time::Duration;
+use ubcache::cache::writeback::policy::CoalesceLimits;
 use ubcache::cache::{CacheMode, CacheSet};
 use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::read_backing_superblock;
-use ubcache::wbpolicy::CoalesceLimits;
 use ubcache_btree::Pos;
 
 const SECTOR: u64 = 512;

@@ -8,8 +8,7 @@
 //! - [`policy`]: mode decisions and the sequential-cutoff detector, as pure functions.
 //! - [`inflight`]: fill/collision tracking and the writeback range lock.
 //! - [`writeback`]: writing dirty data home (the engine's writeback step and drain).
-//! - [`wb_io`]: hooks for [`crate::writeback`] and [`crate::engine_ctl`] (dirty scan, coalescing
-//!   writeback of a key batch, usage report).
+//! - [`usage`]: bucket, dirty and journal usage ([`CacheSet::usage`]).
 //! - [`verify`]: the cross-checks of fsck as pure functions, run online by [`CacheSet::check`]
 //!   and offline by [`crate::check::check`] (which consumes the recovery load path).
 //!
@@ -49,8 +48,8 @@
 //! - A bit flip in the *last* journal record cannot be told from a torn write: replay drops it
 //!   (`RecoveryReport::torn_tail`), losing the entries of that last commit.
 //! - No data checksums: corruption of cached *data* is not detected (metadata is checksummed).
-//! - Background writeback lives in [`crate::writeback`] (key buffer, coalescing, PI rate
-//!   control); the engine provides the synchronous steps it drives.
+//! - Background writeback lives in [`writeback`] (key buffer, coalescing, PI rate control),
+//!   next to the engine's synchronous steps it shares its copy path with.
 
 pub mod cached;
 pub mod error;
@@ -59,14 +58,14 @@ pub mod policy;
 pub mod set;
 pub mod stats;
 mod store;
+pub mod usage;
 pub mod verify;
-mod wb_copy;
-pub mod wb_io;
 pub mod writeback;
 
 pub use cached::CachedDev;
 pub use error::{CacheError, CacheResult, Corruption, Metadata};
 pub use policy::{BypassReason, CacheMode, SequentialDetector, WriteRoute};
-pub use set::{CacheConfig, CacheSet, Congestion, DebugKnobs, FormatOptions, RecoveryReport, format};
+pub use set::{CacheConfig, CacheSet, Congestion, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};
-pub use wb_io::{CacheUsage, DirtyScan, WritebackReport};
+pub use usage::CacheUsage;
+pub use writeback::{DirtyScan, WritebackReport};

@@ -7,6 +7,7 @@ use crate::alloc::{AllocError, OpenKind, SectorAlloc};
 use crate::cache::error::{CacheError, CacheResult};
 use crate::cache::stats::Stats;
 use crate::dev::BlockDev;
+use crate::failpoints;
 use crate::format::{self, CheckpointEntry, JournalEntry};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -98,7 +99,7 @@ impl Shared {
         }
         // A failed cache sync may have dropped dirty pages (Linux fsync semantics): nothing
         // written since the last good sync can be trusted, so the set stops here.
-        if !self.cfg.debug.commit_skips_cache_sync
+        if !failpoints::returns(failpoints::COMMIT_SKIP_CACHE_SYNC)
             && let Err(e) = self.cache.sync()
         {
             return self.fail(e.into());
@@ -230,7 +231,7 @@ impl Shared {
         };
         let entries: Vec<JournalEntry> = changes.iter().map(crate::alloc::GenChange::entry).collect();
         self.append_locked(m, &entries)?;
-        if !self.cfg.debug.reuse_bucket_before_gen_durable {
+        if !failpoints::returns(failpoints::RECLAIM_SKIP_GEN_COMMIT) {
             self.commit_locked(m)?;
         }
         let freed = m.alloc_mut().mark_gens_durable(last);

@@ -58,17 +58,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use ubcache_btree::{Key, Pos, Tree, TreeConfig};
 
-/// Test-only switches that break one crash-ordering rule on purpose, so the crash harness can
-/// prove it catches the breakage. Never set outside tests.
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DebugKnobs {
-    /// Journal commits (FLUSH, FUA) skip the cache sync before writing the record (breaks rule 1).
-    pub commit_skips_cache_sync: bool,
-    /// Reclaimed buckets are reused before their bumped generation is durable (breaks rule 2).
-    pub reuse_bucket_before_gen_durable: bool,
-}
-
 /// Tuning of a cache set (nothing here is part of the on-disk format).
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -93,8 +82,6 @@ pub struct CacheConfig {
     pub congested_read_threshold_us: u64,
     /// Cache write latency (µs) over which writes bypass the cache; 0: never.
     pub congested_write_threshold_us: u64,
-    #[doc(hidden)]
-    pub debug: DebugKnobs,
 }
 
 impl Default for CacheConfig {
@@ -113,7 +100,6 @@ impl Default for CacheConfig {
             // caches; `ubcache serve` turns on bcache's defaults (2 ms read, 20 ms write).
             congested_read_threshold_us: 0,
             congested_write_threshold_us: 0,
-            debug: DebugKnobs::default(),
         }
     }
 }
@@ -254,6 +240,8 @@ pub(crate) struct Shared {
     reclaim_policy: Mutex<ReclaimPolicy>,
     /// Serializes whole-set writeback passes (two passes would write the same keys twice).
     pub(crate) writeback_pass: Mutex<()>,
+    /// Writeback knobs and gauges, shared by the set's writeback thread and control target.
+    pub(crate) writeback_tuning: Arc<super::writeback::WritebackTuning>,
     pub(crate) recovery: RecoveryReport,
     failed: AtomicBool,
     last_commit_seq: AtomicU64,

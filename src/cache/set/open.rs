@@ -322,6 +322,7 @@ impl CacheSet {
             congestion,
             reclaim_policy: Mutex::new(reclaim_policy),
             writeback_pass: Mutex::new(()),
+            writeback_tuning: Arc::default(),
             recovery,
             failed: AtomicBool::new(false),
             last_commit_seq: AtomicU64::new(0),

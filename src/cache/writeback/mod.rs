@@ -1,16 +1,38 @@
-//! Writeback: copying dirty data from the cache device to its backing device and journalling
-//! the keys clean (crash rule 4: read cache, write backing, sync backing, then replace the key).
+//! Writeback: copying dirty data from the cache device home to its backing device and
+//! journalling the keys clean (crash rule 4: read cache, write backing, sync backing, then
+//! replace the key).
 //!
-//! The engine's own synchronous steps live here: [`CacheSet::writeback_step`] and the
-//! writeback drain [`CacheSet::write_back_all`] (used by detach, by leaving writeback mode and
-//! by `ubcache flush`). "Drain" is not a FLUSH: the NBD FLUSH is the durability barrier
-//! ([`CacheSet::sync`]) and writes nothing home.
+//! - [`scan`]: finding dirty keys ([`CacheSet::scan_dirty`], the key buffer [`DirtyKeyBuf`]).
+//! - [`copy`]: writing a batch of keys home with its crash ordering
+//!   ([`CacheSet::write_back_scanned`]) and the data copy itself.
+//! - [`policy`]: pure functions: the PI rate controller and extent coalescing.
+//! - [`thread`]: the background writeback thread ([`WritebackThread`]).
+//! - [`tuning`]: [`WritebackConfig`] and the set's runtime knobs ([`WritebackTuning`]).
+//! - Here: the engine's synchronous steps: [`CacheSet::writeback_step`], the *writeback
+//!   drain* [`CacheSet::write_back_all`] (detach, leaving writeback mode) and [`DrainStep`],
+//!   the batched drain behind `ubcache flush`.
+//!
+//! "Drain" is not a FLUSH: the NBD FLUSH ([`CacheSet::sync`]) is the durability barrier and
+//! writes nothing home; a drain writes every dirty byte home. The ctl verb and CLI command that
+//! start a drain keep their historical name, `flush`.
+
+pub mod copy;
+pub mod policy;
+pub mod scan;
+pub mod thread;
+pub mod tuning;
+
+pub use copy::WritebackReport;
+pub use scan::{DirtyKeyBuf, DirtyScan};
+pub use thread::{MAX_PAUSE, RATE_SLICE, WritebackStatus, WritebackThread};
+pub use tuning::{TuningValues, WritebackConfig, WritebackTuning};
 
 use super::error::{CacheError, CacheResult};
 use super::set::{CacheSet, Shared};
 use crate::dev::SECTOR_SIZE;
 use crate::format::BackingState;
-use crate::wbpolicy::CoalesceLimits;
+use policy::CoalesceLimits;
+use std::sync::Arc;
 use ubcache_btree::{Key, Pos};
 
 impl CacheSet {
@@ -38,7 +60,7 @@ impl Shared {
         let scanned_seq = {
             let mut m = self.lock_meta()?;
             let from = m.wb_cursor;
-            // Only keys of this set's devices (a device being detached included: detach flushes
+            // Only keys of this set's devices (a device being detached included: detach drains
             // it with this): dirty data of a device that is not here stays cached.
             let wanted = |k: &Key| k.dirty && self.backings.iter().any(|b| b.dev_id == k.dev);
             let next = m.tree.scan(from, &wanted, max_keys.max(1), &mut keys)?;
@@ -53,7 +75,7 @@ impl Shared {
         if keys.is_empty() {
             return Ok(0);
         }
-        // The same path as the writeback thread's (crash ordering in `wb_io.rs`): coalesced
+        // The same path as the writeback thread's (crash ordering in `copy.rs`): coalesced
         // backing writes of at most 1 MiB, every key re-checked under its range lock.
         let limits = CoalesceLimits { max_io_len: (1 << 20) / SECTOR_SIZE, max_extents: keys.len() };
         let report = self.write_back_scanned(&keys, scanned_seq, limits)?;
@@ -68,7 +90,7 @@ impl Shared {
             if dirty_before == 0 {
                 break;
             }
-            // Large steps: each one ends with a backing sync (see `WritebackConfig::for_flush`).
+            // Large steps: each one ends with a backing sync (see `WritebackConfig::for_drain`).
             let n = self.writeback_step(4096)?;
             if n == 0 {
                 let stats = self.lock_meta()?.tree.stats();
@@ -115,5 +137,93 @@ impl Shared {
             }
         }
         Ok(())
+    }
+}
+
+impl CacheSet {
+    /// Ends a writeback drain: commits, and marks every attached backing device without dirty
+    /// data (and no dirty write in flight) Clean in its superblock.
+    pub fn finish_drain(&self) -> CacheResult<()> {
+        {
+            let mut m = self.shared.lock_meta()?;
+            self.shared.commit_locked(&mut m)?;
+        }
+        self.shared.mark_clean_if_no_dirty()
+    }
+}
+
+/// Most bytes one drain batch holds range locks for.
+const DRAIN_BATCH_MAX_BYTES: u64 = 64 << 20;
+/// Most runs (range locks, backing writes) in one drain batch: the range locks are a list that
+/// every locker scans, so thousands of held ranges would cost foreground writers and the drain
+/// itself quadratic time.
+const DRAIN_BATCH_MAX_RUNS: usize = 1024;
+
+/// One step of a writeback drain (what the control socket's `flush` verb runs, step by step,
+/// to report progress): writes back one batch at full speed and returns the bytes written;
+/// `Ok(0)` only when no dirty data of an attached device is left (the backing devices are then
+/// marked Clean).
+#[derive(Debug)]
+pub struct DrainStep {
+    set: Arc<CacheSet>,
+    keybuf: DirtyKeyBuf,
+    config: WritebackConfig,
+}
+
+impl DrainStep {
+    #[must_use]
+    pub fn new(set: Arc<CacheSet>, config: WritebackConfig) -> Self {
+        Self { set, keybuf: DirtyKeyBuf::new(config.keybuf_keys), config }
+    }
+
+    /// Writes back one batch; see the type doc.
+    pub fn step(&mut self) -> CacheResult<u64> {
+        // Keys skipped because they changed under us, or dirty data appearing faster than it
+        // is written, can make a batch write nothing: retry a bounded number of times, so a
+        // drain that cannot progress fails instead of spinning or claiming it is done.
+        let mut last_dirty = u64::MAX;
+        let mut stalls = 0;
+        loop {
+            let dirty = self.set.usage()?.attached_dirty_bytes;
+            if dirty == 0 {
+                self.set.finish_drain()?;
+                return Ok(0);
+            }
+            let budget = self
+                .config
+                .max_io_bytes
+                .saturating_mul(self.config.batch_keys as u64)
+                .clamp(1, DRAIN_BATCH_MAX_BYTES);
+            let keys =
+                self.keybuf.take_runs(&self.set, self.config.batch_keys, budget, DRAIN_BATCH_MAX_RUNS)?;
+            let report =
+                self.set.write_back_scanned(&keys, self.keybuf.scanned_seq(), self.config.limits())?;
+            if report.bytes_written > 0 {
+                return Ok(report.bytes_written);
+            }
+            if dirty < last_dirty {
+                stalls = 0;
+            } else {
+                stalls += 1;
+                if stalls > 1000 {
+                    return Err(CacheError::Failed(format!(
+                        "flush made no progress with {dirty} dirty bytes left"
+                    )));
+                }
+            }
+            last_dirty = dirty;
+            std::thread::yield_now();
+        }
+    }
+
+    /// Runs steps until nothing dirty is left.
+    pub fn run_to_end(&mut self) -> CacheResult<u64> {
+        let mut total = 0u64;
+        loop {
+            match self.step()? {
+                0 => return Ok(total),
+                n => total += n,
+            }
+        }
     }
 }
