@@ -173,7 +173,7 @@ impl Shared {
                 break;
             }
         }
-        let cp = m.tree.flush()?;
+        let cp = m.tree.write_out()?;
         // The new nodes (and every data write they reference) durable before the checkpoint
         // record can name them.
         self.cache.sync()?;
@@ -225,7 +225,7 @@ impl Shared {
             self.gc_locked(m)?;
         }
         let policy = *self.reclaim_policy.lock();
-        let changes = m.alloc_mut().reclaim(&policy, self.cfg.reclaim_batch);
+        let changes = m.alloc_mut().reclaim(policy, self.cfg.reclaim_seed, self.cfg.reclaim_batch);
         let Some(last) = changes.last().map(|c| c.token) else {
             return Ok(0);
         };

@@ -48,7 +48,7 @@ use super::policy::{CacheMode, CongestionTracker, DEFAULT_SEQUENTIAL_CUTOFF, Seq
 use super::stats::{Stats, StatsSnapshot};
 use super::store::CacheStore;
 use super::verify::{self, Report};
-use crate::alloc::{AllocConfig, AllocError, Allocator, ReclaimPolicy, SectorAlloc};
+use crate::alloc::{AllocConfig, AllocError, Allocator, ReplacementPolicy, SectorAlloc};
 use crate::dev::{BlockDev, SECTOR_SIZE};
 use crate::format::{self, BackingSuperblock, CacheSuperblock, Geometry, JournalEntry, TableSlot, Uuid};
 use crate::journal::{Journal, JournalConfig};
@@ -58,6 +58,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use ubcache_btree::{Key, Pos, Tree, TreeConfig};
 
+/// Default seed of the random replacement policy: any fixed value gives a reproducible victim
+/// order.
+const DEFAULT_RECLAIM_SEED: u64 = 0x5eed_ca57_e5e7_0001;
+
 /// Tuning of a cache set (nothing here is part of the on-disk format).
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
@@ -66,7 +70,9 @@ pub struct CacheConfig {
     pub tree: TreeConfig,
     /// Sequential streams longer than this bypass the cache (0: never).
     pub sequential_cutoff: u64,
-    pub reclaim_policy: ReclaimPolicy,
+    pub reclaim_policy: ReplacementPolicy,
+    /// Seed of the random replacement policy (reproducible victim order); unused by the others.
+    pub reclaim_seed: u64,
     /// Buckets invalidated per reclaim round.
     pub reclaim_batch: usize,
     /// Journal entries that may stay uncommitted before an update commits on its own, bounding
@@ -91,7 +97,8 @@ impl Default for CacheConfig {
             alloc: AllocConfig::default(),
             tree: TreeConfig::default(),
             sequential_cutoff: DEFAULT_SEQUENTIAL_CUTOFF,
-            reclaim_policy: ReclaimPolicy::Lru,
+            reclaim_policy: ReplacementPolicy::Lru,
+            reclaim_seed: DEFAULT_RECLAIM_SEED,
             reclaim_batch: 4,
             max_uncommitted_entries: 1024,
             mode: CacheMode::Writethrough,
@@ -237,7 +244,7 @@ pub(crate) struct Shared {
     /// Cache-device latency and the congestion thresholds.
     pub(crate) congestion: CongestionTracker,
     /// The replacement policy reclaim uses now (a runtime knob; stored in the superblock).
-    reclaim_policy: Mutex<ReclaimPolicy>,
+    reclaim_policy: Mutex<ReplacementPolicy>,
     /// Serializes whole-set writeback passes (two passes would write the same keys twice).
     pub(crate) writeback_pass: Mutex<()>,
     /// Writeback knobs and gauges, shared by the set's writeback thread and control target.
@@ -321,25 +328,20 @@ impl CacheSet {
 
     /// The replacement policy reclaim uses now.
     #[must_use]
-    pub fn replacement_policy(&self) -> ReclaimPolicy {
+    pub fn replacement_policy(&self) -> ReplacementPolicy {
         *self.shared.reclaim_policy.lock()
     }
 
     /// Changes the replacement policy: the next reclaim picks its victims by it. Stored in the
     /// cache superblock (a compat feature bit, see `docs/format.md`), so it survives a restart;
     /// the superblock is written first, and the policy acts only once that succeeded.
-    pub fn set_replacement_policy(&self, policy: ReclaimPolicy) -> CacheResult<()> {
+    pub fn set_replacement_policy(&self, policy: ReplacementPolicy) -> CacheResult<()> {
         let sh = &self.shared;
-        let stored = match policy {
-            ReclaimPolicy::Lru => format::StoredReplacementPolicy::Lru,
-            ReclaimPolicy::Fifo => format::StoredReplacementPolicy::Fifo,
-            ReclaimPolicy::Random(_) => format::StoredReplacementPolicy::Random,
-        };
         {
             let mut sb = sh.sb_current.lock();
-            if sb.replacement_policy() != Some(stored) {
+            if sb.replacement_policy() != Some(policy) {
                 let mut next = sb.clone();
-                next.set_replacement_policy(stored);
+                next.set_replacement_policy(policy);
                 next.seq += 1;
                 format::write_cache_superblock(sh.cache.as_ref(), &next)?;
                 *sb = next;

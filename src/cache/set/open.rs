@@ -7,7 +7,7 @@
 use super::{
     Backing, BackingSb, BackingSyncState, CacheConfig, CacheSet, FormatOptions, Meta, RecoveryReport, Shared,
 };
-use crate::alloc::{AllocConfig, AllocError, Allocator, LiveExtent, ReclaimPolicy};
+use crate::alloc::{AllocConfig, AllocError, Allocator, LiveExtent};
 use crate::cache::error::{CacheError, CacheResult, Metadata};
 use crate::cache::inflight::{FillTracker, RangeLocks};
 use crate::cache::policy::{CacheMode, CongestionTracker, SequentialDetector};
@@ -31,15 +31,6 @@ fn cache_mode(m: StoredCacheMode) -> CacheMode {
         StoredCacheMode::Writeback => CacheMode::Writeback,
         StoredCacheMode::Writearound => CacheMode::Writearound,
         StoredCacheMode::None => CacheMode::None,
-    }
-}
-
-/// The seed of a random replacement policy read from the superblock (which stores only the
-/// policy): the configured seed if the configuration also says random, else a fixed one.
-fn random_seed(cfg: &CacheConfig) -> u64 {
-    match cfg.reclaim_policy {
-        ReclaimPolicy::Random(seed) => seed,
-        ReclaimPolicy::Lru | ReclaimPolicy::Fifo => 0x5eed_ca57_e5e7_0001,
     }
 }
 
@@ -198,7 +189,7 @@ pub fn format(
     let journal = Journal::create(Arc::clone(cache), geometry.journal_region(), set_uuid, cfg.journal)?;
     let store = CacheStore::new(Arc::clone(cache), geometry, Allocator::new(&geometry, cfg.alloc));
     let mut tree = Tree::create(store, cfg.tree)?;
-    let cp = tree.flush()?;
+    let cp = tree.write_out()?;
     cache.sync()?;
     let table = tree.store().alloc.table(1);
     format::write_bucket_table(cache.as_ref(), &geometry, set_uuid, TableSlot::A, &table)?;
@@ -291,12 +282,7 @@ impl CacheSet {
         }
         let seq = SequentialDetector::new(cfg.sequential_cutoff);
         // A policy chosen at runtime (stored in the superblock) wins over the configured one.
-        let reclaim_policy = match sb.replacement_policy() {
-            Some(format::StoredReplacementPolicy::Lru) => ReclaimPolicy::Lru,
-            Some(format::StoredReplacementPolicy::Fifo) => ReclaimPolicy::Fifo,
-            Some(format::StoredReplacementPolicy::Random) => ReclaimPolicy::Random(random_seed(&cfg)),
-            None => cfg.reclaim_policy,
-        };
+        let reclaim_policy = sb.replacement_policy().unwrap_or(cfg.reclaim_policy);
         let congestion =
             CongestionTracker::new(cfg.congested_read_threshold_us, cfg.congested_write_threshold_us);
         let shared = Arc::new(Shared {
