@@ -21,7 +21,7 @@
 //! before a backing write, attach/detach) still run under the lock (`Shared::commit_locked`),
 //! where no entry can be appended meanwhile.
 //!
-//! # Crash ordering (CACHE_DESIGN.md rules 1-6), where each is kept
+//! # Crash ordering (rules 1-6 of docs/design.md), where each is kept
 //! 1. Data before metadata: `Shared::commit` and `Shared::commit_locked` sync the backing
 //!    devices that took writes (`BackingSyncState`) and the cache device *before* the journal
 //!    commit. Entries are appended only after their data writes completed.
