@@ -2,7 +2,7 @@
 //! the allocator say: no I/O and no cache-set state of their own. Two callers run them:
 //! [`crate::check::check`] (offline, on what the recovery load path rebuilt in memory) and
 //! [`super::CacheSet::check`] (online, under the metadata lock). Recovery itself refuses to
-//! open on [`detached_with_dirty`], the one check it shares with fsck.
+//! open on `detached_with_dirty`, the one check it shares with fsck.
 //!
 //! Every problem has a [`ProblemKind`], so callers (and tests) act on the kind; its
 //! [`Problem::detail`] is the readable sentence the CLI prints.

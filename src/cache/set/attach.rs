@@ -20,7 +20,7 @@ fn stored_mode(m: CacheMode) -> StoredCacheMode {
 impl CacheSet {
     /// Detaches a backing device: writes all its dirty data home, drops its keys, marks its
     /// superblock Detached (it can then be used alone) and removes it from the cache
-    /// superblock. Its [`super::CachedDev`] handles go on serving, straight from the device
+    /// superblock. Its [`crate::cache::CachedDev`] handles go on serving, straight from the device
     /// (as bcache's detached devices do); requests that arrive during the detach wait for it.
     /// If writing home fails, the device stays attached and the error is returned.
     pub fn detach(&self, dev_id: u32) -> CacheResult<()> {

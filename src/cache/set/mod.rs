@@ -4,9 +4,9 @@
 //! Where each responsibility lives:
 //! - this file: the state ([`CacheSet`], `Shared`, `Meta` under the metadata lock, `Backing`),
 //!   the journalled key updates the data path and writeback make, and the small public API;
-//! - [`open`]: format, open with crash recovery, and the load path recovery and fsck share;
-//! - [`commit`]: commits (FLUSH), checkpoints, GC, reclaim and data allocation;
-//! - [`attach`]: attach, detach, cache mode, and the backing superblock state;
+//! - `open.rs`: format, open with crash recovery, and the load path recovery and fsck share;
+//! - `commit.rs`: commits (FLUSH), checkpoints, GC, reclaim and data allocation;
+//! - `attach.rs`: attach, detach, cache mode, and the backing superblock state;
 //! - writeback lives in [`super::writeback`], the cross-checks of fsck in [`super::verify`].
 //!
 //! # Locking
@@ -48,6 +48,7 @@ use super::policy::{CacheMode, CongestionTracker, DEFAULT_SEQUENTIAL_CUTOFF, Seq
 use super::stats::{Stats, StatsSnapshot};
 use super::store::CacheStore;
 use super::verify::{self, Report};
+use super::writeback::tuning::WritebackTuning;
 use crate::alloc::{AllocConfig, AllocError, Allocator, ReplacementPolicy, SectorAlloc};
 use crate::dev::{BlockDev, SECTOR_SIZE};
 use crate::format::{self, BackingSuperblock, CacheSuperblock, Geometry, JournalEntry, TableSlot, Uuid};
@@ -248,7 +249,7 @@ pub(crate) struct Shared {
     /// Serializes whole-set writeback passes (two passes would write the same keys twice).
     pub(crate) writeback_pass: Mutex<()>,
     /// Writeback knobs and gauges, shared by the set's writeback thread and control target.
-    pub(crate) writeback_tuning: Arc<super::writeback::WritebackTuning>,
+    pub(crate) writeback_tuning: Arc<WritebackTuning>,
     pub(crate) recovery: RecoveryReport,
     failed: AtomicBool,
     last_commit_seq: AtomicU64,
@@ -518,5 +519,13 @@ impl Shared {
             self.append_locked(m, &[JournalEntry::Invalidate { dev, start, end }])?;
         }
         Ok(())
+    }
+}
+
+impl CacheSet {
+    /// The writeback tuning of this set, shared by its writeback thread and control target.
+    #[must_use]
+    pub fn writeback_tuning(&self) -> &Arc<WritebackTuning> {
+        &self.shared.writeback_tuning
     }
 }
