@@ -13,6 +13,7 @@
 //! - [`serve`]: `ubcache serve`: options, default files, exports, running the server.
 //! - [`cache`]: the cache set engine (`CacheSet`, per-backing `CachedDev`, modes, recovery).
 //! - [`check`]: fsck of a cache set.
+//! - [`record`]: recording an export's writes, flushes and marks to a replayable log.
 //! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics.
 //! - [`wbpolicy`]: writeback policy as pure functions (rate controller, extent coalescing).
 //! - [`writeback`]: the background writeback thread (key buffer, coalescing, rate control).
@@ -30,6 +31,7 @@ pub mod format;
 pub mod fuzzing;
 pub mod journal;
 pub mod nbd;
+pub mod record;
 pub mod serve;
 pub mod wbpolicy;
 pub mod writeback;

@@ -1,0 +1,9 @@
+//! Recording (issue 11): an append-only log of every WRITE, TRIM, WRITE_ZEROES, FLUSH and FUA an
+//! export's client sent, in completion order, with user marks, so that a replay can rebuild the
+//! disk as it was at any flush point (dm-log-writes semantics, without root).
+//!
+//! - [`format`]: every byte of the log, its encoder and a decoder that accepts any input.
+
+pub mod format;
+
+pub use format::{Entry, LogEnd, LogError, LogHeader, LogReader, Record, TornTail, WriteData};
