@@ -160,6 +160,31 @@ fn a_bit_flip_in_any_record_is_an_error_naming_its_entry_and_offset() {
     }
 }
 
+/// Whole records that are intact but out of place (a block written twice, records swapped by a
+/// faulty copy) carry the wrong sequence number: corruption, not a different history.
+#[test]
+fn a_repeated_or_missing_record_is_a_sequence_error() {
+    let log = encode_log(&every_kind());
+    let (_, entries, _) = decode_all(&log).unwrap();
+    let (second, third) = (&entries[1], &entries[2]);
+    let record = |e: &Entry| log[e.offset as usize..(e.offset + e.size) as usize].to_vec();
+    let mut repeated = log[..(third.offset) as usize].to_vec();
+    repeated.extend_from_slice(&record(second));
+    repeated.extend_from_slice(&log[third.offset as usize..]);
+    let mut missing = log[..second.offset as usize].to_vec();
+    missing.extend_from_slice(&log[third.offset as usize..]);
+    for (what, bytes, expected, found) in [("repeated", repeated, 2, 1), ("missing", missing, 1, 2)] {
+        match decode_all(&bytes).unwrap().2 {
+            Err(LogError::Corrupt {
+                entry, what: Corruption::Sequence { expected: e, found: f }, ..
+            }) => {
+                assert_eq!((entry, e, f), (expected, expected, found), "{what}");
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn a_bit_flip_in_the_header_is_a_bad_header() {
     let log = encode_log(&every_kind());
