@@ -3,7 +3,9 @@
 //! disk as it was at any flush point (dm-log-writes semantics, without root).
 //!
 //! - [`format`]: every byte of the log, its encoder and a decoder that accepts any input.
+//! - [`replay`]: `ubcache replay`: list a log, rebuild the export at any point, crash states, the check loop.
 
 pub mod format;
+pub mod replay;
 
 pub use format::{Entry, LogEnd, LogError, LogHeader, LogReader, Record, TornTail, WriteData};
