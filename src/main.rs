@@ -171,6 +171,11 @@ struct ServeArgs {
     /// connection's own task, one at a time per connection; flush, trim and zeroing as tasks).
     #[arg(long, value_enum, value_name = "WHERE", default_value = "workers")]
     device_calls: DeviceCallsArg,
+
+    /// Record every write, trim, zeroing, flush and FUA of the export to LOG, for `ubcache
+    /// replay` (with several exports: NAME=LOG, repeated). LOG must not exist yet.
+    #[arg(long, value_name = "[NAME=]LOG")]
+    record: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -197,6 +202,7 @@ impl From<ServeArgs> for ServeOptions {
             threads: args.threads,
             ctl_socket: args.ctl_socket,
             metrics: args.metrics,
+            record: args.record,
             device_calls: match args.device_calls {
                 DeviceCallsArg::Workers => DeviceCalls::OnWorkers,
                 DeviceCallsArg::Pool => DeviceCalls::BlockingPool,

@@ -188,7 +188,10 @@ impl LogHeader {
     pub fn encode(&self) -> Result<Vec<u8>, LogError> {
         let name = self.export_name.as_bytes();
         if name.len() > MAX_NAME_LEN {
-            return Err(LogError::Invalid(format!("export name of {} bytes (at most {MAX_NAME_LEN})", name.len())));
+            return Err(LogError::Invalid(format!(
+                "export name of {} bytes (at most {MAX_NAME_LEN})",
+                name.len()
+            )));
         }
         let header_len = MIN_HEADER_LEN + name.len();
         let mut out = Vec::with_capacity(header_len);
@@ -214,20 +217,25 @@ impl LogHeader {
     fn decode(r: &mut impl Read) -> Result<LogHeader, LogError> {
         let bad = |reason: String| LogError::BadHeader { reason };
         let mut fixed = [0u8; H_NAME];
-        read_full(r, &mut fixed).map_err(LogError::Read)?.then_some(()).ok_or_else(|| {
-            bad(format!("file is shorter than a log header ({MIN_HEADER_LEN} bytes)"))
-        })?;
+        read_full(r, &mut fixed)
+            .map_err(LogError::Read)?
+            .then_some(())
+            .ok_or_else(|| bad(format!("file is shorter than a log header ({MIN_HEADER_LEN} bytes)")))?;
         if fixed[H_MAGIC..H_VERSION] != MAGIC {
             return Err(bad("not a ubcache recording (bad magic)".into()));
         }
         let version = le_u32(&fixed, H_VERSION);
         if version != VERSION_1 {
-            return Err(bad(format!("log format version {version} is not supported (this build reads {VERSION_1})")));
+            return Err(bad(format!(
+                "log format version {version} is not supported (this build reads {VERSION_1})"
+            )));
         }
         let header_len = le_u32(&fixed, H_HEADER_LEN) as usize;
         let name_len = usize::from(le_u16(&fixed, H_NAME_LEN));
         if name_len > MAX_NAME_LEN || header_len != MIN_HEADER_LEN + name_len {
-            return Err(bad(format!("header length {header_len} does not fit an export name of {name_len} bytes")));
+            return Err(bad(format!(
+                "header length {header_len} does not fit an export name of {name_len} bytes"
+            )));
         }
         let mut rest = vec![0u8; name_len + 4];
         if !read_full(r, &mut rest).map_err(LogError::Read)? {
@@ -236,7 +244,9 @@ impl LogHeader {
         let stored = le_u32(&rest, name_len);
         let crc = crc32c::crc32c_append(crc32c::crc32c(&fixed), &rest[..name_len]);
         if crc != stored {
-            return Err(bad(format!("header checksum mismatch (stored {stored:#010x}, computed {crc:#010x})")));
+            return Err(bad(format!(
+                "header checksum mismatch (stored {stored:#010x}, computed {crc:#010x})"
+            )));
         }
         if le_u32(&fixed, H_FLAGS) != 0 {
             return Err(bad("unknown header flags".into()));
@@ -370,7 +380,10 @@ impl Record {
             Record::Mark { name } => {
                 let name = name.as_bytes();
                 if name.is_empty() || name.len() > MAX_NAME_LEN {
-                    return Err(LogError::Invalid(format!("mark name of {} bytes (1 to {MAX_NAME_LEN})", name.len())));
+                    return Err(LogError::Invalid(format!(
+                        "mark name of {} bytes (1 to {MAX_NAME_LEN})",
+                        name.len()
+                    )));
                 }
                 // Format: { head(kind=MARK) | name [payload_len] (UTF-8) | crc32c }
                 let start = begin(out, KIND_MARK, 0, seq, name.len());
@@ -383,7 +396,13 @@ impl Record {
 }
 
 /// Appends a WRITE record: data that is all zeros is stored as its length only.
-pub fn encode_write(out: &mut Vec<u8>, seq: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), LogError> {
+pub fn encode_write(
+    out: &mut Vec<u8>,
+    seq: u64,
+    offset: u64,
+    data: &[u8],
+    fua: bool,
+) -> Result<(), LogError> {
     if is_all_zero(data) {
         let flags = FLAG_ZERO_DATA | if fua { FLAG_FUA } else { 0 };
         encode_range(out, KIND_WRITE, flags, seq, offset, data.len() as u64);
@@ -393,9 +412,18 @@ pub fn encode_write(out: &mut Vec<u8>, seq: u64, offset: u64, data: &[u8], fua: 
     }
 }
 
-fn encode_write_bytes(out: &mut Vec<u8>, seq: u64, offset: u64, data: &[u8], fua: bool) -> Result<(), LogError> {
+fn encode_write_bytes(
+    out: &mut Vec<u8>,
+    seq: u64,
+    offset: u64,
+    data: &[u8],
+    fua: bool,
+) -> Result<(), LogError> {
     if data.len() > MAX_WRITE_DATA {
-        return Err(LogError::Invalid(format!("write of {} bytes (at most {MAX_WRITE_DATA} per record)", data.len())));
+        return Err(LogError::Invalid(format!(
+            "write of {} bytes (at most {MAX_WRITE_DATA} per record)",
+            data.len()
+        )));
     }
     // Format: { head(kind=WRITE, flags=[FUA]) | offset u64 | data [payload_len - 8] | crc32c }
     let start = begin(out, KIND_WRITE, if fua { FLAG_FUA } else { 0 }, seq, 8 + data.len());
@@ -674,7 +702,9 @@ impl<R: Read> LogReader<R> {
                 self.last_flush = number;
                 Ok(Record::Flush { number })
             }
-            KIND_MARK => String::from_utf8(body).map(|name| Record::Mark { name }).map_err(|_| Corruption::MarkName),
+            KIND_MARK => {
+                String::from_utf8(body).map(|name| Record::Mark { name }).map_err(|_| Corruption::MarkName)
+            }
             other => Err(Corruption::UnknownKind(other)),
         }
     }
@@ -711,9 +741,13 @@ impl<R: Read> Iterator for LogReader<R> {
     }
 }
 
+/// A whole log decoded: its header, every entry before the first error, and either how it
+/// ended or that error.
+pub type Decoded = (LogHeader, Vec<Entry>, Result<LogEnd, LogError>);
+
 /// Decodes a whole log held in memory: its header, every entry before the first error, and
 /// either how it ended or the error. For tests and fuzzing; tools stream with [`LogReader`].
-pub fn decode_all(bytes: &[u8]) -> Result<(LogHeader, Vec<Entry>, Result<LogEnd, LogError>), LogError> {
+pub fn decode_all(bytes: &[u8]) -> Result<Decoded, LogError> {
     let mut reader = LogReader::new(bytes)?;
     let mut entries = Vec::new();
     for item in reader.by_ref() {
