@@ -38,6 +38,9 @@ enum Command {
     Show(ShowArgs),
     /// Check a cache set offline (read-only fsck). Exit 0 clean, 1 problems, 3 could not check.
     Check(CheckArgs),
+    /// Replay a recording log (`serve --record`): list it, rebuild the export at a flush, FUA
+    /// write or mark, build the crash states a power cut allows, or check every such point.
+    Replay(ubcache::record::replay::cli::ReplayArgs),
     /// Control commands sent to a running cached `ubcache serve` over its control socket.
     #[command(flatten)]
     Ctl(ubcache::ctl::cli::CtlCommand),
@@ -218,6 +221,15 @@ fn main() -> ExitCode {
         Command::Show(args) => run_show(&args),
         Command::Check(args) => run_check(&args),
         Command::Ctl(command) => run_ctl(&command),
+        Command::Replay(args) => {
+            return match ubcache::record::replay::cli::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(failure) => {
+                    eprintln!("ubcache: error: {}", failure.message);
+                    ExitCode::from(failure.exit_code)
+                }
+            };
+        }
     };
     match result {
         Ok(code) => code,

@@ -6,10 +6,13 @@
 //! - [`writer`]: appending with a buffer, group-committed syncs and a sticky failure.
 //! - [`dev`]: [`RecordingDev`], the `BlockDev` wrapper that records an export's requests.
 //! - [`control`]: `ubcache mark` on the control socket ([`RecordingTarget`]).
+//! - [`replay`]: `ubcache replay`: list a log, rebuild the export at any point, crash states, the
+//!   check loop.
 
 pub mod control;
 pub mod dev;
 pub mod format;
+pub mod replay;
 pub mod writer;
 
 pub use control::{RecordedExports, RecordingTarget};
