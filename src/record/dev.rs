@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use super::format::Record;
 use super::writer::LogWriter;
-use crate::dev::{BlockDev, DevError, DevResult};
+use crate::dev::{BlockDev, DevCaps, DevError, DevResult};
 
 /// An export's device with every completed change recorded to a log.
 #[derive(Debug)]
@@ -117,10 +117,6 @@ impl BlockDev for RecordingDev {
         self.log.append(&Record::WriteZeroes { offset, len, fua: false, no_hole: !may_unmap }).map(drop)
     }
 
-    fn fast_zero(&self) -> bool {
-        self.inner.fast_zero()
-    }
-
     fn known_zero_ranges(&self, offset: u64, len: u64) -> DevResult<Vec<Range<u64>>> {
         self.inner.known_zero_ranges(offset, len)
     }
@@ -129,23 +125,9 @@ impl BlockDev for RecordingDev {
         self.inner.prefetch(offset, len)
     }
 
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
-    }
-
-    fn writes_are_cheap(&self) -> bool {
-        // Appending to the log buffer is a copy into memory too; a buffer write-out is rare.
-        self.inner.writes_are_cheap()
-    }
-
-    // `buffered_file` and `copy_from` keep their defaults (None, false): a copy straight into
-    // the inner file would bypass the log.
-
-    fn start_writeback(&self, offset: u64, len: u64) -> DevResult<()> {
-        self.inner.start_writeback(offset, len)
-    }
-
-    fn parallel_writes_help(&self) -> bool {
-        self.inner.parallel_writes_help()
+    fn capabilities(&self) -> DevCaps<'_> {
+        // No bulk-copy extension: a copy straight into the inner file would bypass the log.
+        // Appending to the log buffer is a copy into memory too, so cheap writes stay cheap.
+        DevCaps { bulk: None, ..self.inner.capabilities() }
     }
 }

@@ -16,7 +16,8 @@ use std::path::Path;
 use std::time::Duration;
 use ubcache::cache::CacheMode;
 use ubcache::ctl::{CtlArgs, Request, request, run_ctl_command, socket_path};
-use ubcache::dev::{BlockDev, NbdDev};
+use ubcache::dev::BlockDev;
+use ubcache::nbd::NbdDev;
 
 fn knobs(dir: &Path) -> BTreeMap<String, String> {
     let reply =

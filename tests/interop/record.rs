@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use common::{UbcacheServer, make_file, require_root, require_tool, run_bounded, s, ubcache};
 use proptest::prelude::*;
-use ubcache::dev::{BlockDev, DevError, DevResult, MemDev, NbdDev};
+use ubcache::dev::{BlockDev, DevCaps, DevError, DevResult, MemDev};
+use ubcache::nbd::NbdDev;
 use ubcache::record::format::{
     Corruption, Entry, LogEnd, LogError, LogHeader, LogReader, RECORD_OVERHEAD, Record, WriteData, decode_all,
 };
@@ -366,6 +367,9 @@ impl BlockDev for GatedSync {
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
         self.inner.write_at(buf, offset)
     }
+    fn capabilities(&self) -> DevCaps<'_> {
+        DevCaps::default()
+    }
     fn sync(&self) -> DevResult<()> {
         self.entered.lock().unwrap().send(()).unwrap();
         self.release.lock().unwrap().recv_timeout(Duration::from_secs(30)).unwrap();
@@ -422,6 +426,9 @@ impl BlockDev for FailingSync {
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
         self.0.write_at(buf, offset)
+    }
+    fn capabilities(&self) -> DevCaps<'_> {
+        DevCaps::default()
     }
     fn sync(&self) -> DevResult<()> {
         Err(DevError::Io {

@@ -63,6 +63,9 @@ impl BlockDev for LaggyDev {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.lag();
         self.inner.read_at(buf, offset)
@@ -123,6 +126,9 @@ impl GatedDev {
 impl BlockDev for GatedDev {
     fn len(&self) -> u64 {
         self.inner.len()
+    }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.inner.read_at(buf, offset)
