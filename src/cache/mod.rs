@@ -10,12 +10,12 @@
 //! - [`usage`]: bucket, dirty and journal usage ([`CacheSet::usage`]).
 //! - [`crate::check`]: the fsck (offline [`crate::check::check`], online [`CacheSet::check`]).
 //!
-//! # Decisions beyond DESIGN.md / CACHE_DESIGN.md
-//! - **Commits run under the metadata lock.** `Journal::commit` writes every pending entry, not
-//!   only those up to the caller's seq, so an entry appended during another caller's cache sync
-//!   could reach a record before its data is durable. Holding the lock from the data sync to the
-//!   journal write rules that out. Group commit still coalesces: one commit covers every entry
-//!   appended before it.
+//! # Decisions (the design, its numbered crash rules and the lock order: `docs/design.md`)
+//! - **Commits run outside the metadata lock** (FLUSH, FUA, writeback, a full journal buffer):
+//!   the committer notes the last appended entry, syncs, and writes only the entries up to it
+//!   (`Journal::commit_through`), so an entry appended during its sync, whose data may not be
+//!   durable yet, cannot reach the record (crash rule 1). Group commit still coalesces. Commits
+//!   inside a larger locked step (reclaim, checkpoint, attach/detach) run under the lock.
 //! - **A journal commit syncs the backing devices that took writes first.** So a durable clean
 //!   key never claims data that backing could still lose.
 //! - **Before a write to backing over cached data, pending entries are committed** (and clean

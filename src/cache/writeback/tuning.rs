@@ -67,7 +67,7 @@ impl WritebackConfig {
     /// many keys. With 512 keys per batch a drain of contiguous 4 KiB extents (2 MiB batches) ran at
     /// a sixth of the backing file's sequential write speed, with 4096 (16 MiB) at about a
     /// third; with 16384, the in-kernel copy, early writeout, one clean entry per run and the
-    /// writer thread it runs at 80-100% (`examples/wb_latency.rs`, `docs/writeback.md`). The
+    /// writer thread it runs at 80-100% (`examples/wb_latency.rs`, `docs/benchmarks.md`). The
     /// range locks of a batch are held until it is synced, so a writethrough or bypass write
     /// into a range being drained waits up to one batch (a writeback-mode write never does).
     #[must_use]
