@@ -4,6 +4,8 @@
 //! top layer first (a module imports only from layers below it; `docs/design.md` has the design):
 //! - [`cli`]: the `ubcache` application (serve, format/show/check, control commands); nothing in
 //!   the library imports it.
+//! - [`record`]: recording an export's writes, flushes and marks to a replayable log (a
+//!   `BlockDev` wrapper and the `mark` control verb), and replaying it.
 //! - [`nbd`]: the NBD wire protocol, server, client and [`nbd::NbdDev`] (a remote export as a
 //!   block device).
 //! - [`ctl`]: the control socket (JSON), statistics, Prometheus metrics, and the cache engine
@@ -33,3 +35,4 @@ pub mod format;
 pub mod fuzzing;
 pub mod journal;
 pub mod nbd;
+pub mod record;
