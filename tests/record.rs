@@ -271,6 +271,12 @@ impl LogSink for MemSink {
         let mut st = self.inner.lock().unwrap();
         let end = offset as usize + buf.len();
         if end > st.cap {
+            // As a file system does: what fits is written, then ENOSPC.
+            let fits = st.cap.saturating_sub(offset as usize).min(buf.len());
+            if st.bytes.len() < offset as usize + fits {
+                st.bytes.resize(offset as usize + fits, 0);
+            }
+            st.bytes[offset as usize..offset as usize + fits].copy_from_slice(&buf[..fits]);
             return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
         }
         if st.bytes.len() < end {
