@@ -28,11 +28,11 @@ pub mod devs;
 pub mod record;
 
 pub use crate::cache::CacheMode;
+use crate::cache::writeback::{WritebackConfig, WritebackThread};
 use crate::cache::{CacheConfig, CacheError, CacheSet, CachedDev, FormatOptions, RecoveryReport};
 use crate::ctl::metrics::MetricsServer;
 use crate::ctl::server::{CtlServer, CtlServerConfig};
 use crate::format::{BackingState, BackingSuperblock};
-use crate::writeback::{WritebackConfig, WritebackThread};
 use devs::OffsetDev;
 
 use crate::dev::{BlockDev, DevError, FileDev, FileDevOptions, SECTOR_SIZE};
@@ -985,7 +985,7 @@ impl ControlPlane {
         // and writes back dirty data left by an earlier run in writeback mode whatever the mode
         // is now (or after `ubcache set-mode`).
         let writeback = WritebackThread::start(Arc::clone(&set), WritebackConfig::default());
-        let mut target = crate::engine_ctl::control_target(set, cached);
+        let mut target = crate::ctl::engine::control_target(set, cached);
         if let Some(logs) = recording {
             target = Arc::new(crate::record::RecordingTarget::new(Some(target), logs));
         }

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use proptest::prelude::*;
-use ubcache::wbpolicy::{CoalesceLimits, DirtyExtent, coalesce};
+use ubcache::cache::writeback::policy::{CoalesceLimits, DirtyExtent, coalesce};
 
 /// Sorted, non-overlapping extents over a few devices, with gaps of 0 (contiguous) or more.
 fn sorted_extents() -> impl Strategy<Value = Vec<DirtyExtent>> {

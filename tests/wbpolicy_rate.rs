@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
-use ubcache::wbpolicy::{RateConfig, RateController};
+use ubcache::cache::writeback::policy::{RateConfig, RateController};
 
 const MIB: u64 = 1 << 20;
 const CACHE: u64 = 1 << 30;
