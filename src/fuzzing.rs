@@ -1,5 +1,5 @@
 //! Checks shared by the cargo-fuzz targets `fuzz/fuzz_targets/{superblock,journal}_decode.rs`
-//! and the corpus replay test (`tests/fuzz_corpus.rs`). Each takes arbitrary bytes and must never
+//! and the corpus replay test (`tests/fuzz/corpus.rs`). Each takes arbitrary bytes and must never
 //! panic; it asserts only what the decoders promise: whatever decodes re-encodes to the same
 //! bytes, and a record is never accepted for another address or cache set. Each input is also
 //! tried with its crc fixed up, so the checks behind the checksum are reached.

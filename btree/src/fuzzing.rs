@@ -1,5 +1,5 @@
 //! The check shared by the cargo-fuzz target `fuzz/fuzz_targets/btree_node_decode.rs` and the
-//! corpus replay test of the root crate (`tests/fuzz_corpus.rs`): decoding any bytes as a node
+//! corpus replay test of the root crate (`tests/fuzz/corpus.rs`): decoding any bytes as a node
 //! returns an error or a node that satisfies every invariant, never a panic.
 
 use crate::format::{self, NodePtr};

@@ -1,5 +1,5 @@
 //! Entry points shared by the cargo-fuzz targets (`fuzz/fuzz_targets/nbd_*.rs`) and the
-//! deterministic fuzz batch test (`tests/fuzz_nbd_batch.rs`). Each takes arbitrary bytes, must
+//! deterministic fuzz batch test (`tests/fuzz/nbd_batch.rs`). Each takes arbitrary bytes, must
 //! never panic, and checks the invariants the server relies on.
 
 use super::proto::{self, ExportParams, Request, RequestHeader};
