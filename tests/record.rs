@@ -2,7 +2,7 @@
 //! entry and offset, a torn tail is not an error, `RecordingDev` logs in completion order with
 //! each FLUSH marker where the sync began and fails a write rather than acknowledge it
 //! unrecorded, and the real server's log survives a SIGKILL and matches the backing file after
-//! qemu-io and fio.
+//! qemu-io and fio (replayed with `ubcache replay`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -409,6 +409,47 @@ fn a_write_completing_during_a_flush_lands_after_its_marker() {
     assert_eq!(order, ["write@0", "flush", "write@512"]);
 }
 
+/// A device whose sync always fails (a dying disk).
+#[derive(Debug)]
+struct FailingSync(MemDev);
+
+impl BlockDev for FailingSync {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn sync(&self) -> DevResult<()> {
+        Err(DevError::Io {
+            op: "sync",
+            offset: 0,
+            len: 0,
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        })
+    }
+}
+
+/// A FLUSH whose device sync fails is in the log already (its marker went first): a MARK
+/// saying so must follow it and end the recording, so no replay trusts that flush.
+#[test]
+fn a_failed_device_sync_ends_the_log_with_a_mark_saying_so() {
+    let sink = MemSink::new(usize::MAX);
+    let log = LogWriter::with_sink(Path::new("mem"), Box::new(sink.clone()), &header()).unwrap();
+    let dev = RecordingDev::new(Arc::new(FailingSync(MemDev::new(EXPORT))), Arc::new(log));
+    dev.write_at(&[1; 512], 0).unwrap();
+    assert!(dev.sync().is_err());
+    assert!(dev.write_at(&[2; 512], 512).is_err(), "the recording must stop after a failed sync");
+    let (_, entries, end) = decode_all(&sink.synced()).unwrap();
+    assert_eq!(end.unwrap(), LogEnd::Clean);
+    let kinds: Vec<&str> = entries.iter().map(|e| e.record.kind_name()).collect();
+    assert_eq!(kinds, ["write", "flush", "mark"]);
+    assert!(matches!(&entries[2].record, Record::Mark { name } if name.starts_with("flush 1 failed")));
+}
+
 /// A full log disk: the request whose record cannot be written fails with ENOSPC, and so does
 /// every later write and flush; what the log holds is still a valid log.
 #[test]
@@ -490,6 +531,7 @@ fn the_log_survives_a_sigkill_with_every_write_flushed_before_it() {
     let mut image = vec![0u8; 4 << 20];
     apply(&mut image, &entries[..flush]);
     assert!(image == flushed, "the log up to FLUSH 1 differs from what the client had written before it");
+    assert!(replay_to(&log, &["--to-flush", "1"]) == flushed, "`ubcache replay --to-flush 1` differs");
 }
 
 #[test]
@@ -542,12 +584,19 @@ fn an_existing_log_is_refused() {
     assert_eq!(std::fs::metadata(&log).unwrap().len(), 10, "the old log is untouched");
 }
 
-/// Replays a log file onto a zero image the size of its export.
+/// `ubcache replay LOG --out IMAGE END` and the image's bytes.
+fn replay_to(log: &Path, end: &[&str]) -> Vec<u8> {
+    let image = log.with_extension("replayed.img");
+    let mut args = vec!["replay", s(log), "--out", s(&image), "--force"];
+    args.extend_from_slice(end);
+    let out = ubcache(&args);
+    assert!(out.status.success(), "ubcache {args:?}: {out:?}");
+    std::fs::read(&image).unwrap()
+}
+
+/// The image `ubcache replay --all` builds from a log.
 fn replay_all(log: &Path) -> Vec<u8> {
-    let (header, entries, _) = read_log(log);
-    let mut image = vec![0u8; header.export_size as usize];
-    apply(&mut image, &entries);
-    image
+    replay_to(log, &["--all"])
 }
 
 #[test]

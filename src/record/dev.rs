@@ -27,8 +27,8 @@
 //! every later write and sync of the export with it: the client is never told a write succeeded
 //! that the log lacks. The inner device may already hold such a write; it was not
 //! acknowledged, which the NBD contract allows to be either there or not. A failed inner sync
-//! leaves its FLUSH record in the log, so the recording stops there too (see
-//! `docs/record-format.md`).
+//! leaves its FLUSH record in the log; a MARK naming the failure follows it and the recording
+//! stops there (see `docs/record-format.md`).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -81,10 +81,10 @@ impl BlockDev for RecordingDev {
         // Marker first: see the module doc for why this order and not the other.
         let (number, pos) = self.log.append_flush()?;
         if let Err(e) = self.inner.sync() {
-            log::error!(
-                "recording log {}: FLUSH {number} is in the log but the device sync failed: {e}",
-                self.log.path().display()
-            );
+            // The marker is already in the log; what follows it says the sync failed, and the
+            // recording ends there (a device whose sync failed may have lost any write since
+            // the last good one, which no later record could describe).
+            self.log.stop(&format!("flush {number} failed: device sync error: {e}"));
             return Err(e);
         }
         self.log.sync_to(pos)

@@ -17,8 +17,8 @@
 //! The decoder accepts any input and never panics: lengths are checked against the format's
 //! bounds before anything is allocated, and the payload is read incrementally so that memory
 //! follows the bytes really present. A record cut short by the end of the file, a last record
-//! whose checksum fails, or a zero-filled tail (a file extended by a crash before its data landed)
-//! is a *torn tail*: reading stops there and reports it, without an error. Anything else that
+//! whose checksum fails (followed by nothing or by zeros only), or a zero-filled tail (a file
+//! extended ahead of its data: the writer reserves zeros ahead of the log) is a *torn tail*: reading stops there and reports it, without an error. Anything else that
 //! fails a check is an error naming the entry number and byte offset; the entries before it were
 //! already returned and stay usable.
 
@@ -643,11 +643,11 @@ impl<R: Read> LogReader<R> {
         let stored = le_u32(&body, payload_len);
         let computed = crc32c::crc32c_append(crc32c::crc32c(&head), &body[..payload_len]);
         if stored != computed {
-            // The last record of the file with a bad checksum: an append cut short by a crash.
-            let mut probe = [0u8; 1];
-            return match read_some(&mut self.input, &mut probe) {
-                Ok(0) => self.torn("checksum mismatch on the last record"),
-                Ok(_) => self.corrupt(Corruption::Checksum { stored, computed }),
+            // The last record of the file with a bad checksum (only zeros, or nothing, after
+            // it): an append cut short by a crash, in a file that may have grown ahead of it.
+            return match rest_is_zero(&mut self.input) {
+                Ok(true) => self.torn("checksum mismatch on the last record"),
+                Ok(false) => self.corrupt(Corruption::Checksum { stored, computed }),
                 Err(e) => self.read_error(e),
             };
         }

@@ -36,9 +36,25 @@ pub trait LogSink: Send + std::fmt::Debug {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Makes what was written durable (`fdatasync` for a file).
     fn sync_data(&self) -> io::Result<()>;
-    /// Cuts the sink back to `len` bytes (after a failed write).
+    /// Cuts the sink back to `len` bytes (after a failed write, and at a clean end).
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Readies `from..to` for the appends to come; the default does nothing.
+    fn reserve(&self, from: u64, to: u64) -> io::Result<()> {
+        let _ = (from, to);
+        Ok(())
+    }
 }
+
+/// How far ahead of the log's end a file is filled with zeros.
+///
+/// Why: `fdatasync` after an append that grows the file must commit the new size through the
+/// file system's journal (several milliseconds on ext4), and a FLUSH waits for it. Overwriting
+/// blocks the file already has needs no metadata, so the log writes zeros ahead of itself,
+/// once per `RESERVE_AHEAD` bytes, and its syncs cost what a data sync costs. The zeros are
+/// overwritten in the page cache within moments, so the disk rarely sees them twice. A crash
+/// leaves a zero-filled tail, which the reader reports as a torn tail; a clean end cuts the
+/// zeros off.
+const RESERVE_AHEAD: u64 = 8 << 20;
 
 impl LogSink for File {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -50,6 +66,17 @@ impl LogSink for File {
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
     }
+    fn reserve(&self, from: u64, to: u64) -> io::Result<()> {
+        const CHUNK: usize = 1 << 20;
+        let zeros = vec![0u8; CHUNK];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(CHUNK as u64) as usize;
+            FileExt::write_all_at(self, &zeros[..n], at)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug)]
@@ -59,6 +86,10 @@ struct Io {
     written: u64,
     /// Log bytes known durable (`fdatasync` returned after they were written).
     synced: u64,
+    /// Bytes the sink holds (the log, then zeros reserved ahead of it).
+    reserved: u64,
+    /// Set once reserving failed (a nearly full disk): appends then grow the file as they go.
+    no_reserve: bool,
 }
 
 #[derive(Debug)]
@@ -135,7 +166,7 @@ impl LogWriter {
     fn started(path: &Path, file: Box<dyn LogSink>, len: u64) -> LogWriter {
         LogWriter {
             path: path.to_path_buf(),
-            io: Mutex::new(Io { file, written: len, synced: len }),
+            io: Mutex::new(Io { file, written: len, synced: len, reserved: len, no_reserve: false }),
             state: Mutex::new(State {
                 buf: Vec::with_capacity(WRITE_OUT_AT + (64 << 10)),
                 appended: len,
@@ -234,6 +265,22 @@ impl LogWriter {
         self.sync_to(pos)
     }
 
+    /// Ends the recording after a failure outside the log (a device sync that failed): appends
+    /// a MARK saying why, writes the log out, and fails every later request.
+    pub fn stop(&self, why: &str) {
+        let name: String = why.chars().take(super::format::MAX_NAME_LEN / 4).collect();
+        let written = self.append(&Record::Mark { name }).and_then(|_| self.sync_all());
+        if let Err(e) = written {
+            log::error!("recording log {}: cannot record that it stops ({why}): {e}", self.path.display());
+        }
+        let mut st = self.state.lock();
+        if st.failed.is_none() {
+            let message = format!("recording log {}: stopped: {why}", self.path.display());
+            log::error!("{message}; the export now fails every write and flush");
+            st.failed = Some(Failure { no_space: false, message });
+        }
+    }
+
     fn check_failed(&self) -> DevResult<()> {
         match &self.state.lock().failed {
             Some(f) => Err(f.to_dev_error()),
@@ -253,6 +300,24 @@ impl LogWriter {
         if buf.is_empty() {
             return Ok(());
         }
+        let end = io.written + buf.len() as u64;
+        if end > io.reserved && !io.no_reserve {
+            let to = end.next_multiple_of(RESERVE_AHEAD) + RESERVE_AHEAD;
+            if let Err(e) = io.file.reserve(io.reserved, to) {
+                // Only a cost: the log still grows as it appends, with dearer syncs. Cut off
+                // the zeros that did land, so that the file holds just the log and its reserve.
+                log::warn!(
+                    "recording log {}: cannot reserve space ahead ({e}); appending",
+                    self.path.display()
+                );
+                io.no_reserve = true;
+                if let Err(t) = io.file.set_len(io.reserved) {
+                    return Err(self.fail(&t, "cut back the reserve"));
+                }
+            } else {
+                io.reserved = to;
+            }
+        }
         if let Err(e) = io.file.write_all_at(&buf, io.written) {
             // Cut the file back to the last whole buffer so the log stays readable up to it.
             if let Err(t) = io.file.set_len(io.written) {
@@ -260,7 +325,8 @@ impl LogWriter {
             }
             return Err(self.fail(&e, "write"));
         }
-        io.written += buf.len() as u64;
+        io.written = end;
+        io.reserved = io.reserved.max(end);
         Ok(())
     }
 
@@ -292,6 +358,13 @@ impl Drop for LogWriter {
             && let Err(e) = self.sync_all()
         {
             log::error!("recording log {}: final sync failed: {e}", self.path.display());
+        }
+        // Cut off the zeros reserved ahead, so that a log closed cleanly ends clean.
+        let io = self.io.get_mut();
+        if io.reserved > io.written
+            && let Err(e) = io.file.set_len(io.written).and_then(|()| io.file.sync_data())
+        {
+            log::error!("recording log {}: cannot cut off the reserved tail: {e}", self.path.display());
         }
     }
 }
