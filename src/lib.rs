@@ -15,8 +15,7 @@
 //! - [`serve`]: `ubcache serve`: options, default files, exports, running the server.
 //! - [`cache`]: the cache set engine (`CacheSet`, per-backing `CachedDev`, modes, recovery).
 //! - [`check`]: fsck of a cache set.
-//! - [`record`]: recording an export's writes, flushes and marks to a replayable log, and its
-//!   replay.
+//! - [`record`]: recording an export's writes, flushes and marks to a replayable log.
 //! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics, and the engine
 //!   behind it (`ctl::engine`).
 //!

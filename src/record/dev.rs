@@ -18,8 +18,9 @@
 //!   sync may or may not have covered it, so it counts as unflushed until the next FLUSH. (The
 //!   other order, marker after the inner sync, would put such writes before the marker and
 //!   claim them durable.) Client FLUSHes the server folds into one sync get one marker.
-//! - The log is synced up to the marker before the sync returns, so a FLUSH reply means the log
-//!   holds every write that flush made durable, even if the process is killed right after.
+//! - The log is synced up to the marker before the sync returns (in parallel with the device
+//!   sync), so a FLUSH reply means the log holds every write that flush made durable, even if
+//!   the process is killed right after.
 //! - A FUA write is appended, then the log is synced up to it, then the call returns.
 //!
 //! # Failures
@@ -35,7 +36,7 @@ use std::sync::Arc;
 
 use super::format::Record;
 use super::writer::LogWriter;
-use crate::dev::{BlockDev, DevResult};
+use crate::dev::{BlockDev, DevError, DevResult};
 
 /// An export's device with every completed change recorded to a log.
 #[derive(Debug)]
@@ -80,14 +81,30 @@ impl BlockDev for RecordingDev {
     fn sync(&self) -> DevResult<()> {
         // Marker first: see the module doc for why this order and not the other.
         let (number, pos) = self.log.append_flush()?;
-        if let Err(e) = self.inner.sync() {
+        // The device and the log sync at the same time: a FLUSH then waits for the slower of
+        // the two instead of their sum. Nothing orders them: the marker is already placed, and
+        // the reply waits for both.
+        let (synced, logged) = std::thread::scope(|scope| {
+            let logged = scope.spawn(|| self.log.sync_to(pos));
+            let synced = self.inner.sync();
+            (synced, logged.join())
+        });
+        let logged = logged.unwrap_or_else(|_| {
+            Err(DevError::Io {
+                op: "record log sync",
+                offset: 0,
+                len: 0,
+                source: std::io::Error::other("panicked"),
+            })
+        });
+        if let Err(e) = synced {
             // The marker is already in the log; what follows it says the sync failed, and the
             // recording ends there (a device whose sync failed may have lost any write since
             // the last good one, which no later record could describe).
             self.log.stop(&format!("flush {number} failed: device sync error: {e}"));
             return Err(e);
         }
-        self.log.sync_to(pos)
+        logged
     }
 
     fn discard(&self, offset: u64, len: u64) -> DevResult<()> {

@@ -4,6 +4,8 @@
 
 #[path = "../support/cache_support.rs"]
 mod cache_support;
+#[path = "../support/crash_harness.rs"]
+mod crash_harness;
 
 mod alloc_buckets;
 mod alloc_model;

@@ -15,3 +15,5 @@ mod nbd_backing;
 mod nbdcopy;
 mod nbdinfo;
 mod qemu_io;
+mod record;
+mod replay;

@@ -1,6 +1,6 @@
 //! Writing a batch of dirty keys home: [`CacheSet::write_back_scanned`] (and
 //! [`CacheSet::write_back_keys`]) validate and pin the keys, copy them to backing
-//! ([`copy_runs`]), sync backing and journal the keys clean. Every writer of dirty data home
+//! (`copy_runs`), sync backing and journal the keys clean. Every writer of dirty data home
 //! runs this path: the background thread, the writeback drain, the engine's own
 //! [`CacheSet::writeback_step`] (detach, leaving writeback mode, a full cache).
 //!
@@ -20,7 +20,7 @@
 //!    holds the range lock from its backing write to its tree update, so once we hold the lock
 //!    and still find the key, no newer backing write of the range exists or can start until we
 //!    are done: a stale copy can never land on backing after newer data. All keys are locked
-//!    and checked before any data moves, so the copies can run back to back ([`copy_runs`]);
+//!    and checked before any data moves, so the copies can run back to back (`copy_runs`);
 //!    a writethrough write into the call's ranges waits for the whole call.
 //! 3. Copy the cached data to backing (in the kernel between buffered files, else through a
 //!    buffer, with the backing writes on a second thread), sync every backing device written.
@@ -35,7 +35,7 @@
 //!
 //! # Foreground priority
 //! Foreground reads need the metadata lock for their lookup, so writeback holds it only for
-//! bounded chunks of CPU work ([`META_CHUNK_KEYS`] keys or runs at a time) and never across
+//! bounded chunks of CPU work (`META_CHUNK_KEYS` keys or runs at a time) and never across
 //! data I/O or a journal commit (`Shared::commit_through` runs without it, see `set.rs`).
 //!
 //! # The copy
