@@ -79,7 +79,11 @@ pub struct PointResult {
 impl PointResult {
     /// The one line printed for this point.
     pub fn line(&self) -> String {
-        let mark = self.last_mark.as_ref().map_or(String::new(), |m| format!(", after mark {m:?}"));
+        // A mark point is its own last mark: naming it twice says nothing.
+        let mark = match &self.last_mark {
+            Some(m) if self.point != format!("mark {m:?}") => format!(", after mark {m:?}"),
+            _ => String::new(),
+        };
         format!(
             "{} (entry {}, log offset {}{mark}): {}",
             self.point,
