@@ -12,7 +12,6 @@
 //! The mutation tests turn on a deliberately broken engine (a FLUSH that skips the cache sync; a
 //! bucket reused before its new generation is durable) and require the harness to find
 //! violations: a harness that cannot see a broken FLUSH proves nothing.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
