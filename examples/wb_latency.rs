@@ -9,7 +9,7 @@
 //!    - `rate fixed`: the thread paced at a fixed rate (`min_rate = max_rate`), so the paced
 //!      path is measured while it writes a meaningful amount;
 //!    - `full speed`: a requested flush (no pacing) until nothing is dirty.
-//! 2. **Flush throughput** (`FlushStep` with `WritebackConfig::for_flush`, what `ubcache flush`
+//! 2. **Drain throughput** (`DrainStep` with `WritebackConfig::for_drain`, what `ubcache flush`
 //!    runs) of contiguous dirty extents (sequential 4 KiB writes in writeback mode: adjacent
 //!    keys, coalesced into large backing writes; and the same with 64 KiB writes) and of random
 //!    4 KiB extents, next to the backing
@@ -49,9 +49,9 @@ use std::collections::BTreeMap;
 use std::error::Error;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ubcache::cache::writeback::{DrainStep, WritebackConfig, WritebackThread};
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet, CachedDev, FormatOptions};
 use ubcache::dev::{BlockDev, FileDev, FileDevOptions, SlowDev, SlowDevConfig};
-use ubcache::writeback::{FlushStep, WritebackConfig, WritebackThread};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 4096;
@@ -262,22 +262,22 @@ fn dirty_contiguous(dev: &dyn BlockDev, base: u64, mib: u64, write_bytes: u64) {
     dev.sync().unwrap();
 }
 
-/// Flushes everything dirty with `FlushStep` (what `ubcache flush` runs); MiB/s and CPU s/GiB.
+/// Flushes everything dirty with `DrainStep` (what `ubcache flush` runs); MiB/s and CPU s/GiB.
 fn timed_flush(set: &Arc<CacheSet>) -> Result<(f64, f64, f64, u64), Box<dyn Error>> {
     let dirty = set.stats().dirty_bytes;
     let cpu0 = process_cpu_ns();
     let t = Instant::now();
-    let written = FlushStep::new(Arc::clone(set), flush_config()).run_to_end()?;
+    let written = DrainStep::new(Arc::clone(set), flush_config()).run_to_end()?;
     let secs = t.elapsed().as_secs_f64();
     let cpu = (process_cpu_ns().saturating_sub(cpu0)) as f64 / 1e9;
     let mib = written as f64 / MIB as f64;
     Ok((mib / secs, cpu / (mib / 1024.0), secs, dirty))
 }
 
-/// `WritebackConfig::for_flush`, with its batch size overridden by `WB_FLUSH_BATCH_KEYS` (to
+/// `WritebackConfig::for_drain`, with its batch size overridden by `WB_FLUSH_BATCH_KEYS` (to
 /// explore the trade-off; the default is what `ubcache flush` uses).
 fn flush_config() -> WritebackConfig {
-    let base = WritebackConfig::for_flush();
+    let base = WritebackConfig::for_drain();
     match std::env::var("WB_FLUSH_BATCH_KEYS").ok().and_then(|v| v.parse::<usize>().ok()) {
         Some(keys) => WritebackConfig { batch_keys: keys, keybuf_keys: keys, ..base },
         None => base,
@@ -359,7 +359,7 @@ impl Bench {
             Arc::clone(&self.set),
             WritebackConfig { writeback_delay: Duration::ZERO, ..WritebackConfig::default() },
         );
-        thread.request_flush();
+        thread.request_drain();
         let busy_set = Arc::clone(&self.set);
         let phase =
             random_reads(&self.dev, usize::MAX, &mut self.rng, &move || busy_set.stats().dirty_bytes == 0);

@@ -21,9 +21,9 @@
 //!   references cache data, the caller must have made that data durable (`sync` on the cache
 //!   device). The journal writes the record and syncs, nothing more: it cannot know which
 //!   data writes an entry depends on.
-//! - **Checkpoint, then release**: the engine flushes the btree (syncs it), writes the bucket
-//!   table (synced by [`crate::format::write_bucket_table`]), appends a
-//!   [`JournalEntry::Checkpoint`] with `replay_from` = the oldest seq the flushed btree does not
+//! - **Checkpoint, then release**: the engine writes out the btree's changed nodes (and syncs
+//!   them), writes the bucket table (synced by [`crate::format::write_bucket_table`]), appends a
+//!   [`JournalEntry::Checkpoint`] with `replay_from` = the oldest seq the written-out btree does not
 //!   cover, commits it, and only then calls [`Journal::release_before`]`(replay_from)`. The
 //!   journal refuses to release past the newest durable checkpoint.
 //!

@@ -8,15 +8,15 @@
 //! - [`journal`]: the journal ring with group commit and replay.
 //! - [`alloc`]: buckets, generations, free lists, reclaim.
 //! - [`cache`]: the cache engine: `CacheSet` (format, open with crash recovery, FLUSH,
-//!   checkpoint, writeback) and `CachedDev`, a backing device served through the cache.
+//!   checkpoint, writeback in [`cache::writeback`]) and `CachedDev`, a backing device served through the cache.
 //! - [`check`]: fsck, cross-checking btree x allocator x journal.
+//! - [`failpoints`]: named fail points that break one ordering rule on purpose (tests only;
+//!   nothing without the `failpoints` feature).
 //! - [`serve`]: `ubcache serve`: options, default files, exports, running the server.
 //! - [`cache`]: the cache set engine (`CacheSet`, per-backing `CachedDev`, modes, recovery).
 //! - [`check`]: fsck of a cache set.
-//! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics.
-//! - [`wbpolicy`]: writeback policy as pure functions (rate controller, extent coalescing).
-//! - [`writeback`]: the background writeback thread (key buffer, coalescing, rate control).
-//! - [`engine_ctl`]: the cache engine behind the control socket ([`ctl::ControlTarget`]).
+//! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics, and the engine
+//!   behind it (`ctl::engine`).
 //!
 //! The btree of extent keys lives in its own crate, `ubcache-btree`, with no I/O of its own.
 
@@ -25,11 +25,9 @@ pub mod cache;
 pub mod check;
 pub mod ctl;
 pub mod dev;
-pub mod engine_ctl;
+pub mod failpoints;
 pub mod format;
 pub mod fuzzing;
 pub mod journal;
 pub mod nbd;
 pub mod serve;
-pub mod wbpolicy;
-pub mod writeback;

@@ -27,11 +27,11 @@ pub mod admin;
 pub mod devs;
 
 pub use crate::cache::CacheMode;
+use crate::cache::writeback::{WritebackConfig, WritebackThread};
 use crate::cache::{CacheConfig, CacheError, CacheSet, CachedDev, FormatOptions, RecoveryReport};
 use crate::ctl::metrics::MetricsServer;
 use crate::ctl::server::{CtlServer, CtlServerConfig};
 use crate::format::{BackingState, BackingSuperblock};
-use crate::writeback::{WritebackConfig, WritebackThread};
 use devs::OffsetDev;
 
 use crate::dev::{BlockDev, DevError, FileDev, FileDevOptions, SECTOR_SIZE};
@@ -958,7 +958,7 @@ impl ControlPlane {
         // and writes back dirty data left by an earlier run in writeback mode whatever the mode
         // is now (or after `ubcache set-mode`).
         let writeback = WritebackThread::start(Arc::clone(&set), WritebackConfig::default());
-        let target = crate::engine_ctl::control_target(set, cached);
+        let target = crate::ctl::engine::control_target(set, cached);
         let socket = opts.ctl_socket.clone().unwrap_or_else(|| crate::ctl::socket_path(&opts.data_dir));
         if let Some(dir) = socket.parent()
             && !dir.as_os_str().is_empty()

@@ -56,10 +56,10 @@ impl CachedDev {
         self.backing.mode()
     }
 
-    /// Switches the cache mode at runtime. Leaving writeback with `flush_first` writes every
-    /// dirty key home first (otherwise dirty data stays cached and is still served).
-    pub fn set_mode(&self, mode: CacheMode, flush_first: bool) -> CacheResult<()> {
-        self.shared.set_mode(&self.backing, mode, flush_first)
+    /// Switches the cache mode at runtime. Leaving writeback with `write_back_first` writes
+    /// every dirty key home first (otherwise dirty data stays cached and is still served).
+    pub fn set_mode(&self, mode: CacheMode, write_back_first: bool) -> CacheResult<()> {
+        self.shared.set_mode(&self.backing, mode, write_back_first)
     }
 
     /// Checks a request's range and says where it goes: through the cache, or (detached)

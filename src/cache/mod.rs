@@ -6,8 +6,8 @@
 //! - [`cached`]: [`CachedDev`], the per-backing data path for every [`CacheMode`].
 //! - [`policy`]: mode decisions and the sequential-cutoff detector, as pure functions.
 //! - [`inflight`]: fill/collision tracking and the writeback range lock.
-//! - [`wb_io`]: hooks for [`crate::writeback`] and [`crate::engine_ctl`] (dirty scan, coalescing
-//!   writeback of a key batch, usage report).
+//! - [`writeback`]: writing dirty data home (the engine's writeback step and drain).
+//! - [`usage`]: bucket, dirty and journal usage ([`CacheSet::usage`]).
 //! - [`crate::check`]: the fsck (offline [`crate::check::check`], online [`CacheSet::check`]).
 //!
 //! # Decisions beyond DESIGN.md / CACHE_DESIGN.md
@@ -46,8 +46,8 @@
 //! - A bit flip in the *last* journal record cannot be told from a torn write: replay drops it
 //!   (`RecoveryReport::torn_tail`), losing the entries of that last commit.
 //! - No data checksums: corruption of cached *data* is not detected (metadata is checksummed).
-//! - Background writeback lives in [`crate::writeback`] (key buffer, coalescing, PI rate
-//!   control); the engine provides the synchronous steps it drives.
+//! - Background writeback lives in [`writeback`] (key buffer, coalescing, PI rate control),
+//!   next to the engine's synchronous steps it shares its copy path with.
 
 pub mod cached;
 pub mod error;
@@ -56,12 +56,13 @@ pub mod policy;
 pub mod set;
 pub mod stats;
 mod store;
-mod wb_copy;
-pub mod wb_io;
+pub mod usage;
+pub mod writeback;
 
 pub use cached::CachedDev;
 pub use error::{CacheError, CacheResult};
 pub use policy::{BypassReason, CacheMode, SequentialDetector, WriteRoute};
-pub use set::{CacheConfig, CacheSet, Congestion, DebugKnobs, FormatOptions, RecoveryReport, format};
+pub use set::{CacheConfig, CacheSet, Congestion, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};
-pub use wb_io::{CacheUsage, DirtyScan, WritebackReport};
+pub use usage::CacheUsage;
+pub use writeback::{DirtyScan, WritebackReport};

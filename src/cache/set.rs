@@ -19,7 +19,7 @@
 //!    commit. Entries are appended only after their data writes completed.
 //! 2. Bucket reuse: `Shared::reclaim_locked` journals the generation bumps and commits before
 //!    `mark_gens_durable` makes the buckets allocatable.
-//! 3. Btree nodes: `Shared::checkpoint_locked` flushes the tree, syncs, writes the bucket table
+//! 3. Btree nodes: `Shared::checkpoint_locked` writes out the changed tree nodes, syncs, writes the bucket table
 //!    (synced) to the slot the last checkpoint does not use, journals the checkpoint, commits,
 //!    and only then releases journal space and frees the old node slots.
 //! 4. Writeback: read cache, write backing, sync backing, then journal the key clean (replace).
@@ -33,12 +33,12 @@ use super::stats::{Stats, StatsSnapshot};
 use super::store::CacheStore;
 use crate::alloc::{AllocConfig, AllocError, Allocator, LiveExtent, OpenKind, ReclaimPolicy, SectorAlloc};
 use crate::dev::{BlockDev, SECTOR_SIZE};
+use crate::failpoints;
 use crate::format::{
     self, BackingEntry, BackingState, BackingSuperblock, CacheSuperblock, CheckpointEntry, Geometry,
     JournalEntry, StoredCacheMode, TableSlot, Uuid,
 };
 use crate::journal::{Journal, JournalConfig};
-use crate::wbpolicy::CoalesceLimits;
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::sync::Arc;
@@ -50,17 +50,6 @@ use ubcache_btree::{Key, Pos, Tree, TreeConfig};
 /// buckets of data were written reaches 0 from the initial priority (32768). A read hit resets
 /// its bucket to the initial priority, so LRU takes the buckets unused for the longest.
 const PRIO_DECAY_PER_BUCKET_WRITTEN: u16 = 8;
-
-/// Test-only switches that break one crash-ordering rule on purpose, so the crash harness can
-/// prove it catches the breakage. Never set outside tests.
-#[doc(hidden)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DebugKnobs {
-    /// Journal commits (FLUSH, FUA) skip the cache sync before writing the record (breaks rule 1).
-    pub commit_skips_cache_sync: bool,
-    /// Reclaimed buckets are reused before their bumped generation is durable (breaks rule 2).
-    pub reuse_bucket_before_gen_durable: bool,
-}
 
 /// Tuning of a cache set (nothing here is part of the on-disk format).
 #[derive(Debug, Clone)]
@@ -86,8 +75,6 @@ pub struct CacheConfig {
     pub congested_read_threshold_us: u64,
     /// Cache write latency (µs) over which writes bypass the cache; 0: never.
     pub congested_write_threshold_us: u64,
-    #[doc(hidden)]
-    pub debug: DebugKnobs,
 }
 
 impl Default for CacheConfig {
@@ -106,7 +93,6 @@ impl Default for CacheConfig {
             // caches; `ubcache serve` turns on bcache's defaults (2 ms read, 20 ms write).
             congested_read_threshold_us: 0,
             congested_write_threshold_us: 0,
-            debug: DebugKnobs::default(),
         }
     }
 }
@@ -225,7 +211,7 @@ pub(crate) struct Meta {
     table_slot: TableSlot,
     table_seq: u64,
     /// Where the next writeback scan starts.
-    wb_cursor: Pos,
+    pub(crate) wb_cursor: Pos,
     /// A checkpoint is running: commits inside it must not start another one.
     in_checkpoint: bool,
     /// `replay_from` of the last checkpoint: entries since then bound how many nodes changed.
@@ -253,7 +239,9 @@ pub(crate) struct Shared {
     /// The replacement policy reclaim uses now (a runtime knob; stored in the superblock).
     reclaim_policy: Mutex<ReclaimPolicy>,
     /// Serializes whole-set writeback passes (two passes would write the same keys twice).
-    writeback_pass: Mutex<()>,
+    pub(crate) writeback_pass: Mutex<()>,
+    /// Writeback knobs and gauges, shared by the set's writeback thread and control target.
+    pub(crate) writeback_tuning: Arc<super::writeback::WritebackTuning>,
     pub(crate) recovery: RecoveryReport,
     failed: AtomicBool,
     last_commit_seq: AtomicU64,
@@ -577,6 +565,7 @@ impl CacheSet {
             congestion,
             reclaim_policy: Mutex::new(reclaim_policy),
             writeback_pass: Mutex::new(()),
+            writeback_tuning: Arc::default(),
             recovery,
             failed: AtomicBool::new(false),
             last_commit_seq: AtomicU64::new(0),
@@ -704,18 +693,7 @@ impl CacheSet {
         self.shared.commit()
     }
 
-    /// Writes back up to `max_keys` dirty keys (in offset order from where the last step
-    /// stopped). Returns the number of keys written back; 0 when nothing is dirty.
-    pub fn writeback_step(&self, max_keys: usize) -> CacheResult<usize> {
-        self.shared.writeback_step(max_keys)
-    }
-
-    /// Writes back every dirty key, makes it durable, and marks the backing devices Clean.
-    pub fn flush_dirty(&self) -> CacheResult<()> {
-        self.shared.flush_dirty()
-    }
-
-    /// Checkpoints now (btree flush + bucket table + journal release).
+    /// Checkpoints now (btree node write-out + bucket table + journal release).
     pub fn checkpoint(&self) -> CacheResult<()> {
         let mut m = self.shared.lock_meta()?;
         self.shared.checkpoint_locked(&mut m)
@@ -765,7 +743,7 @@ impl CacheSet {
         if b.detached.swap(true, Ordering::AcqRel) {
             return Err(CacheError::Invalid(format!("backing device {dev_id} is already detached")));
         }
-        let written_home = sh.flush_dirty().and_then(|()| {
+        let written_home = sh.write_back_all().and_then(|()| {
             let mut m = sh.lock_meta()?;
             let dirty = m.tree.stats().dirty_sectors_by_dev.get(&dev_id).copied().unwrap_or(0);
             if dirty > 0 {
@@ -933,7 +911,7 @@ pub(crate) fn load(
     )?;
     let root = checkpoint.root;
     // The placeholder allocator is never asked for a node slot: the btree allocates only
-    // in flush(), which runs after the real allocator is rebuilt below.
+    // in its node write-out, which runs after the real allocator is rebuilt below.
     let store = CacheStore::new(Arc::clone(cache), geometry, Allocator::new(&geometry, cfg.alloc));
     let mut tree = Tree::open(store, root, cfg.tree.clone())?;
     // Node slots of the checkpointed tree: replay may merge nodes away, but their slots stay
@@ -1107,7 +1085,7 @@ impl Shared {
         }
         // A failed cache sync may have dropped dirty pages (Linux fsync semantics): nothing
         // written since the last good sync can be trusted, so the set stops here.
-        if !self.cfg.debug.commit_skips_cache_sync
+        if !failpoints::returns(failpoints::COMMIT_SKIP_CACHE_SYNC)
             && let Err(e) = self.cache.sync()
         {
             return self.fail(e.into());
@@ -1140,7 +1118,7 @@ impl Shared {
         pending >= self.cfg.max_uncommitted_entries || self.journal.needs_checkpoint()
     }
 
-    /// Checkpoint (crash rule 3): flush the btree, sync, write the bucket table to the slot the
+    /// Checkpoint (crash rule 3): write out the btree nodes, sync, write the bucket table to the slot the
     /// last durable checkpoint does not name (synced), journal the checkpoint and commit; only
     /// then release older journal records and free the node slots the old tree used.
     pub(crate) fn checkpoint_locked(&self, m: &mut Meta) -> CacheResult<()> {
@@ -1162,11 +1140,11 @@ impl Shared {
         if m.tree.store().alloc.wants_gc() {
             self.gc_locked(m)?;
         }
-        // The flush writes every changed node to a fresh slot: make sure free buckets for them
+        // The node write-out puts every changed node in a fresh slot: make sure free buckets for them
         // exist (reclaiming clean data if needed), or the checkpoint - the very thing that frees
         // space - would fail for lack of space.
         //
-        // How many nodes the flush allocates is not known in advance (the btree reports no
+        // How many nodes the write-out allocates is not known in advance (the btree reports no
         // count of changed nodes): every journal entry since the last checkpoint changed at most
         // one leaf plus a split up the tree, and no more nodes than are cached can change.
         let stats = m.tree.stats();
@@ -1239,7 +1217,7 @@ impl Shared {
         };
         let entries: Vec<JournalEntry> = changes.iter().map(crate::alloc::GenChange::entry).collect();
         self.append_locked(m, &entries)?;
-        if !self.cfg.debug.reuse_bucket_before_gen_durable {
+        if !failpoints::returns(failpoints::RECLAIM_SKIP_GEN_COMMIT) {
             self.commit_locked(m)?;
         }
         let freed = m.tree.store_mut().alloc.mark_gens_durable(last);
@@ -1304,7 +1282,11 @@ impl Shared {
         Self::write_backing_state(b, &mut g, state)
     }
 
-    fn write_backing_state(b: &Backing, g: &mut BackingSb, state: BackingState) -> CacheResult<()> {
+    pub(crate) fn write_backing_state(
+        b: &Backing,
+        g: &mut BackingSb,
+        state: BackingState,
+    ) -> CacheResult<()> {
         let mode = stored_mode(b.mode());
         if g.sb.state == state && g.sb.cache_mode == mode {
             return Ok(());
@@ -1333,103 +1315,15 @@ impl Shared {
         g.dirty_writers = g.dirty_writers.saturating_sub(1);
     }
 
-    /// Writes back up to `max_keys` dirty keys, continuing where the last call stopped: read
-    /// cache, write backing, sync backing, then journal the keys clean with replace semantics
-    /// (crash rule 4). Holds the writeback range locks of the keys meanwhile, so no bypass
-    /// write to backing can be overtaken (rule 6).
-    pub(crate) fn writeback_step(&self, max_keys: usize) -> CacheResult<usize> {
-        let _pass = self.writeback_pass.lock();
-        let mut keys = Vec::new();
-        let scanned_seq = {
-            let mut m = self.lock_meta()?;
-            let from = m.wb_cursor;
-            // Only keys of this set's devices (a device being detached included: detach flushes
-            // it with this): dirty data of a device that is not here stays cached.
-            let wanted = |k: &Key| k.dirty && self.backings.iter().any(|b| b.dev_id == k.dev);
-            let next = m.tree.scan(from, &wanted, max_keys.max(1), &mut keys)?;
-            m.wb_cursor = next.unwrap_or(Pos::MIN);
-            if keys.is_empty() && from != Pos::MIN {
-                let next = m.tree.scan(Pos::MIN, &wanted, max_keys.max(1), &mut keys)?;
-                m.wb_cursor = next.unwrap_or(Pos::MIN);
-            }
-            // Read under the metadata lock: every key seen was journalled at or before it.
-            self.journal.last_appended_seq()
-        };
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        // The same path as the writeback thread's (crash ordering in `wb_io.rs`): coalesced
-        // backing writes of at most 1 MiB, every key re-checked under its range lock.
-        let limits = CoalesceLimits { max_io_len: (1 << 20) / SECTOR_SIZE, max_extents: keys.len() };
-        let report = self.write_back_scanned(&keys, scanned_seq, limits)?;
-        Ok(report.keys_written)
-    }
-
-    /// Writes back everything, commits, and marks every attached backing device Clean.
-    pub(crate) fn flush_dirty(&self) -> CacheResult<()> {
-        loop {
-            let dirty_before = self.lock_meta()?.tree.stats().dirty_sectors;
-            if dirty_before == 0 {
-                break;
-            }
-            // Large steps: each one ends with a backing sync (see `WritebackConfig::for_flush`).
-            let n = self.writeback_step(4096)?;
-            if n == 0 {
-                let stats = self.lock_meta()?.tree.stats();
-                let dirty = stats.dirty_sectors;
-                let attached_dirty: u64 = self
-                    .backings
-                    .iter()
-                    .map(|b| stats.dirty_sectors_by_dev.get(&b.dev_id).copied().unwrap_or(0))
-                    .sum();
-                if attached_dirty == 0 {
-                    // Only devices that are not attached hold dirty data: it stays cached.
-                    break;
-                }
-                if dirty >= dirty_before {
-                    return Err(CacheError::Failed(format!(
-                        "writeback made no progress with {dirty} dirty sectors"
-                    )));
-                }
-            }
-        }
-        {
-            let mut m = self.lock_meta()?;
-            self.commit_locked(&mut m)?;
-        }
-        self.mark_clean_if_no_dirty()
-    }
-
-    /// Marks each backing device without dirty keys (and no dirty write in flight) Clean.
-    pub(crate) fn mark_clean_if_no_dirty(&self) -> CacheResult<()> {
-        for b in &self.backings {
-            let mut g = b.sb.lock();
-            if g.dirty_writers > 0 || g.sb.state != BackingState::Dirty {
-                continue;
-            }
-            let dirty =
-                self.meta.lock().tree.stats().dirty_sectors_by_dev.get(&b.dev_id).copied().unwrap_or(0);
-            if dirty == 0 {
-                // The clean keys must be durable before the superblock says Clean.
-                {
-                    let mut m = self.lock_meta()?;
-                    self.commit_locked(&mut m)?;
-                }
-                Self::write_backing_state(b, &mut g, BackingState::Clean)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Changes the mode of one backing device. Leaving writeback with `flush_first` writes all
-    /// dirty data home first.
-    pub(crate) fn set_mode(&self, b: &Backing, mode: CacheMode, flush_first: bool) -> CacheResult<()> {
+    /// Changes the mode of one backing device. Leaving writeback with `write_back_first` writes
+    /// all dirty data home first (a writeback drain).
+    pub(crate) fn set_mode(&self, b: &Backing, mode: CacheMode, write_back_first: bool) -> CacheResult<()> {
         let old = b.mode();
-        // The new mode first: writes arriving during the flush no longer add dirty data, so
-        // the flush ends even under a steady write load.
+        // The new mode first: writes arriving during the drain no longer add dirty data, so
+        // the drain ends even under a steady write load.
         b.mode.store(mode.to_u8(), Ordering::Release);
-        if old == CacheMode::Writeback && mode != CacheMode::Writeback && flush_first {
-            self.flush_dirty()?;
+        if old == CacheMode::Writeback && mode != CacheMode::Writeback && write_back_first {
+            self.write_back_all()?;
         }
         let mut g = b.sb.lock();
         let state = g.sb.state;

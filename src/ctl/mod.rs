@@ -1,7 +1,9 @@
 //! Control plane: the control socket, statistics and Prometheus metrics.
 //!
-//! Apart from [`CacheMode`] (the engine's type, re-exported) none of this knows the cache
-//! engine's types. The engine implements [`ControlTarget`] (`crate::engine_ctl`); the
+//! Apart from [`CacheMode`] (the engine's type, re-exported) and [`engine`] none of this knows
+//! the cache engine's types. The engine is reached through [`ControlTarget`], which [`engine`]
+//! implements over a [`crate::cache::CacheSet`] (ctl sits above the engine; nothing below ctl
+//! imports it); the
 //! [`server`] answers JSON requests on a Unix socket by calling it, the [`metrics`] responder
 //! renders its [`StatsSnapshot`] for Prometheus, and the [`client`] is what `ubcache stats`,
 //! `set-mode`, `set`, `flush`, `detach` and `attach` call.
@@ -11,13 +13,16 @@
 //! - [`server`]: the Unix socket server (a std thread, bounded clients, stop + join).
 //! - [`cli`]: the `ubcache stats|set-mode|set|knobs|flush|detach|attach` subcommands (clap).
 //! - [`client`]: one request per call, and the CLI's text renderers (flush progress bar).
-//! - [`flush`]: runs a flush on a background thread with progress and cancel.
+//! - [`flush`]: runs the `flush` verb (a writeback drain: every dirty byte home) on a background
+//!   thread with progress and cancel.
+//! - [`engine`]: the cache engine behind the socket ([`engine::control_target`]).
 //! - [`knobs`]: knob and cache-mode parsing with bounds, as pure functions.
 //! - [`stats`]: atomic counters with exact rolling windows (5 min, 1 h, 1 day).
 //! - [`metrics`]: Prometheus text format 0.0.4 and a tiny HTTP responder.
 
 pub mod cli;
 pub mod client;
+pub mod engine;
 pub mod flush;
 pub mod knobs;
 pub mod metrics;

@@ -1,4 +1,4 @@
-//! The engine's control target (`ubcache::engine_ctl::control_target`): stats mapped from the
+//! The engine's control target (`ubcache::ctl::engine::control_target`): stats mapped from the
 //! engine, mode switches with and without flushing, knobs that act (all of them, the replacement
 //! policy and congestion thresholds included), flush with progress, detach and re-attach. Also
 //! driven through the real control socket once.
@@ -6,14 +6,14 @@
 use crate::fixtures::{arc, format_open, tiny_config};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ubcache::cache::writeback::{WritebackConfig, WritebackThread};
 use ubcache::cache::{CacheMode, CacheSet, CachedDev};
+use ubcache::ctl::engine::control_target;
 use ubcache::ctl::{
     ControlTarget, CtlError, ExportState, FlushState, KnobSetting, ReplacementPolicy, Request, request,
 };
 use ubcache::dev::{BlockDev, MemDev};
-use ubcache::engine_ctl::control_target;
 use ubcache::format::{BackingState, read_backing_superblock};
-use ubcache::writeback::{WritebackConfig, WritebackThread, tuning_for};
 
 const BLOCK: usize = 4096;
 
@@ -99,7 +99,7 @@ fn knobs_act_on_the_engine() {
     f.target.set_knob(Some("disk0"), KnobSetting::WritebackPercent(25)).unwrap();
     f.target.set_knob(None, KnobSetting::WritebackDelay(5)).unwrap();
     f.target.set_knob(None, KnobSetting::WritebackRateMin(8192)).unwrap();
-    let t = tuning_for(&f.set).values();
+    let t = f.set.writeback_tuning().values();
     assert_eq!(t.writeback_percent, 25);
     assert_eq!(t.writeback_delay, Duration::from_secs(5));
     assert_eq!(t.min_rate, 8192);
@@ -108,7 +108,7 @@ fn knobs_act_on_the_engine() {
         f.target.set_knob(None, KnobSetting::WritebackRateMax(4096)),
         Err(CtlError::Invalid(_))
     ));
-    assert_eq!(tuning_for(&f.set).values().max_rate, 1 << 30);
+    assert_eq!(f.set.writeback_tuning().values().max_rate, 1 << 30);
     f.target.set_knob(None, KnobSetting::CongestedReadThresholdUs(10)).unwrap();
     f.target.set_knob(None, KnobSetting::CongestedWriteThresholdUs(0)).unwrap();
     let c = f.set.congestion();

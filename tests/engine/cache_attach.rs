@@ -113,7 +113,7 @@ fn detach_write_alone_attach_reads_the_newest_data_caches_again_and_survives_a_r
     dev.read_at(&mut all, 0).unwrap();
     assert!(all == model, "after restart");
     assert!(set.stats().dirty_bytes > 0);
-    set.flush_dirty().unwrap();
+    set.write_back_all().unwrap();
     assert!(backing_data(backing.as_ref()) == model);
 }
 
@@ -367,7 +367,7 @@ fn a_device_detached_before_a_restart_is_served_alone_then_attaches_and_stays_at
     assert!(set.stats().dirty_bytes > 0);
     assert!(read_all(&dev) == model);
     assert!(set.stats().read_hits > 0, "served through the cache");
-    set.flush_dirty().unwrap();
+    set.write_back_all().unwrap();
     assert!(backing_data(backing.as_ref()) == model);
 }
 
@@ -416,7 +416,7 @@ fn a_device_detached_before_a_restart_never_takes_the_dev_id_of_a_registered_dev
     assert!(read_all(&devs[0]) == model0, "dev 0's dirty data survives");
     assert!(read_all(&devs[1]) == model1);
     assert!(set.check().unwrap().problems.is_empty());
-    set.flush_dirty().unwrap();
+    set.write_back_all().unwrap();
     assert!(backing_data(b0.as_ref()) == model0 && backing_data(b1.as_ref()) == model1);
 }
 

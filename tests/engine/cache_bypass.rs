@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet, CachedDev, StatsSnapshot};
+use ubcache::ctl::engine::control_target;
 use ubcache::ctl::metrics::render_prometheus;
 use ubcache::dev::{BlockDev, MemDev};
-use ubcache::engine_ctl::control_target;
 use ubcache::format::read_backing_superblock;
 
 const BLOCK: usize = 4096;
@@ -194,7 +194,7 @@ fn congested_writeback_keeps_dirty_overwrites_in_the_cache_and_data_matches_the_
     f.assert_reads_model(&model);
 
     f.slow(false);
-    f.set.flush_dirty().unwrap();
+    f.set.write_back_all().unwrap();
     assert_eq!(f.set.stats().dirty_bytes, 0);
     assert!(f.backing_image(model.len()) == model, "backing differs from the model after the flush");
     let cache = Arc::clone(&f.cache);

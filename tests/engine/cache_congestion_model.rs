@@ -75,7 +75,7 @@ fn run(seed: u64, initial: CacheMode) -> u64 {
     let report = set.check().unwrap();
     assert!(report.problems.is_empty(), "seed {seed}: {:?}", report.problems);
     let congestion = set.stats().bypass_congestion;
-    set.flush_dirty().unwrap();
+    set.write_back_all().unwrap();
     let sb = read_backing_superblock(backing.as_ref()).unwrap().unwrap();
     let mut raw = vec![0u8; EXPORT_BYTES];
     backing.read_at(&mut raw, sb.data_offset_bytes).unwrap();

@@ -249,7 +249,7 @@ fn run(initial: CacheMode, ops: &[Op]) -> StatsSnapshot {
                 h.set().writeback_step(*n).unwrap();
             }
             Op::FlushDirty => {
-                h.set().flush_dirty().unwrap();
+                h.set().write_back_all().unwrap();
                 assert_eq!(h.set().stats().dirty_bytes, 0);
             }
             Op::Checkpoint => h.set().checkpoint().unwrap(),
@@ -269,10 +269,10 @@ fn run(initial: CacheMode, ops: &[Op]) -> StatsSnapshot {
     let mut all = vec![0u8; model.len()];
     h.dev.read_at(&mut all, 0).unwrap();
     assert_same(&all, &model, "final full read");
-    h.set().flush_dirty().unwrap();
+    h.set().write_back_all().unwrap();
     let mut raw = vec![0u8; model.len()];
     h.backing.read_at(&mut raw, 8192).unwrap();
-    assert_same(&raw, &model, "backing after flush_dirty");
+    assert_same(&raw, &model, "backing after write_back_all");
     let mut totals = h.totals.clone();
     add(&mut totals, &h.set().stats());
     totals

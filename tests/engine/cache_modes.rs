@@ -34,7 +34,7 @@ fn writeback_keeps_data_in_the_cache_until_written_back() {
     let mut buf = vec![0u8; 4096];
     dev.read_at(&mut buf, 8192).unwrap();
     assert_eq!(buf, vec![7u8; 4096]);
-    set.flush_dirty().unwrap();
+    set.write_back_all().unwrap();
     assert_eq!(backing_bytes(&backing, 8192, 4096), vec![7u8; 4096]);
     assert_eq!(set.stats().dirty_bytes, 0);
     let bsb = read_backing_superblock(backing.as_ref()).unwrap().unwrap();
@@ -353,12 +353,12 @@ fn io_errors_fail_requests_without_panicking() {
                 let f = dev.sync();
                 assert!(w.is_err() || f.is_err(), "cache={target_cache} nth={nth}: durability claimed");
             } else {
-                // Dirty data cannot be written home: flush_dirty must say so. (With nth=1 even
+                // Dirty data cannot be written home: write_back_all must say so. (With nth=1 even
                 // the backing superblock's Dirty mark fails, so no write was accepted dirty.)
                 dev.write_at(&[0xCD; 4096], 8192).ok();
                 if set.stats().dirty_bytes > 0 {
                     dirty_cases += 1;
-                    assert!(set.flush_dirty().is_err(), "nth={nth}: flush_dirty claimed success");
+                    assert!(set.write_back_all().is_err(), "nth={nth}: write_back_all claimed success");
                 }
             }
         }
@@ -510,14 +510,14 @@ fn two_backing_devices_share_a_cache_and_a_missing_one_keeps_its_dirty_data() {
         CacheSet::open(Arc::clone(&cache), std::slice::from_ref(&b1), tiny_config(CacheMode::Writeback))
             .unwrap();
     assert!(set.device(0).is_none());
-    set.flush_dirty().unwrap();
+    set.write_back_all().unwrap();
     assert_eq!(backing_bytes(&b1, 0, 4096), vec![2u8; 4096]);
     assert_eq!(backing_bytes(&b0, 0, 4096), vec![0u8; 4096], "device 0's dirty data must stay in the cache");
     assert_eq!(set.stats().dirty_bytes, 4096);
     assert!(set.check().unwrap().is_clean());
     set.close().unwrap();
     let set = CacheSet::open(cache, &[b0.clone(), b1], tiny_config(CacheMode::Writeback)).unwrap();
-    set.flush_dirty().unwrap();
+    set.write_back_all().unwrap();
     assert_eq!(backing_bytes(&b0, 0, 4096), vec![1u8; 4096]);
 }
 

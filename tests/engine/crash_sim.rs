@@ -9,9 +9,11 @@
 //!   accepted, and after writing all dirty data home the same values read back;
 //! - the cache set opens, and `check` finds nothing wrong.
 //!
-//! The mutation tests turn on a deliberately broken engine (a FLUSH that skips the cache sync; a
-//! bucket reused before its new generation is durable) and require the harness to find
-//! violations: a harness that cannot see a broken FLUSH proves nothing.
+//! The mutation tests arm a fail point (`ubcache::failpoints`) that breaks the engine on purpose
+//! (a FLUSH that skips the cache sync; a bucket reused before its new generation is durable)
+//! during the workload, and require the harness to find violations: a harness that cannot see a
+//! broken FLUSH proves nothing. Fail points are process-global, so every test of this file runs
+//! inside a `fail::FailScenario` (one at a time): a point armed by one test never reaches another.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -19,8 +21,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 use ubcache::alloc::ReclaimPolicy;
-use ubcache::cache::{CacheConfig, CacheMode, CacheSet, DebugKnobs, FormatOptions};
+use ubcache::cache::{CacheConfig, CacheMode, CacheSet, FormatOptions};
 use ubcache::dev::{BlockDev, CrashMode, SimDev};
+use ubcache::failpoints;
 use ubcache::journal::JournalConfig;
 use ubcache_btree::TreeConfig;
 
@@ -34,7 +37,7 @@ const GEOMETRY: FormatOptions = FormatOptions { bucket_bytes: 4096, node_bytes: 
 /// Write id of the backing device's initial contents; 0 means "all zeros".
 const INITIAL_ID: u64 = 1;
 
-fn config(mode: CacheMode, debug: DebugKnobs) -> CacheConfig {
+fn config(mode: CacheMode) -> CacheConfig {
     CacheConfig {
         journal: JournalConfig {
             max_record_bytes: 4096,
@@ -47,7 +50,6 @@ fn config(mode: CacheMode, debug: DebugKnobs) -> CacheConfig {
         reclaim_batch: 2,
         max_uncommitted_entries: 16,
         mode,
-        debug,
         ..CacheConfig::default()
     }
 }
@@ -232,13 +234,41 @@ fn dynd(d: &Arc<SimDev>) -> Arc<dyn BlockDev> {
     Arc::clone(d) as Arc<dyn BlockDev>
 }
 
+/// A fail point that breaks the engine, or none.
+type Mutation = Option<&'static str>;
+
+/// Runs the tests of this file one at a time (fail points are process-global); disarms every
+/// fail point when dropped.
+fn serial() -> fail::FailScenario<'static> {
+    fail::FailScenario::setup()
+}
+
+/// Keeps fail point `name` armed (action `return`) until dropped.
+struct Armed(&'static str);
+
+impl Armed {
+    fn new(mutation: Mutation) -> Option<Armed> {
+        let name = mutation?;
+        fail::cfg(name, "return").unwrap();
+        Some(Armed(name))
+    }
+}
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        fail::remove(self.0);
+    }
+}
+
 /// Formats, runs the workload until done or until power is cut, then cuts power on both devices.
-fn run_workload(ops: &[Op], mode: CacheMode, debug: DebugKnobs, cut: Cut) -> Run {
+/// `mutation` is armed for the workload only (recovery and checks run the real engine).
+fn run_workload(ops: &[Op], mode: CacheMode, mutation: Mutation, cut: Cut) -> Run {
+    let _armed = Armed::new(mutation);
     let cache = Arc::new(SimDev::from_image(initial_cache()));
     let backing = Arc::new(SimDev::from_image(initial_backing()));
     ubcache::cache::format(&dynd(&cache), &[dynd(&backing)], GEOMETRY).unwrap();
     let mut model = Model::new();
-    let set = CacheSet::open(dynd(&cache), &[dynd(&backing)], config(mode, debug)).unwrap();
+    let set = CacheSet::open(dynd(&cache), &[dynd(&backing)], config(mode)).unwrap();
     let dev = set.device(0).unwrap();
     match cut {
         Cut::Never => {}
@@ -337,7 +367,7 @@ fn verify(run: &Run, mode: CacheMode, rng: &mut StdRng, tally: &mut Tally, label
         let c = Arc::new(cache);
         let b = Arc::new(backing);
         c.set_crash_at_sync(rng.gen_range(1..6));
-        let opened = CacheSet::open(dynd(&c), &[dynd(&b)], config(mode, DebugKnobs::default()));
+        let opened = CacheSet::open(dynd(&c), &[dynd(&b)], config(mode));
         c.crash_now();
         b.crash_now();
         drop(opened);
@@ -355,11 +385,7 @@ fn verify(run: &Run, mode: CacheMode, rng: &mut StdRng, tally: &mut Tally, label
             Err(e) => tally.violation(format!("{label}: offline check of the crash image failed: {e}")),
         }
     }
-    let set = match CacheSet::open(
-        Arc::clone(&cache),
-        std::slice::from_ref(&backing),
-        config(mode, DebugKnobs::default()),
-    ) {
+    let set = match CacheSet::open(Arc::clone(&cache), std::slice::from_ref(&backing), config(mode)) {
         Ok(s) => s,
         Err(e) => {
             // The backing superblock is rewritten crash-atomically (two single-sector copies),
@@ -396,8 +422,8 @@ fn verify(run: &Run, mode: CacheMode, rng: &mut StdRng, tally: &mut Tally, label
     if stability {
         // Writing everything home must not change a single value, nor may the backing device
         // alone disagree afterwards (stale data resurrected by writeback or eviction).
-        if let Err(e) = set.flush_dirty() {
-            tally.violation(format!("{label}: flush_dirty after recovery failed: {e}"));
+        if let Err(e) = set.write_back_all() {
+            tally.violation(format!("{label}: write_back_all after recovery failed: {e}"));
             return;
         }
         let mut again = vec![0u8; all.len()];
@@ -419,8 +445,8 @@ fn verify(run: &Run, mode: CacheMode, rng: &mut StdRng, tally: &mut Tally, label
 }
 
 /// Crash points: every sync of both devices, and sampled writes of both.
-fn cut_points(ops: &[Op], mode: CacheMode, debug: DebugKnobs, write_stride: u64) -> Vec<Cut> {
-    let dry = run_workload(ops, mode, debug, Cut::Never);
+fn cut_points(ops: &[Op], mode: CacheMode, mutation: Mutation, write_stride: u64) -> Vec<Cut> {
+    let dry = run_workload(ops, mode, mutation, Cut::Never);
     let (c, b) = (dry.cache.stats(), dry.backing.stats());
     let mut cuts = Vec::new();
     cuts.extend((1..=c.syncs).map(Cut::CacheSync));
@@ -433,7 +459,7 @@ fn cut_points(ops: &[Op], mode: CacheMode, debug: DebugKnobs, write_stride: u64)
 
 fn campaign(
     mode: CacheMode,
-    debug: DebugKnobs,
+    mutation: Mutation,
     seeds: std::ops::Range<u64>,
     ops_len: usize,
     images_per_cut: usize,
@@ -443,8 +469,8 @@ fn campaign(
     let mut rng = StdRng::seed_from_u64(seeds.start ^ 0xC0FFEE);
     for seed in seeds {
         let ops = workload(seed, ops_len, mode_switches);
-        for cut in cut_points(&ops, mode, debug, 3) {
-            let run = run_workload(&ops, mode, debug, cut);
+        for cut in cut_points(&ops, mode, mutation, 3) {
+            let run = run_workload(&ops, mode, mutation, cut);
             for k in 0..images_per_cut {
                 let label = format!("{mode} seed {seed} {cut:?} image {k}");
                 verify(&run, mode, &mut rng, &mut tally, &label, k == 0);
@@ -471,8 +497,9 @@ fn report(name: &str, t: &Tally, started: Instant) {
 
 #[test]
 fn crash_states_keep_the_durability_contract_in_writeback_mode() {
+    let _serial = serial();
     let started = Instant::now();
-    let t = campaign(CacheMode::Writeback, DebugKnobs::default(), 0..6, 70, 3, false);
+    let t = campaign(CacheMode::Writeback, None, 0..6, 70, 3, false);
     report("writeback", &t, started);
     assert!(t.states > 500, "too few crash states: {}", t.states);
     assert_eq!(t.violations, 0, "{:#?}", t.first);
@@ -480,9 +507,10 @@ fn crash_states_keep_the_durability_contract_in_writeback_mode() {
 
 #[test]
 fn crash_states_keep_the_durability_contract_in_writethrough_and_writearound() {
+    let _serial = serial();
     let started = Instant::now();
-    let mut t = campaign(CacheMode::Writethrough, DebugKnobs::default(), 100..104, 70, 2, false);
-    let t2 = campaign(CacheMode::Writearound, DebugKnobs::default(), 200..203, 70, 2, false);
+    let mut t = campaign(CacheMode::Writethrough, None, 100..104, 70, 2, false);
+    let t2 = campaign(CacheMode::Writearound, None, 200..203, 70, 2, false);
     t.states += t2.states;
     t.violations += t2.violations;
     t.recovery_crashes += t2.recovery_crashes;
@@ -496,8 +524,8 @@ fn crash_states_keep_the_durability_contract_in_writethrough_and_writearound() {
 #[test]
 fn mutation_flush_without_cache_sync_is_detected() {
     let started = Instant::now();
-    let debug = DebugKnobs { commit_skips_cache_sync: true, ..DebugKnobs::default() };
-    let t = campaign(CacheMode::Writeback, debug, 0..3, 70, 3, false);
+    let _serial = serial();
+    let t = campaign(CacheMode::Writeback, Some(failpoints::COMMIT_SKIP_CACHE_SYNC), 0..3, 70, 3, false);
     report("mutation: flush skips cache sync", &t, started);
     assert!(t.violations > 0, "the crash harness did not detect a FLUSH that skips the cache sync");
 }
@@ -506,8 +534,8 @@ fn mutation_flush_without_cache_sync_is_detected() {
 #[test]
 fn mutation_bucket_reuse_before_generation_durable_is_detected() {
     let started = Instant::now();
-    let debug = DebugKnobs { reuse_bucket_before_gen_durable: true, ..DebugKnobs::default() };
-    let t = campaign(CacheMode::Writeback, debug, 0..3, 70, 3, false);
+    let _serial = serial();
+    let t = campaign(CacheMode::Writeback, Some(failpoints::RECLAIM_SKIP_GEN_COMMIT), 0..3, 70, 3, false);
     report("mutation: bucket reuse before generation durable", &t, started);
     assert!(
         t.violations > 0,
@@ -519,8 +547,9 @@ fn mutation_bucket_reuse_before_generation_durable_is_detected() {
 /// writearound and none, leaving writeback with and without writing dirty data home.
 #[test]
 fn crash_states_keep_the_durability_contract_across_mode_switches() {
+    let _serial = serial();
     let started = Instant::now();
-    let t = campaign(CacheMode::Writeback, DebugKnobs::default(), 300..304, 80, 2, true);
+    let t = campaign(CacheMode::Writeback, None, 300..304, 80, 2, true);
     report("mode switches", &t, started);
     assert!(t.states > 300, "too few crash states: {}", t.states);
     assert_eq!(t.violations, 0, "{:#?}", t.first);
@@ -531,12 +560,13 @@ fn crash_states_keep_the_durability_contract_across_mode_switches() {
 #[test]
 #[ignore = "soak run, minutes; see the doc comment"]
 fn crash_soak() {
+    let _serial = serial();
     let seeds: u64 = std::env::var("CRASH_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
     let started = Instant::now();
     let mut total = Tally::default();
     for (i, mode) in CacheMode::ALL.into_iter().enumerate() {
         let base = 10_000 * (i as u64 + 1);
-        let t = campaign(mode, DebugKnobs::default(), base..base + seeds, 120, 3, true);
+        let t = campaign(mode, None, base..base + seeds, 120, 3, true);
         report(&format!("soak {mode}"), &t, started);
         total.states += t.states;
         total.violations += t.violations;
@@ -550,8 +580,9 @@ fn crash_soak() {
 /// or FUA a thread saw acknowledged must hold for its sectors after recovery.
 #[test]
 fn concurrent_workload_crash_states_keep_flushed_writes() {
+    let _serial = serial();
     let started = Instant::now();
-    let tally = concurrent_campaign(DebugKnobs::default(), 300);
+    let tally = concurrent_campaign(None, 300);
     report("concurrent", &tally, started);
     assert!(tally.states >= 1000);
     assert_eq!(tally.violations, 0, "{:#?}", tally.first);
@@ -561,8 +592,8 @@ fn concurrent_workload_crash_states_keep_flushed_writes() {
 #[test]
 fn mutation_flush_without_cache_sync_is_detected_under_concurrency() {
     let started = Instant::now();
-    let debug = DebugKnobs { commit_skips_cache_sync: true, ..DebugKnobs::default() };
-    let tally = concurrent_campaign(debug, 300);
+    let _serial = serial();
+    let tally = concurrent_campaign(Some(failpoints::COMMIT_SKIP_CACHE_SYNC), 300);
     report("mutation under concurrency: flush skips cache sync", &tally, started);
     assert!(
         tally.violations > 0,
@@ -570,7 +601,7 @@ fn mutation_flush_without_cache_sync_is_detected_under_concurrency() {
     );
 }
 
-fn concurrent_campaign(debug: DebugKnobs, rounds: u64) -> Tally {
+fn concurrent_campaign(mutation: Mutation, rounds: u64) -> Tally {
     const THREADS: u64 = 3;
     let mut tally = Tally::default();
     let mut rng = StdRng::seed_from_u64(0xFEED);
@@ -580,7 +611,9 @@ fn concurrent_campaign(debug: DebugKnobs, rounds: u64) -> Tally {
         let cache = Arc::new(SimDev::from_image(initial_cache()));
         let backing = Arc::new(SimDev::from_image(initial_backing()));
         ubcache::cache::format(&dynd(&cache), &[dynd(&backing)], GEOMETRY).unwrap();
-        let set = Arc::new(CacheSet::open(dynd(&cache), &[dynd(&backing)], config(mode, debug)).unwrap());
+        // Armed for the workload; disarmed (dropped) before recovery below.
+        let armed = Armed::new(mutation);
+        let set = Arc::new(CacheSet::open(dynd(&cache), &[dynd(&backing)], config(mode)).unwrap());
         let model = Arc::new(parking_lot::Mutex::new(Model::new()));
         let n = rng.gen_range(5..400);
         if rng.gen_bool(0.5) {
@@ -658,6 +691,7 @@ fn concurrent_campaign(debug: DebugKnobs, rounds: u64) -> Tally {
         cache.crash_now();
         backing.crash_now();
         drop(set);
+        drop(armed);
         let model = Arc::try_unwrap(model).ok().unwrap().into_inner();
         let run = Run { cache, backing, model };
         for k in 0..4 {

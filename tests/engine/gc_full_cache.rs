@@ -8,11 +8,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ubcache::cache::writeback::{DrainStep, WritebackConfig, WritebackThread};
 use ubcache::cache::{CacheMode, CacheSet};
+use ubcache::ctl::engine::control_target;
 use ubcache::dev::{BlockDev, MemDev};
-use ubcache::engine_ctl::control_target;
 use ubcache::format::read_backing_superblock;
-use ubcache::writeback::{FlushStep, WritebackConfig, WritebackThread};
 
 const BLOCK: u64 = 4096;
 /// 512 KiB cache (about 20 data buckets of 16 KiB) under a 4 MiB working set.
@@ -111,7 +111,7 @@ fn sustained_random_writes(with_thread: bool) -> (Arc<CacheSet>, Arc<dyn BlockDe
 }
 
 fn finish(set: &Arc<CacheSet>, backing: &dyn BlockDev, model: &[u8]) {
-    FlushStep::new(Arc::clone(set), WritebackConfig::default()).run_to_end().unwrap();
+    DrainStep::new(Arc::clone(set), WritebackConfig::default()).run_to_end().unwrap();
     assert_eq!(set.stats().dirty_bytes, 0);
     let sb = read_backing_superblock(backing).unwrap().unwrap();
     let mut raw = vec![0u8; model.len()];

@@ -3,9 +3,9 @@
 //! `take_runs` bounds the separate runs (range locks) of a batch of scattered keys.
 
 use crate::fixtures::{arc, format_open, tiny_config};
+use ubcache::cache::writeback::DirtyKeyBuf;
 use ubcache::cache::{CacheMode, CacheSet};
 use ubcache::dev::{BlockDev, MemDev};
-use ubcache::writeback::DirtyKeyBuf;
 
 /// 200 dirty 4 KiB extents, every other 4 KiB block (so no two are adjacent), plus one run of
 /// 8 adjacent 4 KiB writes after them.

@@ -1,4 +1,4 @@
-//! How writeback marks keys clean and copies them (`cache/wb_io.rs`, `cache/wb_copy.rs`):
+//! How writeback marks keys clean and copies them (`cache/writeback/copy.rs`):
 //!
 //! - keys written one after another (adjacent on backing, adjacent in one cache bucket) are
 //!   marked clean with one replace of the whole run, so they end up as one clean key per
@@ -12,10 +12,10 @@
 use crate::fixtures::{TINY, format_open, tiny_config};
 use crate::gated_dev::GatedDev;
 use std::sync::Arc;
+use ubcache::cache::writeback::policy::CoalesceLimits;
 use ubcache::cache::{CacheMode, CacheSet};
 use ubcache::dev::{BlockDev, FaultDev, FaultOp, FaultRule, MemDev};
 use ubcache::format::read_backing_superblock;
-use ubcache::wbpolicy::CoalesceLimits;
 use ubcache_btree::Pos;
 
 const BLOCK: u64 = 4096;
@@ -139,7 +139,7 @@ fn a_key_overwritten_during_the_copy_stays_dirty_and_the_rest_of_its_run_is_clea
         backing.read_at(&mut got, offset + i * BLOCK).unwrap();
         assert!(got == fill(i, 1), "block {i} on backing: the copy made before the overwrite");
     }
-    set.flush_dirty().unwrap();
+    set.write_back_all().unwrap();
     backing.read_at(&mut got, offset + overwritten * BLOCK).unwrap();
     assert!(got == fill(overwritten, 2), "the overwrite reached backing at the next writeback");
 }

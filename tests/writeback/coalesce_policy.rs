@@ -3,7 +3,7 @@
 //! been merged (the grouping is maximal).
 
 use proptest::prelude::*;
-use ubcache::wbpolicy::{CoalesceLimits, DirtyExtent, coalesce};
+use ubcache::cache::writeback::policy::{CoalesceLimits, DirtyExtent, coalesce};
 
 /// Sorted, non-overlapping extents over a few devices, with gaps of 0 (contiguous) or more.
 fn sorted_extents() -> impl Strategy<Value = Vec<DirtyExtent>> {

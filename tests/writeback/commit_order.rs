@@ -8,11 +8,11 @@
 
 use crate::fixtures::{TINY, tiny_config};
 use std::sync::Arc;
+use ubcache::cache::writeback::DirtyKeyBuf;
+use ubcache::cache::writeback::policy::CoalesceLimits;
 use ubcache::cache::{CacheMode, CacheSet};
 use ubcache::dev::{BlockDev, SimDev};
 use ubcache::format::read_backing_superblock;
-use ubcache::wbpolicy::CoalesceLimits;
-use ubcache::writeback::DirtyKeyBuf;
 use ubcache_btree::Pos;
 
 const EXPORT_BYTES: u64 = 64 * 1024;

@@ -1,4 +1,4 @@
-//! Power loss during a flush (the coalescing writeback of `ubcache::writeback::FlushStep`) or a
+//! Power loss during a flush (the coalescing writeback of `ubcache::cache::writeback::DrainStep`) or a
 //! detach loses nothing: every write acknowledged by a FLUSH before the flush started reads
 //! back exactly after recovery, and after a flush of the recovered set backing equals the
 //! model byte for byte. The cut is swept over every write and sync of either device during the
@@ -14,11 +14,11 @@ use crate::power_cut::{Cut, crash_modes};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
+use ubcache::cache::writeback::policy::CoalesceLimits;
+use ubcache::cache::writeback::{DirtyKeyBuf, DrainStep, WritebackConfig};
 use ubcache::cache::{CacheMode, CacheSet};
 use ubcache::dev::{BlockDev, CrashMode, SimDev};
 use ubcache::format::{BackingState, read_backing_superblock};
-use ubcache::wbpolicy::CoalesceLimits;
-use ubcache::writeback::{DirtyKeyBuf, FlushStep, WritebackConfig};
 
 const SECTOR: usize = 512;
 const EXPORT_BYTES: usize = 256 * 1024;
@@ -71,7 +71,7 @@ fn run_operation(cache: &Arc<SimDev>, backing: &Arc<SimDev>, op: Operation, cut:
     let done = match op {
         Operation::Flush => {
             let cfg = WritebackConfig { batch_keys: 4, max_io_bytes: 8192, ..WritebackConfig::default() };
-            FlushStep::new(Arc::clone(&set), cfg).run_to_end().is_ok()
+            DrainStep::new(Arc::clone(&set), cfg).run_to_end().is_ok()
         }
         Operation::Detach => set.detach(0).is_ok(),
     };
@@ -115,7 +115,7 @@ fn verify(cache_image: Vec<u8>, backing_image: Vec<u8>, model: &[u8], label: &st
     if let Some(i) = all.iter().zip(model).position(|(a, b)| a != b) {
         panic!("{label}: after recovery sector {} differs from the acknowledged data", i / SECTOR);
     }
-    FlushStep::new(Arc::clone(&set), WritebackConfig::default()).run_to_end().unwrap();
+    DrainStep::new(Arc::clone(&set), WritebackConfig::default()).run_to_end().unwrap();
     let mut raw = vec![0u8; model.len()];
     backing.read_at(&mut raw, sb.data_offset_bytes).unwrap();
     if let Some(i) = raw.iter().zip(model).position(|(a, b)| a != b) {
@@ -190,7 +190,7 @@ fn marking_clean_before_backing_is_durable_is_caught() {
         }
         set.write_back_keys(&keys, CoalesceLimits { max_io_len: 64, max_extents: 16 }).unwrap();
     }
-    set.finish_flush().unwrap();
+    set.finish_drain().unwrap();
     cache.crash_now();
     backing.crash_now();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

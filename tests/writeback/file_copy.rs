@@ -4,9 +4,9 @@
 //! what was written, at the data offset behind its superblock.
 
 use std::sync::Arc;
+use ubcache::cache::writeback::{DrainStep, WritebackConfig};
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet, FormatOptions};
 use ubcache::dev::{BlockDev, FileDev, FileDevOptions};
-use ubcache::writeback::{FlushStep, WritebackConfig};
 
 const MIB: u64 = 1 << 20;
 const EXPORT: u64 = 16 * MIB;
@@ -39,7 +39,7 @@ fn flush_round_trip(direct_backing: bool) {
     }
     dev.sync().unwrap();
     assert!(set.stats().dirty_bytes > 4 * MIB);
-    let written = FlushStep::new(Arc::clone(&set), WritebackConfig::for_flush()).run_to_end().unwrap();
+    let written = DrainStep::new(Arc::clone(&set), WritebackConfig::for_drain()).run_to_end().unwrap();
     assert!(written >= 4 * MIB, "the flush wrote {written} bytes");
     assert_eq!(set.stats().dirty_bytes, 0);
     let mut home = vec![0u8; EXPORT as usize];

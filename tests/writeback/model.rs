@@ -13,11 +13,11 @@ use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use ubcache::cache::writeback::policy::CoalesceLimits;
+use ubcache::cache::writeback::{DirtyKeyBuf, DrainStep, WritebackConfig, WritebackThread};
 use ubcache::cache::{CacheMode, CacheSet};
 use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::{BackingState, read_backing_superblock};
-use ubcache::wbpolicy::CoalesceLimits;
-use ubcache::writeback::{DirtyKeyBuf, FlushStep, WritebackConfig, WritebackThread};
 
 const SECTOR: usize = 512;
 /// Export of 512 KiB over a 1 MiB cache of 16 KiB buckets: writeback mode fills it.
@@ -125,7 +125,7 @@ fn run_model(ops: &[Op]) {
                 set.write_back_keys(&batch, limits).unwrap();
             }
             Op::FlushAll => {
-                FlushStep::new(Arc::clone(&set), WritebackConfig::default()).run_to_end().unwrap();
+                DrainStep::new(Arc::clone(&set), WritebackConfig::default()).run_to_end().unwrap();
                 assert_eq!(set.stats().dirty_bytes, 0, "op {i}");
             }
             Op::SetMode { mode, flush_first } => dev.set_mode(mode, flush_first).unwrap(),
@@ -134,7 +134,7 @@ fn run_model(ops: &[Op]) {
     let mut all = vec![0u8; model.len()];
     dev.read_at(&mut all, 0).unwrap();
     assert_eq!(first_difference(&all, &model), None, "final read through the cache");
-    FlushStep::new(Arc::clone(&set), WritebackConfig::default()).run_to_end().unwrap();
+    DrainStep::new(Arc::clone(&set), WritebackConfig::default()).run_to_end().unwrap();
     assert_eq!(set.stats().dirty_bytes, 0);
     let image = backing_image(backing.as_ref(), model.len());
     assert_eq!(first_difference(&image, &model), None, "backing after the final flush");
@@ -193,7 +193,7 @@ fn concurrent_overwrites(seed: u64) {
             dev.set_mode(CacheMode::Writeback, false).unwrap();
         }
     }
-    thread.request_flush();
+    thread.request_drain();
     let start = std::time::Instant::now();
     while set.stats().dirty_bytes > 0 {
         assert!(start.elapsed() < Duration::from_secs(60), "seed {seed}: flush did not finish");
@@ -201,7 +201,7 @@ fn concurrent_overwrites(seed: u64) {
     }
     let status = thread.status();
     thread.stop().unwrap();
-    FlushStep::new(Arc::clone(&set), WritebackConfig::default()).run_to_end().unwrap();
+    DrainStep::new(Arc::clone(&set), WritebackConfig::default()).run_to_end().unwrap();
     let image = backing_image(backing.as_ref(), model.len());
     assert_eq!(first_difference(&image, &model), None, "seed {seed}: backing after flush ({status:?})");
     let mut all = vec![0u8; model.len()];
@@ -252,10 +252,10 @@ fn mode_switches_in_every_direction_under_load_keep_data_correct() {
             mine
         }));
     }
-    // Switches go through the control target (flush-first drains with `FlushStep`, as
+    // Switches go through the control target (flush-first drains with `DrainStep`, as
     // `ubcache set-mode --flush-first` does).
     let target =
-        ubcache::engine_ctl::control_target(Arc::clone(&set), vec![("d".to_owned(), Arc::clone(&dev))]);
+        ubcache::ctl::engine::control_target(Arc::clone(&set), vec![("d".to_owned(), Arc::clone(&dev))]);
     let mut switches = 0;
     for from in CacheMode::ALL {
         for to in CacheMode::ALL {
@@ -285,7 +285,7 @@ fn mode_switches_in_every_direction_under_load_keep_data_correct() {
     dev.read_at(&mut all, 0).unwrap();
     assert_eq!(first_difference(&all, &model), None, "read through the cache after the switches");
     thread.stop().unwrap();
-    FlushStep::new(Arc::clone(&set), WritebackConfig::default()).run_to_end().unwrap();
+    DrainStep::new(Arc::clone(&set), WritebackConfig::default()).run_to_end().unwrap();
     let image = backing_image(backing.as_ref(), model.len());
     assert_eq!(first_difference(&image, &model), None, "backing after the flush");
     assert!(set.check().unwrap().problems.is_empty());

@@ -8,7 +8,7 @@
 //!   and validates them before it copies any data, so the writethrough write waits for the
 //!   writeback (this test checks that it does) and then overwrites backing; a writethrough
 //!   write that lands between the scan and the writeback call makes it skip the key.
-//! - The engine's own `CacheSet::writeback_step` (used by `flush_dirty`, `set_mode` with
+//! - The engine's own `CacheSet::writeback_step` (used by `write_back_all`, `set_mode` with
 //!   flush-first, `detach` and the write path when the cache is full) runs the same path since
 //!   session 3. Before, it locked and validated key by key, and at first not at all: it wrote
 //!   the stale copy over the newer data while a clean key claimed the newer data, so the
@@ -18,10 +18,10 @@ use crate::fixtures::{format_open, tiny_config};
 use crate::gated_dev::GatedDev;
 use std::sync::Arc;
 use std::time::Duration;
+use ubcache::cache::writeback::policy::CoalesceLimits;
 use ubcache::cache::{CacheMode, CacheSet};
 use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::read_backing_superblock;
-use ubcache::wbpolicy::CoalesceLimits;
 use ubcache_btree::Pos;
 
 const SECTOR: u64 = 512;

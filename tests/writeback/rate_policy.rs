@@ -2,7 +2,7 @@
 //! and shrinks by whatever the controller's rate writes home, one simulated second at a time.
 
 use std::time::Duration;
-use ubcache::wbpolicy::{RateConfig, RateController};
+use ubcache::cache::writeback::policy::{RateConfig, RateController};
 
 const MIB: u64 = 1 << 20;
 const CACHE: u64 = 1 << 30;

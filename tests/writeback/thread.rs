@@ -8,11 +8,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use ubcache::cache::writeback::policy::CoalesceLimits;
+use ubcache::cache::writeback::{WritebackConfig, WritebackThread};
 use ubcache::cache::{CacheMode, CacheSet};
 use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::{BackingState, read_backing_superblock};
-use ubcache::wbpolicy::CoalesceLimits;
-use ubcache::writeback::{WritebackConfig, WritebackThread};
 
 const BLOCK: usize = 4096;
 
@@ -126,7 +126,7 @@ fn delay_holds_fresh_dirty_data_until_a_flush_is_requested_then_backing_matches_
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(thread.status().bytes_written, 0, "fresh dirty data waits for writeback_delay");
     assert!(set.stats().dirty_bytes > 0);
-    thread.request_flush();
+    thread.request_drain();
     wait_until("a clean cache after the flush request", Duration::from_secs(60), || {
         set.stats().dirty_bytes == 0
     });
@@ -161,7 +161,7 @@ fn contiguous_dirty_extents_are_coalesced_into_fewer_backing_writes() {
     assert_eq!(report.bytes_written, 32 * BLOCK as u64);
     assert_eq!(report.backing_writes, 2, "128 KiB of contiguous keys in 64 KiB writes: {report:?}");
     assert_eq!(set.stats().dirty_bytes, 0);
-    set.finish_flush().unwrap();
+    set.finish_drain().unwrap();
     assert_backing_equals(backing.as_ref(), &model);
 }
 

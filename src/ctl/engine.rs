@@ -20,19 +20,20 @@
 //!   `congested_read_threshold_us` / `congested_write_threshold_us` act at once on the
 //!   engine's congestion bypass. Knobs are per cache set: an `export` argument is checked and
 //!   the value applies to the set.
-//! - **flush**: a [`ctl::FlushRunner`] over [`FlushStep`] (coalesced batches at full speed).
+//! - **flush** (the verb; a writeback drain): a [`ctl::FlushRunner`] over [`DrainStep`]
+//!   (coalesced batches at full speed).
 //! - **detach**: writes the dirty data home, then [`CacheSet::detach`].
 //! - **attach**: [`CacheSet::attach`] of a detached export, detached at runtime or before the
 //!   server started (empty cache for it).
 //! - **export states** (in `stats` and `modes`): [`CachedDev::is_detached`] of each export.
 
 use crate::alloc::ReclaimPolicy;
+use crate::cache::writeback::{DrainStep, WritebackConfig, WritebackTuning};
 use crate::cache::{CacheMode, CacheSet, CachedDev, StatsSnapshot as EngineStats};
 use crate::ctl::{
     self, ControlTarget, Counter, CtlError, ExportState, FlushProgress, FlushRunner, Gauge, KnobSetting,
     Knobs, MonotonicClock, ReplacementPolicy,
 };
-use crate::writeback::{FlushStep, WritebackConfig, WritebackTuning, tuning_for};
 use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -137,7 +138,7 @@ fn failed(e: impl std::fmt::Display) -> CtlError {
 
 impl EngineControl {
     fn new(set: Arc<CacheSet>, exports: Vec<(String, Arc<CachedDev>)>) -> Self {
-        let tuning = tuning_for(&set);
+        let tuning = Arc::clone(set.writeback_tuning());
         let v = tuning.values();
         let knobs = Knobs {
             sequential_cutoff: set.sequential_cutoff(),
@@ -196,10 +197,10 @@ impl EngineControl {
         }
     }
 
-    /// Writes every dirty byte home (coalesced batches, full speed), then marks the backing
-    /// devices Clean.
+    /// Writeback drain: writes every dirty byte home (coalesced batches, full speed), then marks
+    /// the backing devices Clean.
     fn drain(&self) -> Result<(), CtlError> {
-        FlushStep::new(Arc::clone(&self.set), WritebackConfig::for_flush())
+        DrainStep::new(Arc::clone(&self.set), WritebackConfig::for_drain())
             .run_to_end()
             .map(drop)
             .map_err(failed)
@@ -234,7 +235,7 @@ impl ControlTarget for EngineControl {
         }
         for (name, dev) in &targets {
             leaving_writeback |= dev.mode() == CacheMode::Writeback && mode != CacheMode::Writeback;
-            // The mode first, without flushing: writes arriving during the flush below no
+            // The mode first, without draining: writes arriving during the drain below no
             // longer add dirty data, so it ends even under a steady write load.
             dev.set_mode(mode, false).map_err(|e| CtlError::Failed(format!("export {name:?}: {e}")))?;
         }
@@ -310,7 +311,7 @@ impl ControlTarget for EngineControl {
     }
 
     fn start_flush(&self) -> Result<(), CtlError> {
-        let mut step = FlushStep::new(Arc::clone(&self.set), WritebackConfig::for_flush());
+        let mut step = DrainStep::new(Arc::clone(&self.set), WritebackConfig::for_drain());
         self.flush.start(move || step.step().map_err(|e| e.to_string()))
     }
 

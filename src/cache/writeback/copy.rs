@@ -1,8 +1,8 @@
-//! Engine hooks for the background writeback thread ([`crate::writeback`]) and the control
-//! target ([`crate::engine_ctl`]): a dirty-key scan for a key buffer, a coalescing writeback of
-//! a batch of keys, and a usage report. The engine's own writeback (`Shared::writeback_step`,
-//! for `flush_dirty`, `detach`, flush-first mode switches and a full cache) runs the same
-//! writeback path.
+//! Writing a batch of dirty keys home: [`CacheSet::write_back_scanned`] (and
+//! [`CacheSet::write_back_keys`]) validate and pin the keys, copy them to backing
+//! ([`copy_runs`]), sync backing and journal the keys clean. Every writer of dirty data home
+//! runs this path: the background thread, the writeback drain, the engine's own
+//! [`CacheSet::writeback_step`] (detach, leaving writeback mode, a full cache).
 //!
 //! # Crash ordering of [`CacheSet::write_back_keys`] (rules 4 and 6)
 //! 1. The dirty keys (and with them the removal of the older clean keys they replaced) are
@@ -10,7 +10,7 @@
 //!    survive a crash over backing that already holds newer data, and the sector's value would
 //!    change later by itself, on eviction. [`CacheSet::write_back_scanned`] commits only when
 //!    the journal is not yet durable up to the scan the keys came from
-//!    ([`DirtyScan::journal_seq`]): a key still in the tree exactly as scanned was journalled
+//!    ([`super::DirtyScan::journal_seq`]): a key still in the tree exactly as scanned was journalled
 //!    at or before that seq (a new write gets new sectors, so an identical key is the same
 //!    insertion). [`CacheSet::write_back_keys`] does not know the scan and commits everything.
 //! 2. Take the writeback range lock of every coalesced write of the call (in (device, offset)
@@ -20,7 +20,7 @@
 //!    holds the range lock from its backing write to its tree update, so once we hold the lock
 //!    and still find the key, no newer backing write of the range exists or can start until we
 //!    are done: a stale copy can never land on backing after newer data. All keys are locked
-//!    and checked before any data moves, so the copies can run back to back (`wb_copy.rs`);
+//!    and checked before any data moves, so the copies can run back to back ([`copy_runs`]);
 //!    a writethrough write into the call's ranges waits for the whole call.
 //! 3. Copy the cached data to backing (in the kernel between buffered files, else through a
 //!    buffer, with the backing writes on a second thread), sync every backing device written.
@@ -37,34 +37,36 @@
 //! Foreground reads need the metadata lock for their lookup, so writeback holds it only for
 //! bounded chunks of CPU work ([`META_CHUNK_KEYS`] keys or runs at a time) and never across
 //! data I/O or a journal commit (`Shared::commit_through` runs without it, see `set.rs`).
+//!
+//! # The copy
+//! A drain is only as fast as the backing device if the device never waits for us, so:
+//! - between two buffered files the kernel copies a run's pages from one page cache to the
+//!   other (`copy_file_range`), no buffer of ours in between;
+//! - otherwise a run is read from the cache into a page-aligned buffer (an `O_DIRECT` backing
+//!   file writes it as it is, without a bounce copy) and written with one write. With more than
+//!   one run, writer threads do the writes while this one reads the next run, so the device's
+//!   write time and our read time overlap instead of adding up; short runs (random extents)
+//!   get several writers, so several writes are in flight;
+//! - a long run is queued for writeout as soon as it is written
+//!   ([`crate::dev::BlockDev::start_writeback`]): the disk writes it while the next one is
+//!   copied, rather than all of the batch during the caller's sync.
 
-use super::CachedDev;
-use super::error::{CacheError, CacheResult};
-use super::inflight::DevRange;
-use super::set::{CacheSet, Shared};
-use super::stats::Stats;
-use super::wb_copy::{CopyRun, Pins, copy_runs};
-use crate::alloc::{AllocError, BucketState, OpenKind};
+use super::policy::{CoalesceLimits, DirtyExtent, coalesce};
+use crate::alloc::AllocError;
+use crate::cache::error::{CacheError, CacheResult};
+use crate::cache::inflight::DevRange;
+use crate::cache::set::{CacheSet, Meta, Shared};
+use crate::cache::stats::Stats;
 use crate::dev::SECTOR_SIZE;
-use crate::wbpolicy::{CoalesceLimits, DirtyExtent, coalesce};
-use std::sync::atomic::Ordering;
-use ubcache_btree::{Key, Pos, Segment};
+use parking_lot::Mutex;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use ubcache_btree::{Key, Segment};
 
 /// Keys validated or marked clean per hold of the metadata lock: a foreground read waits for
 /// at most this much writeback bookkeeping (about a microsecond per key).
 pub(crate) const META_CHUNK_KEYS: usize = 32;
-
-/// Dirty keys found by [`CacheSet::scan_dirty`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DirtyScan {
-    /// Dirty keys of attached devices, in (device, offset) order.
-    pub keys: Vec<Key>,
-    /// Where the next scan continues; `None` at the end of the tree (a full pass is done).
-    pub next: Option<Pos>,
-    /// The last journal seq appended when the scan ran: every key of the scan was journalled
-    /// at or before it (pass it to [`CacheSet::write_back_scanned`]).
-    pub journal_seq: u64,
-}
 
 /// What one [`CacheSet::write_back_keys`] call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -81,54 +83,7 @@ pub struct WritebackReport {
     pub backing_writes: usize,
 }
 
-/// Space use of the cache device and the journal.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CacheUsage {
-    pub bucket_bytes: u64,
-    pub buckets_total: u64,
-    /// Allocatable now or once a generation bump is durable.
-    pub buckets_free: u64,
-    /// Data buckets (sealed or open) without dirty sectors.
-    pub buckets_clean: u64,
-    /// Data buckets (sealed or open) holding dirty sectors.
-    pub buckets_dirty: u64,
-    /// Btree nodes, journal, superblocks and bucket tables.
-    pub buckets_metadata: u64,
-    /// Buckets pinned now by an in-flight read or writeback copy (they cannot be reused until
-    /// it ends): 0 whenever the set is idle.
-    pub buckets_pinned: u64,
-    /// Dirty bytes in the whole tree (including devices not attached now).
-    pub dirty_bytes: u64,
-    /// Dirty bytes of attached devices: what writeback can write home now.
-    pub attached_dirty_bytes: u64,
-    /// Bytes of the cache that can hold data.
-    pub data_capacity_bytes: u64,
-    pub journal_used_bytes: u64,
-    pub journal_capacity_bytes: u64,
-}
-
 impl CacheSet {
-    /// Up to `max` dirty keys of attached devices sorting after `from`, in offset order (the
-    /// refill of a writeback key buffer).
-    pub fn scan_dirty(&self, from: Pos, max: usize) -> CacheResult<DirtyScan> {
-        let attached: Vec<u32> = self
-            .shared
-            .backings
-            .iter()
-            .filter(|b| !b.detached.load(Ordering::Acquire))
-            .map(|b| b.dev_id)
-            .collect();
-        let wanted = |k: &Key| k.dirty && attached.contains(&k.dev);
-        let mut keys = Vec::new();
-        let mut m = self.shared.lock_meta()?;
-        let next = m.tree.scan(from, &wanted, max.max(1), &mut keys)?;
-        // Read under the metadata lock: entries are appended under it, so every key seen was
-        // appended at or before this seq.
-        let journal_seq = self.shared.journal.last_appended_seq();
-        drop(m);
-        Ok(DirtyScan { keys, next, journal_seq })
-    }
-
     /// Writes `keys` home (see the module doc for the ordering): contiguous keys of one device
     /// are coalesced into one backing write within `limits` (in sectors). Keys no longer in the
     /// tree as given are skipped, so a key buffer filled earlier is safe to pass. Commits every
@@ -138,7 +93,7 @@ impl CacheSet {
     }
 
     /// [`CacheSet::write_back_keys`] for keys that all come from scans whose
-    /// [`DirtyScan::journal_seq`] is at most `scanned_seq`: the journal is committed first only
+    /// [`super::DirtyScan::journal_seq`] is at most `scanned_seq`: the journal is committed first only
     /// if it is not yet durable through `scanned_seq` (rule 1 of the module doc). Passing a
     /// lower seq than the scan's breaks crash safety.
     pub fn write_back_scanned(
@@ -152,11 +107,6 @@ impl CacheSet {
 }
 
 impl Shared {
-    /// Whether `dev` is one of this set's devices and not detached.
-    pub(crate) fn is_attached(&self, dev: u32) -> bool {
-        self.backings.iter().any(|b| b.dev_id == dev && !b.detached.load(Ordering::Acquire))
-    }
-
     /// [`CacheSet::write_back_scanned`].
     pub(crate) fn write_back_scanned(
         &self,
@@ -323,79 +273,261 @@ impl Shared {
     }
 }
 
-impl CacheSet {
-    /// Ends a flush: commits, and marks every attached backing device without dirty data (and
-    /// no dirty write in flight) Clean in its superblock.
-    pub fn finish_flush(&self) -> CacheResult<()> {
-        {
-            let mut m = self.shared.lock_meta()?;
-            self.shared.commit_locked(&mut m)?;
-        }
-        self.shared.mark_clean_if_no_dirty()
+/// Alignment of writeback's backing-write buffers: the largest `O_DIRECT` alignment in common use.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Runs at least this long are queued for writeout as soon as they are written. Shorter ones
+/// (random 4 KiB extents) are left to the caller's sync, which can sort and merge them: a
+/// writeout per 4 KiB run measured a third slower on random extents.
+const START_WRITEBACK_MIN_BYTES: u64 = 256 << 10;
+
+/// Keys `keys` of the caller's list of validated keys: contiguous on backing device
+/// `backing` (an index into the set's backing devices), written with one backing write.
+#[derive(Debug, Clone)]
+pub(crate) struct CopyRun {
+    pub(crate) backing: usize,
+    pub(crate) keys: Range<usize>,
+}
+
+/// Buckets pinned for a writeback batch (pins keep a bucket from being reused while its data
+/// is read), one per bucket and generation in a row of keys.
+#[derive(Debug, Default)]
+pub(crate) struct Pins {
+    pinned: Vec<(u64, u8)>,
+}
+
+impl Pins {
+    /// Whether the latest pin already holds `bucket` at `generation`.
+    pub(crate) fn covers(&self, bucket: u64, generation: u8) -> bool {
+        self.pinned.last() == Some(&(bucket, generation))
     }
 
-    /// Bucket, dirty and journal usage now.
-    pub fn usage(&self) -> CacheResult<CacheUsage> {
-        let sh = &self.shared;
-        let g = &sh.geometry;
-        let mut u = CacheUsage {
-            bucket_bytes: g.bucket_bytes(),
-            buckets_total: g.nbuckets,
-            data_capacity_bytes: self.data_capacity_bytes(),
-            journal_capacity_bytes: g.journal_region().len_bytes,
-            ..CacheUsage::default()
-        };
-        u.journal_used_bytes = sh.journal.stats().used_sectors * SECTOR_SIZE;
-        let m = sh.lock_meta()?;
-        for b in m.tree.store().alloc.buckets() {
-            u.buckets_pinned += u64::from(b.pins > 0);
-            match b.state {
-                BucketState::Free | BucketState::FreePending { .. } => u.buckets_free += 1,
-                BucketState::Data | BucketState::Open(OpenKind::Data) if b.dirty_sectors > 0 => {
-                    u.buckets_dirty += 1;
-                }
-                BucketState::Data | BucketState::Open(OpenKind::Data) => u.buckets_clean += 1,
-                BucketState::Btree
-                | BucketState::Open(OpenKind::Btree)
-                | BucketState::Journal
-                | BucketState::Reserved => {
-                    u.buckets_metadata += 1;
-                }
+    pub(crate) fn push(&mut self, bucket: u64, generation: u8) {
+        self.pinned.push((bucket, generation));
+    }
+
+    /// Drops every pin; the first error is returned after all were tried.
+    pub(crate) fn release(&mut self, m: &mut Meta) -> CacheResult<()> {
+        let mut result = Ok(());
+        for (bucket, _) in self.pinned.drain(..) {
+            if let Err(e) = m.tree.store_mut().alloc.unpin(bucket)
+                && result.is_ok()
+            {
+                result = Err(e.into());
             }
         }
-        let stats = m.tree.stats();
-        drop(m);
-        u.dirty_bytes = stats.dirty_sectors * SECTOR_SIZE;
-        u.attached_dirty_bytes = stats
-            .dirty_sectors_by_dev
-            .iter()
-            .filter(|(dev, _)| sh.is_attached(**dev))
-            .map(|(_, s)| s * SECTOR_SIZE)
-            .sum();
-        Ok(u)
-    }
-
-    /// The sequential cutoff in force (bytes; 0: never bypass).
-    #[must_use]
-    pub fn sequential_cutoff(&self) -> u64 {
-        self.shared.seq.lock().cutoff()
+        result
     }
 }
 
-impl CachedDev {
-    /// Whether the device was detached from its cache set (requests then go straight to it).
-    #[must_use]
-    pub fn is_detached(&self) -> bool {
-        self.backing.detached.load(Ordering::Acquire)
+/// What is left of a run to copy through memory: cache pieces `(byte offset, bytes)` that are
+/// contiguous on backing from byte `at` of backing device `backing`.
+#[derive(Debug)]
+struct MemCopy {
+    backing: usize,
+    at: u64,
+    pieces: Vec<(u64, u64)>,
+}
+
+impl MemCopy {
+    fn len(&self) -> usize {
+        self.pieces.iter().map(|(_, n)| *n as usize).sum()
     }
 }
 
-impl CacheSet {
-    /// Bytes of the cache device that can hold data (buckets outside the fixed metadata): the
-    /// cache size the writeback rate controller's dirty target is a percentage of.
-    #[must_use]
-    pub fn data_capacity_bytes(&self) -> u64 {
-        let g = &self.shared.geometry;
-        g.nbuckets.saturating_sub(g.first_free_bucket()) * u64::from(g.bucket_sectors) * SECTOR_SIZE
+/// A page-aligned buffer, reused from run to run (a fresh 1 MiB buffer per run costs its page
+/// faults every time).
+#[derive(Debug, Default)]
+struct AlignedBuf {
+    storage: Vec<u8>,
+}
+
+impl AlignedBuf {
+    fn slice_mut(&mut self, n: usize) -> &mut [u8] {
+        if self.storage.len() < n + DIRECT_ALIGN {
+            self.storage = vec![0u8; n + DIRECT_ALIGN];
+        }
+        let skew = self.storage.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        &mut self.storage[skew..skew + n]
     }
+
+    fn slice(&mut self, n: usize) -> &[u8] {
+        self.slice_mut(n)
+    }
+}
+
+/// `keys` (contiguous on backing) as pieces `(cache byte offset, bytes)` contiguous in the cache
+/// too: keys written one after another usually sit one after another in the cache.
+fn cache_pieces(keys: &[Key]) -> Vec<(u64, u64)> {
+    let mut pieces: Vec<(u64, u64)> = Vec::new();
+    for k in keys {
+        let (from, len) = (k.ptr.offset * SECTOR_SIZE, u64::from(k.size) * SECTOR_SIZE);
+        match pieces.last_mut() {
+            Some((start, n)) if *start + *n == from => *n += len,
+            _ => pieces.push((from, len)),
+        }
+    }
+    pieces
+}
+
+fn start_writeback_if_long(sh: &Shared, backing: usize, at: u64, len: u64) -> CacheResult<()> {
+    if len >= START_WRITEBACK_MIN_BYTES {
+        sh.backings[backing].dev.start_writeback(at, len)?;
+    }
+    Ok(())
+}
+
+fn read_pieces(sh: &Shared, copy: &MemCopy, buf: &mut AlignedBuf) -> CacheResult<()> {
+    let dst = buf.slice_mut(copy.len());
+    let mut filled = 0usize;
+    for &(from, n) in &copy.pieces {
+        let n = n as usize;
+        sh.cache.read_at(&mut dst[filled..filled + n], from)?;
+        filled += n;
+    }
+    Ok(())
+}
+
+fn write_pieces(sh: &Shared, copy: &MemCopy, buf: &mut AlignedBuf) -> CacheResult<()> {
+    let n = copy.len();
+    sh.backings[copy.backing].dev.write_at(buf.slice(n), copy.at)?;
+    start_writeback_if_long(sh, copy.backing, copy.at, n as u64)
+}
+
+/// Copies every run's cached data to its backing device (not durable: the caller syncs).
+/// The runs' buckets must be pinned.
+pub(crate) fn copy_runs(sh: &Shared, runs: &[CopyRun], keys: &[Key]) -> CacheResult<()> {
+    let mut through_memory = Vec::new();
+    for run in runs {
+        let run_keys = &keys[run.keys.clone()];
+        let Some(first) = run_keys.first() else { continue };
+        let backing = &sh.backings[run.backing];
+        let start = backing.data_offset + first.start() * SECTOR_SIZE;
+        let pieces = cache_pieces(run_keys);
+        let mut at = start;
+        let mut in_kernel = 0;
+        for &(from, n) in &pieces {
+            if !backing.dev.copy_from(sh.cache.as_ref(), from, at, n)? {
+                break;
+            }
+            at += n;
+            in_kernel += 1;
+        }
+        if in_kernel == pieces.len() {
+            start_writeback_if_long(sh, run.backing, start, at - start)?;
+        } else {
+            through_memory.push(MemCopy { backing: run.backing, at, pieces: pieces[in_kernel..].to_vec() });
+        }
+    }
+    match through_memory.as_slice() {
+        [] => Ok(()),
+        [one] => {
+            let mut buf = AlignedBuf::default();
+            read_pieces(sh, one, &mut buf)?;
+            write_pieces(sh, one, &mut buf)
+        }
+        many => copy_pipelined(sh, many),
+    }
+}
+
+/// Backing writes in flight at once when the runs are short (random extents), or when the
+/// backing device says several writes help ([`crate::dev::BlockDev::parallel_writes_help`]: a
+/// remote volume): each write is a round trip to the device (a seek, a flash write, a network
+/// request), and a device overlaps several of them. Otherwise long runs keep one writer, so
+/// they reach the device in offset order (a disk writes them without seeking back).
+const PARALLEL_WRITERS: usize = 4;
+
+/// Runs shorter than this on average count as short (see [`PARALLEL_WRITERS`]).
+const SHORT_RUN_BYTES: usize = 256 << 10;
+
+/// How many writer threads copy `copies` (see [`PARALLEL_WRITERS`]).
+fn writer_count(sh: &Shared, copies: &[MemCopy]) -> usize {
+    let total: usize = copies.iter().map(MemCopy::len).sum();
+    let short = total / copies.len().max(1) < SHORT_RUN_BYTES;
+    let parallel_device = copies.iter().any(|c| sh.backings[c.backing].dev.parallel_writes_help());
+    if short || parallel_device { PARALLEL_WRITERS.min(copies.len()) } else { 1 }
+}
+
+/// Copies through memory: this thread reads run `i + 1` from the cache while writer threads
+/// write earlier runs to backing ([`writer_count`]). The runs are disjoint and all synced
+/// before any is marked clean, so the order in which the writes complete does not matter.
+/// Falls back to one thread if none can be started.
+fn copy_pipelined(sh: &Shared, copies: &[MemCopy]) -> CacheResult<()> {
+    let writers = writer_count(sh, copies);
+    let stop = AtomicBool::new(false);
+    let (to_writers, jobs) = mpsc::sync_channel::<(usize, AlignedBuf)>(writers);
+    let jobs = Mutex::new(jobs);
+    let (to_reader, returned) = mpsc::channel::<AlignedBuf>();
+    std::thread::scope(|scope| {
+        let mut handles = Vec::with_capacity(writers);
+        for _ in 0..writers {
+            let (jobs, to_reader, stop) = (&jobs, to_reader.clone(), &stop);
+            let spawned = std::thread::Builder::new().name("ubcache-wb-write".into()).spawn_scoped(
+                scope,
+                move || -> CacheResult<()> {
+                    let mut result = Ok(());
+                    // Until the reader closes the queue. After a failure the remaining jobs are
+                    // skipped, but every buffer still goes back: a reader waiting for one must
+                    // get it, see `stop` and close the queue, or idle writers would wait forever.
+                    // The lock is held only while waiting for the next job, not while writing.
+                    loop {
+                        // A statement of its own: in a `while let` the guard would live through
+                        // the body and the writers would take turns.
+                        let job = jobs.lock().recv();
+                        let Ok((i, mut buf)) = job else { break };
+                        if result.is_ok()
+                            && !stop.load(Ordering::Acquire)
+                            && let Err(e) = write_pieces(sh, &copies[i], &mut buf)
+                        {
+                            stop.store(true, Ordering::Release);
+                            result = Err(e);
+                        }
+                        // The reader may have stopped already; then the buffer is simply dropped.
+                        let _ = to_reader.send(buf);
+                    }
+                    result
+                },
+            );
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => log::warn!("writeback: no writer thread ({e}); {} writers", handles.len()),
+            }
+        }
+        drop(to_reader);
+        let mut read_result = Ok(());
+        if handles.is_empty() {
+            let mut buf = AlignedBuf::default();
+            for copy in copies {
+                read_pieces(sh, copy, &mut buf)?;
+                write_pieces(sh, copy, &mut buf)?;
+            }
+            return Ok(());
+        }
+        let mut spare: Vec<AlignedBuf> = (0..=handles.len()).map(|_| AlignedBuf::default()).collect();
+        for (i, copy) in copies.iter().enumerate() {
+            // No buffer coming back means every writer stopped: their errors say why.
+            let Some(mut buf) = spare.pop().or_else(|| returned.recv().ok()) else { break };
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            if let Err(e) = read_pieces(sh, copy, &mut buf) {
+                read_result = Err(e);
+                break;
+            }
+            if to_writers.send((i, buf)).is_err() {
+                break;
+            }
+        }
+        drop(to_writers);
+        let mut written = Ok(());
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(CacheError::Failed("writeback's backing writer thread panicked".into()))
+            });
+            if written.is_ok() {
+                written = r;
+            }
+        }
+        written.and(read_result)
+    })
 }
