@@ -1,6 +1,6 @@
 //! The cache engine on in-memory and crash-simulating devices: bucket allocator, journal,
-//! cache modes, bypass and congestion, replacement, attach/detach (with power cuts), corruption,
-//! a cache much smaller than its working set. The crash simulation is in `tests/crash/`.
+//! cache modes, bypass and congestion, replacement, attach/detach, corruption, and the crash
+//! simulation of the durability contract.
 
 // Tests state their expectations by unwrapping and panicking, and print what they skip.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
@@ -23,6 +23,7 @@ mod cache_model;
 mod cache_modes;
 mod cache_races;
 mod cache_replacement_policy;
+mod crash_sim;
 mod gc_full_cache;
 mod journal_model;
 mod journal_replay;

@@ -556,7 +556,7 @@ fn crash_states_keep_the_durability_contract_across_mode_switches() {
 }
 
 /// Soak: many more seeds and longer workloads. Run with
-/// `cargo test --release --test crash crash_sim -- --ignored --nocapture` (CRASH_SEEDS sets the count).
+/// `cargo test --release --test engine crash_sim -- --ignored --nocapture` (CRASH_SEEDS sets the count).
 #[test]
 #[ignore = "soak run, minutes; see the doc comment"]
 fn crash_soak() {
