@@ -21,7 +21,8 @@ use std::error::Error;
 use std::path::PathBuf;
 use std::sync::Arc;
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet, FormatOptions};
-use ubcache::dev::{BlockDev, FileDev, FileDevOptions, NbdDev};
+use ubcache::dev::{BlockDev, FileDev, FileDevOptions};
+use ubcache::nbd::NbdDev;
 use ubcache::nbd::{DeviceCalls, Export, ListenAddr, Server, ServerConfig, build_runtime};
 
 #[derive(Default)]
@@ -43,15 +44,15 @@ fn parse_args() -> Result<Args, String> {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--backing" => a.backing = value()?,
-            "--backing-size" => a.backing_size = Some(ubcache::serve::parse_size(&value()?)?),
+            "--backing-size" => a.backing_size = Some(ubcache::cli::parse_size(&value()?)?),
             "--socket" => a.socket = PathBuf::from(value()?),
             "--cache" => a.cache = Some(PathBuf::from(value()?)),
-            "--cache-size" => a.cache_size = ubcache::serve::parse_size(&value()?)?,
+            "--cache-size" => a.cache_size = ubcache::cli::parse_size(&value()?)?,
             "--mode" => a.mode = Some(value()?.parse().map_err(|e| format!("--mode: {e}"))?),
             "--sequential-cutoff" => {
                 // 0 (never bypass) is a valid cutoff, unlike a zero size.
                 let v = value()?;
-                a.sequential_cutoff = Some(if v == "0" { 0 } else { ubcache::serve::parse_size(&v)? });
+                a.sequential_cutoff = Some(if v == "0" { 0 } else { ubcache::cli::parse_size(&v)? });
             }
             "--blocking-pool" => a.blocking_pool = true,
             other => return Err(format!("unknown argument {other:?}")),

@@ -55,9 +55,9 @@ fn parse_args() -> Result<Args, String> {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--dir" => a.dir = Some(PathBuf::from(value()?)),
-            "--cache-size" => a.cache_size = ubcache::serve::parse_size(&value()?)?,
-            "--dirty" => a.dirty = ubcache::serve::parse_size(&value()?)?,
-            "--block" => a.block = ubcache::serve::parse_size(&value()?)?,
+            "--cache-size" => a.cache_size = ubcache::cli::parse_size(&value()?)?,
+            "--dirty" => a.dirty = ubcache::cli::parse_size(&value()?)?,
+            "--block" => a.block = ubcache::cli::parse_size(&value()?)?,
             "--threads" => a.threads = value()?.parse().map_err(|e| format!("--threads: {e}"))?,
             "--checkpoint-fraction" => {
                 a.checkpoint_fraction =

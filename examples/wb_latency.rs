@@ -126,7 +126,7 @@ fn nbd_backing(dir: &std::path::Path, name: &str, size: u64) -> Result<Arc<dyn B
         std::thread::sleep(Duration::from_millis(10));
     }
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    Ok(Arc::new(ubcache::dev::NbdDev::connect(&uri)?))
+    Ok(Arc::new(ubcache::nbd::NbdDev::connect(&uri)?))
 }
 
 /// (run ns, run-queue wait ns) of the calling thread.

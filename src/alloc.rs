@@ -174,21 +174,13 @@ impl Bucket {
     }
 }
 
-/// Reclaim policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReclaimPolicy {
-    /// Lowest `prio * live_sectors` first (bcache).
-    Lru,
-    /// Oldest opened first.
-    Fifo,
-    /// Uniformly random, reproducible from the seed.
-    Random(u64),
-}
+pub use crate::format::ReplacementPolicy;
 
-/// Picks up to `n` reclaimable buckets (see [`Bucket::is_reclaimable`]) by `policy`. Pure: the
-/// caller invalidates what it returns.
+/// Picks up to `n` reclaimable buckets (see [`Bucket::is_reclaimable`]) by `policy`: LRU takes
+/// the lowest `prio * live_sectors`, FIFO the oldest opened, random a uniform pick reproducible
+/// from `seed` (which only random uses). Pure: the caller invalidates what it returns.
 #[must_use]
-pub fn pick_victims(policy: &ReclaimPolicy, buckets: &[Bucket], n: usize) -> Vec<u64> {
+pub fn pick_victims(policy: ReplacementPolicy, seed: u64, buckets: &[Bucket], n: usize) -> Vec<u64> {
     let mut candidates: Vec<u64> =
         (0..buckets.len() as u64).filter(|&b| buckets[b as usize].is_reclaimable()).collect();
     let n = n.min(candidates.len());
@@ -204,15 +196,15 @@ pub fn pick_victims(policy: &ReclaimPolicy, buckets: &[Bucket], n: usize) -> Vec
         candidates.sort_unstable_by_key(|&b| key(b));
     };
     match policy {
-        ReclaimPolicy::Lru => take_smallest(&|b| {
+        ReplacementPolicy::Lru => take_smallest(&|b| {
             let k = &buckets[b as usize];
             (u64::from(k.prio) * u64::from(k.live_sectors), u64::from(k.prio), b)
         }),
-        ReclaimPolicy::Fifo => take_smallest(&|b| (buckets[b as usize].opened_at, b, 0)),
-        ReclaimPolicy::Random(seed) => {
+        ReplacementPolicy::Fifo => take_smallest(&|b| (buckets[b as usize].opened_at, b, 0)),
+        ReplacementPolicy::Random => {
             // Partial Fisher-Yates with splitmix64: the first n are a uniform random pick,
             // reproducible from the seed.
-            let mut state = *seed;
+            let mut state = seed;
             let len = candidates.len();
             for i in 0..n {
                 let j = i + (format::splitmix64(&mut state) % (len - i) as u64) as usize;
@@ -740,9 +732,9 @@ impl Allocator {
         Ok(GenChange { bucket, generation: k.generation, token })
     }
 
-    /// Picks up to `n` victims by `policy` and invalidates them.
-    pub fn reclaim(&mut self, policy: &ReclaimPolicy, n: usize) -> Vec<GenChange> {
-        let victims = pick_victims(policy, &self.buckets, n);
+    /// Picks up to `n` victims by `policy` (random: from `seed`) and invalidates them.
+    pub fn reclaim(&mut self, policy: ReplacementPolicy, seed: u64, n: usize) -> Vec<GenChange> {
+        let victims = pick_victims(policy, seed, &self.buckets, n);
         // pick_victims only returns buckets invalidate accepts, so nothing is dropped here.
         victims.into_iter().filter_map(|b| self.invalidate(b).ok()).collect()
     }

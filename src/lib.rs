@@ -2,7 +2,10 @@
 //!
 //! The crate is a library first: the `ubcache` binary and every test drive the same API.
 //! - [`dev`]: the [`dev::BlockDev`] trait every byte of I/O goes through, and its devices.
-//! - [`nbd`]: the NBD wire protocol, server and a small client.
+//! - [`cli`]: the `ubcache` command-line application (serve, format/show/check, control
+//!   commands) on top of everything below; nothing in the library imports it.
+//! - [`nbd`]: the NBD wire protocol, server, client and [`nbd::NbdDev`], a remote export as a
+//!   block device.
 //! - [`mod@format`]: every on-disk byte of a cache set outside the btree (superblocks, layout,
 //!   journal records, bucket table).
 //! - [`journal`]: the journal ring with group commit and replay.
@@ -12,9 +15,6 @@
 //! - [`check`]: fsck, cross-checking btree x allocator x journal.
 //! - [`failpoints`]: named fail points that break one ordering rule on purpose (tests only;
 //!   nothing without the `failpoints` feature).
-//! - [`serve`]: `ubcache serve`: options, default files, exports, running the server.
-//! - [`cache`]: the cache set engine (`CacheSet`, per-backing `CachedDev`, modes, recovery).
-//! - [`check`]: fsck of a cache set.
 //! - [`ctl`]: the control socket (JSON), statistics and Prometheus metrics, and the engine
 //!   behind it (`ctl::engine`).
 //!
@@ -23,6 +23,7 @@
 pub mod alloc;
 pub mod cache;
 pub mod check;
+pub mod cli;
 pub mod ctl;
 pub mod dev;
 pub mod failpoints;
@@ -30,4 +31,3 @@ pub mod format;
 pub mod fuzzing;
 pub mod journal;
 pub mod nbd;
-pub mod serve;

@@ -101,7 +101,7 @@ fn cpu_reports(tree: &mut Tree<MemStore>) {
         next += 1;
     });
     tree.invalidate(1, 4 * SLOTS * 8, u64::MAX).unwrap();
-    tree.flush().unwrap();
+    tree.write_out().unwrap();
 }
 
 fn benches(c: &mut Criterion) {
@@ -116,7 +116,7 @@ fn benches(c: &mut Criterion) {
         heap as f64 / stats.keys as f64,
         stats.cached_bytes as f64 / stats.keys as f64
     );
-    let cp = tree.flush().unwrap();
+    let cp = tree.write_out().unwrap();
     let store_bytes = tree.store().bytes_written();
     eprintln!("flush of the 1M-key tree: {} bytes written, root {:?}", store_bytes, cp.root);
     cpu_reports(&mut tree);

@@ -23,7 +23,7 @@ fn tree_with_leaves() -> Tree<MemStore> {
 #[test]
 fn scan_reports_key_skipped_backwards() {
     let mut t = tree_with_leaves();
-    t.flush().unwrap();
+    t.write_out().unwrap();
     // Into the leaf holding positions after sector 1200, put a key at sector 4..5.
     t.debug_insert_raw(Pos::new(1, 1200), key(1, 4, 1)).unwrap();
     let mut out = Vec::new();
@@ -37,14 +37,14 @@ fn scan_reports_key_skipped_backwards() {
     assert!(check.iter().any(|p| p.kind == Some(CorruptionKind::KeySkippedBackwards)), "{check:?}");
 }
 
-/// A node whose in-memory keys overlap is refused at flush: the store never receives it.
+/// A node whose in-memory keys overlap is refused at write-out: the store never receives it.
 #[test]
 fn corrupt_cached_node_is_never_written() {
     let mut t = tree_with_leaves();
-    t.flush().unwrap();
+    t.write_out().unwrap();
     let writes = t.store().writes();
     t.debug_insert_raw(Pos::new(1, 100), key(1, 102, 8)).unwrap();
-    let err = t.flush().unwrap_err();
+    let err = t.write_out().unwrap_err();
     assert_eq!(err.corruption_kind(), Some(CorruptionKind::OverlappingKeys), "{err}");
     assert_eq!(t.store().writes(), writes, "nothing may be written");
     // The tree refuses further changes until reopened.
@@ -56,7 +56,7 @@ fn corrupt_cached_node_is_never_written() {
 #[test]
 fn lookup_reports_key_skipped_backwards_across_leaves() {
     let mut t = tree_with_leaves();
-    t.flush().unwrap();
+    t.write_out().unwrap();
     t.debug_insert_raw(Pos::new(1, 1200), key(1, 4, 1)).unwrap();
     let err = t.lookup(1, 0, 1600).unwrap_err();
     assert_eq!(err.corruption_kind(), Some(CorruptionKind::KeySkippedBackwards), "{err}");

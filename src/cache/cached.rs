@@ -12,7 +12,7 @@ use super::policy::{
 use super::set::{Backing, Meta, Shared};
 use super::stats::Stats;
 use crate::alloc::{AllocError, SectorAlloc};
-use crate::dev::{BlockDev, DevError, DevResult, SECTOR_SIZE};
+use crate::dev::{BlockDev, DevCaps, DevError, DevResult, SECTOR_SIZE};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use ubcache_btree::{Key, Ptr, Segment};
@@ -607,6 +607,12 @@ fn check_mapping(segs: &[Segment], start: u64, end: u64) -> CacheResult<()> {
 impl BlockDev for CachedDev {
     fn len(&self) -> u64 {
         self.backing.export_len
+    }
+
+    /// None of the hints: a write may wait for the cache engine's locks and I/O, and zeroing
+    /// writes zeros through the cache.
+    fn capabilities(&self) -> DevCaps<'_> {
+        DevCaps::default()
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {

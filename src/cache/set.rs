@@ -31,7 +31,9 @@ use super::inflight::{DevRange, FillTracker, RangeLocks};
 use super::policy::{CacheMode, CongestionTracker, DEFAULT_SEQUENTIAL_CUTOFF, SequentialDetector};
 use super::stats::{Stats, StatsSnapshot};
 use super::store::CacheStore;
-use crate::alloc::{AllocConfig, AllocError, Allocator, LiveExtent, OpenKind, ReclaimPolicy, SectorAlloc};
+use crate::alloc::{
+    AllocConfig, AllocError, Allocator, LiveExtent, OpenKind, ReplacementPolicy, SectorAlloc,
+};
 use crate::dev::{BlockDev, SECTOR_SIZE};
 use crate::failpoints;
 use crate::format::{
@@ -59,7 +61,9 @@ pub struct CacheConfig {
     pub tree: TreeConfig,
     /// Sequential streams longer than this bypass the cache (0: never).
     pub sequential_cutoff: u64,
-    pub reclaim_policy: ReclaimPolicy,
+    pub reclaim_policy: ReplacementPolicy,
+    /// Seed of the random replacement policy (reproducible victim order); unused by the others.
+    pub reclaim_seed: u64,
     /// Buckets invalidated per reclaim round.
     pub reclaim_batch: usize,
     /// Journal entries that may stay uncommitted before an update commits on its own, bounding
@@ -84,7 +88,8 @@ impl Default for CacheConfig {
             alloc: AllocConfig::default(),
             tree: TreeConfig::default(),
             sequential_cutoff: DEFAULT_SEQUENTIAL_CUTOFF,
-            reclaim_policy: ReclaimPolicy::Lru,
+            reclaim_policy: ReplacementPolicy::Lru,
+            reclaim_seed: DEFAULT_RECLAIM_SEED,
             reclaim_batch: 4,
             max_uncommitted_entries: 1024,
             mode: CacheMode::Writethrough,
@@ -237,7 +242,7 @@ pub(crate) struct Shared {
     /// Cache-device latency and the congestion thresholds.
     pub(crate) congestion: CongestionTracker,
     /// The replacement policy reclaim uses now (a runtime knob; stored in the superblock).
-    reclaim_policy: Mutex<ReclaimPolicy>,
+    reclaim_policy: Mutex<ReplacementPolicy>,
     /// Serializes whole-set writeback passes (two passes would write the same keys twice).
     pub(crate) writeback_pass: Mutex<()>,
     /// Writeback knobs and gauges, shared by the set's writeback thread and control target.
@@ -262,14 +267,9 @@ fn cache_mode(m: StoredCacheMode) -> CacheMode {
     }
 }
 
-/// The seed of a random replacement policy read from the superblock (which stores only the
-/// policy): the configured seed if the configuration also says random, else a fixed one.
-fn random_seed(cfg: &CacheConfig) -> u64 {
-    match cfg.reclaim_policy {
-        ReclaimPolicy::Random(seed) => seed,
-        ReclaimPolicy::Lru | ReclaimPolicy::Fifo => 0x5eed_ca57_e5e7_0001,
-    }
-}
+/// Default seed of the random replacement policy: any fixed value gives a reproducible victim
+/// order.
+const DEFAULT_RECLAIM_SEED: u64 = 0x5eed_ca57_e5e7_0001;
 
 fn stored_mode(m: CacheMode) -> StoredCacheMode {
     match m {
@@ -436,7 +436,7 @@ pub fn format(
     let journal = Journal::create(Arc::clone(cache), geometry.journal_region(), set_uuid, cfg.journal)?;
     let store = CacheStore::new(Arc::clone(cache), geometry, Allocator::new(&geometry, cfg.alloc));
     let mut tree = Tree::create(store, cfg.tree)?;
-    let cp = tree.flush()?;
+    let cp = tree.write_out()?;
     cache.sync()?;
     let table = tree.store().alloc.table(1);
     format::write_bucket_table(cache.as_ref(), &geometry, set_uuid, TableSlot::A, &table)?;
@@ -534,12 +534,7 @@ impl CacheSet {
         }
         let seq = SequentialDetector::new(cfg.sequential_cutoff);
         // A policy chosen at runtime (stored in the superblock) wins over the configured one.
-        let reclaim_policy = match sb.replacement_policy() {
-            Some(format::StoredReplacementPolicy::Lru) => ReclaimPolicy::Lru,
-            Some(format::StoredReplacementPolicy::Fifo) => ReclaimPolicy::Fifo,
-            Some(format::StoredReplacementPolicy::Random) => ReclaimPolicy::Random(random_seed(&cfg)),
-            None => cfg.reclaim_policy,
-        };
+        let reclaim_policy = sb.replacement_policy().unwrap_or(cfg.reclaim_policy);
         let congestion =
             CongestionTracker::new(cfg.congested_read_threshold_us, cfg.congested_write_threshold_us);
         let shared = Arc::new(Shared {
@@ -660,25 +655,20 @@ impl CacheSet {
 
     /// The replacement policy reclaim uses now.
     #[must_use]
-    pub fn replacement_policy(&self) -> ReclaimPolicy {
+    pub fn replacement_policy(&self) -> ReplacementPolicy {
         *self.shared.reclaim_policy.lock()
     }
 
     /// Changes the replacement policy: the next reclaim picks its victims by it. Stored in the
     /// cache superblock (a compat feature bit, see `docs/format.md`), so it survives a restart;
     /// the superblock is written first, and the policy acts only once that succeeded.
-    pub fn set_replacement_policy(&self, policy: ReclaimPolicy) -> CacheResult<()> {
+    pub fn set_replacement_policy(&self, policy: ReplacementPolicy) -> CacheResult<()> {
         let sh = &self.shared;
-        let stored = match policy {
-            ReclaimPolicy::Lru => format::StoredReplacementPolicy::Lru,
-            ReclaimPolicy::Fifo => format::StoredReplacementPolicy::Fifo,
-            ReclaimPolicy::Random(_) => format::StoredReplacementPolicy::Random,
-        };
         {
             let mut sb = sh.sb_current.lock();
-            if sb.replacement_policy() != Some(stored) {
+            if sb.replacement_policy() != Some(policy) {
                 let mut next = sb.clone();
-                next.set_replacement_policy(stored);
+                next.set_replacement_policy(policy);
                 next.seq += 1;
                 format::write_cache_superblock(sh.cache.as_ref(), &next)?;
                 *sb = next;
@@ -1159,7 +1149,7 @@ impl Shared {
                 break;
             }
         }
-        let cp = m.tree.flush()?;
+        let cp = m.tree.write_out()?;
         // The new nodes (and every data write they reference) durable before the checkpoint
         // record can name them.
         self.cache.sync()?;
@@ -1211,7 +1201,7 @@ impl Shared {
             self.gc_locked(m)?;
         }
         let policy = *self.reclaim_policy.lock();
-        let changes = m.tree.store_mut().alloc.reclaim(&policy, self.cfg.reclaim_batch);
+        let changes = m.tree.store_mut().alloc.reclaim(policy, self.cfg.reclaim_seed, self.cfg.reclaim_batch);
         let Some(last) = changes.last().map(|c| c.token) else {
             return Ok(0);
         };

@@ -27,20 +27,16 @@
 //!   server started (empty cache for it).
 //! - **export states** (in `stats` and `modes`): [`CachedDev::is_detached`] of each export.
 
-use crate::alloc::ReclaimPolicy;
 use crate::cache::writeback::{DrainStep, WritebackConfig, WritebackTuning};
 use crate::cache::{CacheMode, CacheSet, CachedDev, StatsSnapshot as EngineStats};
 use crate::ctl::{
     self, ControlTarget, Counter, CtlError, ExportState, FlushProgress, FlushRunner, Gauge, KnobSetting,
-    Knobs, MonotonicClock, ReplacementPolicy,
+    Knobs, MonotonicClock,
 };
 use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
-
-/// Seed of a random replacement policy chosen at runtime (reproducible victim order).
-const RANDOM_POLICY_SEED: u64 = 0x5eed_ca57_e5e7_0001;
 
 /// How often the sampler copies engine counters into the rolling windows.
 const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -124,14 +120,6 @@ struct EngineControl {
     sampler_thread: Option<JoinHandle<()>>,
 }
 
-fn ctl_policy(p: ReclaimPolicy) -> ReplacementPolicy {
-    match p {
-        ReclaimPolicy::Lru => ReplacementPolicy::Lru,
-        ReclaimPolicy::Fifo => ReplacementPolicy::Fifo,
-        ReclaimPolicy::Random(_) => ReplacementPolicy::Random,
-    }
-}
-
 fn failed(e: impl std::fmt::Display) -> CtlError {
     CtlError::Failed(e.to_string())
 }
@@ -146,7 +134,7 @@ impl EngineControl {
             writeback_delay_secs: v.writeback_delay.as_secs(),
             writeback_rate_min: v.min_rate,
             writeback_rate_max: v.max_rate,
-            replacement_policy: ctl_policy(set.replacement_policy()),
+            replacement_policy: set.replacement_policy(),
             congested_read_threshold_us: set.congestion().read_threshold_us,
             congested_write_threshold_us: set.congestion().write_threshold_us,
         };
@@ -273,18 +261,7 @@ impl ControlTarget for EngineControl {
             KnobSetting::WritebackRateMin(v) => self.tuning.update(|t| t.min_rate = v),
             KnobSetting::WritebackRateMax(v) => self.tuning.update(|t| t.max_rate = v),
             KnobSetting::ReplacementPolicy(p) => {
-                let policy = match p {
-                    ReplacementPolicy::Lru => ReclaimPolicy::Lru,
-                    ReplacementPolicy::Fifo => ReclaimPolicy::Fifo,
-                    // Keep the seed of a random policy already in force; else a fixed one.
-                    ReplacementPolicy::Random => match self.set.replacement_policy() {
-                        ReclaimPolicy::Random(seed) => ReclaimPolicy::Random(seed),
-                        ReclaimPolicy::Lru | ReclaimPolicy::Fifo => ReclaimPolicy::Random(RANDOM_POLICY_SEED),
-                    },
-                };
-                self.set
-                    .set_replacement_policy(policy)
-                    .map_err(|e| failed(format!("replacement_policy: {e}")))?;
+                self.set.set_replacement_policy(p).map_err(|e| failed(format!("replacement_policy: {e}")))?;
             }
             KnobSetting::CongestedReadThresholdUs(v) => self.set.set_congestion_thresholds(Some(v), None),
             KnobSetting::CongestedWriteThresholdUs(v) => self.set.set_congestion_thresholds(None, Some(v)),
@@ -303,7 +280,7 @@ impl ControlTarget for EngineControl {
         knobs.writeback_delay_secs = v.writeback_delay.as_secs();
         knobs.writeback_rate_min = v.min_rate;
         knobs.writeback_rate_max = v.max_rate;
-        knobs.replacement_policy = ctl_policy(self.set.replacement_policy());
+        knobs.replacement_policy = self.set.replacement_policy();
         let congestion = self.set.congestion();
         knobs.congested_read_threshold_us = congestion.read_threshold_us;
         knobs.congested_write_threshold_us = congestion.write_threshold_us;

@@ -1,4 +1,5 @@
-//! Runs a flush (write back every dirty byte) on a background thread and reports progress, so
+//! Runs the `flush` verb - a writeback drain: every dirty byte written home; not the NBD FLUSH,
+//! the durability barrier - on a background thread and reports progress, so
 //! an engine's [`super::ControlTarget::start_flush`], `flush_progress` and `cancel_flush` are
 //! three one-line delegations.
 //!

@@ -45,17 +45,8 @@ pub fn parse_mode(text: &str) -> Result<CacheMode, KnobError> {
         .ok_or_else(|| KnobError::UnknownMode(text.to_owned()))
 }
 
-/// Which reclaimable bucket is invalidated first when the cache needs space.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReplacementPolicy {
-    /// Least recently used first (bcache's default: lowest priority).
-    Lru,
-    /// Oldest filled bucket first.
-    Fifo,
-    /// Uniformly random.
-    Random,
-}
+/// The policy type is the on-disk one; its names live here with the other knobs.
+pub use crate::format::ReplacementPolicy;
 
 impl ReplacementPolicy {
     /// Every policy.

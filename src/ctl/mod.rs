@@ -11,7 +11,6 @@
 //! - [`protocol`]: request/reply types and the dispatcher (one JSON object per line; see
 //!   `docs/control.md`).
 //! - [`server`]: the Unix socket server (a std thread, bounded clients, stop + join).
-//! - [`cli`]: the `ubcache stats|set-mode|set|knobs|flush|detach|attach` subcommands (clap).
 //! - [`client`]: one request per call, and the CLI's text renderers (flush progress bar).
 //! - [`flush`]: runs the `flush` verb (a writeback drain: every dirty byte home) on a background
 //!   thread with progress and cancel.
@@ -20,7 +19,6 @@
 //! - [`stats`]: atomic counters with exact rolling windows (5 min, 1 h, 1 day).
 //! - [`metrics`]: Prometheus text format 0.0.4 and a tiny HTTP responder.
 
-pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod flush;

@@ -10,7 +10,7 @@
 //! made nothing durable), unless the rule says a failing write got part-way
 //! ([`FaultRule::with_partial_write`]).
 
-use super::{BlockDev, DevError, DevResult};
+use super::{BlockDev, BulkCopy, DevCaps, DevError, DevResult};
 use parking_lot::Mutex;
 use std::ops::Range;
 use std::sync::Arc;
@@ -160,6 +160,8 @@ pub struct FaultCounts {
     pub injected_errors: u64,
     /// Reads whose returned data had bits flipped.
     pub corrupted_reads: u64,
+    /// Writes that were kernel copies ([`BulkCopy::copy_from`]; also counted in `writes`).
+    pub kernel_copies: u64,
 }
 
 /// An injected failure: the error, and for a write how much of it reaches the device anyway.
@@ -378,10 +380,6 @@ impl<D: BlockDev> BlockDev for FaultDev<D> {
         self.inner.write_zeroes(offset, len, may_unmap)
     }
 
-    fn fast_zero(&self) -> bool {
-        self.inner.fast_zero()
-    }
-
     fn known_zero_ranges(&self, offset: u64, len: u64) -> DevResult<Vec<Range<u64>>> {
         self.inner.known_zero_ranges(offset, len)
     }
@@ -390,8 +388,44 @@ impl<D: BlockDev> BlockDev for FaultDev<D> {
         self.inner.prefetch(offset, len)
     }
 
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
+    /// The inner device's capabilities, with the bulk-copy extension routed through this
+    /// device so that its write rules still apply to copies (see the [`BulkCopy`] impl).
+    fn capabilities(&self) -> DevCaps<'_> {
+        let inner = self.inner.capabilities();
+        DevCaps { bulk: inner.bulk.map(|_| self as &dyn BulkCopy), ..inner }
+    }
+}
+
+/// A copy into this device is a write: the write rules see it (and count it) before the inner
+/// device's kernel copy runs. An injected error fails the whole copy with nothing written (a
+/// rule's partial write needs the data in memory, which a kernel copy never has). As a copy
+/// *source* the device offers no file: reads must go through [`BlockDev::read_at`], where read
+/// rules and bit flips apply.
+impl<D: BlockDev> BulkCopy for FaultDev<D> {
+    fn buffered_file(&self) -> Option<&std::fs::File> {
+        None
+    }
+
+    fn copy_from(&self, src: &dyn BlockDev, src_offset: u64, offset: u64, len: u64) -> DevResult<bool> {
+        let Some(bulk) = self.inner.capabilities().bulk else { return Ok(false) };
+        if super::buffered_file(src).is_none() || bulk.buffered_file().is_none() {
+            // The inner device would decline (a source or a target without a buffered file):
+            // decline before a rule counts a write that then happens through `write_at`.
+            return Ok(false);
+        }
+        self.check("copy", OpInfo { op: FaultOp::Write, offset, len, fua: false }).map_err(|i| i.error)?;
+        let copied = bulk.copy_from(src, src_offset, offset, len)?;
+        if copied {
+            self.state.lock().counts.kernel_copies += 1;
+        }
+        Ok(copied)
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) -> DevResult<()> {
+        match self.inner.capabilities().bulk {
+            Some(bulk) => bulk.start_writeback(offset, len),
+            None => DevError::check_range("start_writeback", offset, len, self.inner.len()),
+        }
     }
 }
 
@@ -470,5 +504,39 @@ mod tests {
         dev.clear();
         dev.read_at(&mut buf, 100).unwrap();
         assert_eq!(buf, [0xf0; 16]);
+    }
+
+    /// A fault wrapper over a buffered file keeps the file's capabilities, bulk copy included,
+    /// and its write rules apply to kernel copies as to writes.
+    #[test]
+    fn capabilities_pass_through_and_write_rules_fail_kernel_copies() {
+        use crate::dev::{FileDev, FileDevOptions, copy_in_kernel};
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            let opts = FileDevOptions { create_with_size: Some(1 << 16), ..FileDevOptions::default() };
+            FileDev::open(&dir.path().join(name), &opts).unwrap()
+        };
+        let src = open("src.img");
+        src.write_at(&[9; 4096], 0).unwrap();
+        let dst = FaultDev::new(open("dst.img"));
+        let (outer, inner) = (dst.capabilities(), dst.inner().capabilities());
+        assert_eq!(
+            (outer.cheap_writes, outer.fast_zero, outer.read_only),
+            (inner.cheap_writes, inner.fast_zero, inner.read_only)
+        );
+        assert!(outer.bulk.is_some());
+        assert!(copy_in_kernel(&dst, &src, 0, 0, 4096).unwrap());
+        assert_eq!((dst.counts().writes, dst.counts().kernel_copies), (1, 1));
+        dst.add_rule(FaultRule::nth(FaultOp::Write, 1));
+        assert!(is_eio(copy_in_kernel(&dst, &src, 0, 4096, 4096).map(drop)));
+        let mut buf = [1u8; 4096];
+        dst.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [0; 4096], "a failed copy writes nothing");
+        assert!(!copy_in_kernel(&dst, &MemDev::new(8192), 0, 0, 4096).unwrap(), "no file to copy from");
+        assert!(buffered_file_of(&dst).is_none(), "reads of a fault wrapper go through its rules");
+    }
+
+    fn buffered_file_of(dev: &dyn BlockDev) -> Option<&std::fs::File> {
+        crate::dev::buffered_file(dev)
     }
 }

@@ -17,7 +17,7 @@
 //!   and cleared the error, so a later `fsync` could succeed although data was lost. After one
 //!   failure every later write and sync fails.
 
-use super::{BlockDev, DevError, DevResult, write_zeroes_by_writing};
+use super::{BlockDev, BulkCopy, DevCaps, DevError, DevResult, write_zeroes_by_writing};
 use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -436,10 +436,6 @@ impl BlockDev for FileDev {
         if may_unmap { self.zero_unmapping(offset, len) } else { self.zero_allocated(offset, len) }
     }
 
-    fn fast_zero(&self) -> bool {
-        self.punch_supported
-    }
-
     fn known_zero_ranges(&self, offset: u64, len: u64) -> DevResult<Vec<Range<u64>>> {
         DevError::check_range("known_zero_ranges", offset, len, self.len)?;
         let end = offset + len;
@@ -474,18 +470,22 @@ impl BlockDev for FileDev {
         Ok(holes)
     }
 
-    fn is_read_only(&self) -> bool {
-        self.read_only
+    /// Buffered writes land in the page cache (cheap); with `O_DIRECT` every write waits for
+    /// the disk. (A buffered write still blocks when the kernel throttles a writer that dirtied
+    /// too many pages; the throttling paces the writer to the disk, so only the client's own
+    /// later requests wait.)
+    fn capabilities(&self) -> DevCaps<'_> {
+        DevCaps {
+            read_only: self.read_only,
+            fast_zero: self.punch_supported,
+            cheap_writes: self.direct.is_none(),
+            parallel_writes: false,
+            bulk: Some(self),
+        }
     }
+}
 
-    /// Buffered writes land in the page cache; with `O_DIRECT` every write waits for the disk.
-    /// (A buffered write still blocks when the kernel throttles a writer that dirtied too many
-    /// pages; the throttling paces the writer to the disk, so only the client's own later
-    /// requests wait.)
-    fn writes_are_cheap(&self) -> bool {
-        self.direct.is_none()
-    }
-
+impl BulkCopy for FileDev {
     fn buffered_file(&self) -> Option<&File> {
         self.direct.is_none().then_some(&self.file)
     }
@@ -528,7 +528,7 @@ impl BlockDev for FileDev {
         self.check_writable("copy")?;
         DevError::check_range("copy", offset, len, self.len)?;
         DevError::check_range("copy source", src_offset, len, src.len())?;
-        let (Some(from), None) = (src.buffered_file(), self.direct.as_ref()) else {
+        let (Some(from), None) = (super::buffered_file(src), self.direct.as_ref()) else {
             return Ok(false);
         };
         let copy_err = |source| DevError::Io { op: "copy", offset, len, source };
@@ -808,11 +808,11 @@ mod tests {
             let opts = FileDevOptions { create_with_size: Some(1 << 16), direct, ..Default::default() };
             let dev = FileDev::open(&path, &opts).unwrap();
             // A file system without O_DIRECT leaves the device buffered (see `is_direct`).
-            assert_eq!(dev.writes_are_cheap(), !dev.is_direct(), "direct requested: {direct}");
+            assert_eq!(dev.capabilities().cheap_writes, !dev.is_direct(), "direct requested: {direct}");
         }
         let buffered =
             FileDev::open(&dir.path().join("cheap-false.img"), &FileDevOptions::default()).unwrap();
-        assert!(buffered.writes_are_cheap());
+        assert!(buffered.capabilities().cheap_writes);
     }
 
     #[test]

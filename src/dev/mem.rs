@@ -1,6 +1,6 @@
 //! An in-memory device: the fast, deterministic stand-in for a file in tests and benchmarks.
 
-use super::{BlockDev, DevError, DevResult};
+use super::{BlockDev, DevCaps, DevError, DevResult};
 use parking_lot::RwLock;
 
 /// A device whose bytes live in memory. `sync` is a no-op: nothing is ever lost.
@@ -61,8 +61,9 @@ impl BlockDev for MemDev {
         Ok(())
     }
 
-    fn fast_zero(&self) -> bool {
-        true
+    /// Zeroing memory is fast; nothing else beyond plain I/O.
+    fn capabilities(&self) -> DevCaps<'_> {
+        DevCaps { fast_zero: true, ..DevCaps::default() }
     }
 }
 

@@ -3,7 +3,10 @@
 //! Everything that touches a cache or backing device (the NBD server, the cache engine, the
 //! journal, tests) does so through [`BlockDev`]. Tests swap in devices that keep data in memory
 //! ([`MemDev`]), simulate power loss ([`SimDev`]), inject faults ([`FaultDev`]) or latency
-//! ([`SlowDev`]), so the same code that runs in production is the code under test.
+//! ([`SlowDev`]), so the same code that runs in production is the code under test. [`OffsetDev`]
+//! is a window of another device (a backing device's data region behind its superblock). A
+//! remote NBD export as a device lives with the NBD code (`crate::nbd::NbdDev`), which sits above
+//! this layer.
 //!
 //! Semantics every implementation keeps:
 //! - `read_at`/`write_at` transfer the whole buffer or return an error; callers never see a short
@@ -16,14 +19,14 @@
 mod fault;
 mod file;
 mod mem;
-mod nbd_dev;
+mod offset;
 mod sim;
 mod slow;
 
 pub use fault::{FaultCounts, FaultDev, FaultOp, FaultRule, OpFilter, OpInfo, RuleId};
 pub use file::{FileDev, FileDevOptions};
 pub use mem::MemDev;
-pub use nbd_dev::{NbdDev, NbdDevOptions};
+pub use offset::OffsetDev;
 pub use sim::{CrashMode, SimDev, SimStats, UnsyncedWrite, WriteFate};
 pub use slow::{SlowDev, SlowDevConfig, SlowStats};
 
@@ -123,12 +126,6 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
         write_zeroes_by_writing(self, offset, len)
     }
 
-    /// Whether zeroing is fast (no data is written), for NBD's FAST_ZERO: when false a
-    /// `FAST_ZERO` request fails at once with ENOTSUP instead of writing zeros slowly.
-    fn fast_zero(&self) -> bool {
-        false
-    }
-
     /// Sub-ranges of `offset..offset+len` that are known to read as zeros (holes), sorted and
     /// non-overlapping. Used for structured-reply hole chunks. Knowing nothing is always correct.
     fn known_zero_ranges(&self, offset: u64, len: u64) -> DevResult<Vec<Range<u64>>> {
@@ -142,51 +139,101 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
         DevError::check_range("prefetch", offset, len, self.len())
     }
 
-    /// Whether the device refuses writes.
-    fn is_read_only(&self) -> bool {
-        false
-    }
+    /// What the device can do beyond the calls above, as one value: see [`DevCaps`]. There is
+    /// no default, so every device (and above all every wrapper) states its capabilities in one
+    /// place: a wrapper passes on its inner device's value, narrowing the fields its own
+    /// behaviour changes, and cannot drop a hint by forgetting to forward a method.
+    fn capabilities(&self) -> DevCaps<'_>;
+}
 
-    /// Whether a [`BlockDev::write_at`] normally returns after a copy into memory (the page
-    /// cache), without waiting for a disk. The NBD server then runs such writes in the
-    /// connection's reader instead of handing each one to a task: cheaper, but a write that does
-    /// block holds up the connection's later requests. The default, false, is always safe.
-    fn writes_are_cheap(&self) -> bool {
-        false
-    }
+/// What a device can do beyond plain I/O. The NBD server and the bulk writers (writeback) read
+/// it; none of it changes what the data is, only how fast it moves, except `read_only`.
+///
+/// The all-false [`Default`] is always correct for a device that wants none of it.
+#[derive(Clone, Copy, Default)]
+pub struct DevCaps<'a> {
+    /// The device refuses writes.
+    pub read_only: bool,
+    /// Zeroing is fast (no data is written), for NBD's FAST_ZERO: when false a `FAST_ZERO`
+    /// request fails at once with ENOTSUP instead of writing zeros slowly.
+    pub fast_zero: bool,
+    /// A [`BlockDev::write_at`] normally returns after a copy into memory (the page cache),
+    /// without waiting for a disk. The NBD server then runs such writes in the connection's
+    /// reader instead of handing each one to a task: cheaper, but a write that does block holds
+    /// up the connection's later requests.
+    pub cheap_writes: bool,
+    /// Large writes that are adjacent on the device still go faster several at a time than one
+    /// after another in offset order: true where each write waits for a round trip (a remote
+    /// volume), false where order matters more (a disk seeks back for an out-of-order write).
+    /// Bulk writers (writeback) keep one large write in flight unless this says so.
+    pub parallel_writes: bool,
+    /// The bulk-copy extension, where the device has one: copies in the kernel and early
+    /// writeout for bulk writers.
+    pub bulk: Option<&'a dyn BulkCopy>,
+}
 
+impl std::fmt::Debug for DevCaps<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevCaps")
+            .field("read_only", &self.read_only)
+            .field("fast_zero", &self.fast_zero)
+            .field("cheap_writes", &self.cheap_writes)
+            .field("parallel_writes", &self.parallel_writes)
+            .field("bulk", &self.bulk.is_some())
+            .finish()
+    }
+}
+
+/// The optional bulk-copy extension of a device ([`DevCaps::bulk`]): what a bulk writer like
+/// writeback uses to move long runs without a user-space buffer and to keep the disk busy.
+pub trait BulkCopy: Send + Sync {
     /// The open file behind this device when it is a plain file read and written through the
-    /// page cache (no `O_DIRECT`, no wrapper that adds behaviour), so another such device can
-    /// copy from it in the kernel ([`BlockDev::copy_from`]). The default, None, is always safe.
-    fn buffered_file(&self) -> Option<&std::fs::File> {
-        None
-    }
+    /// page cache at the device's own offsets, so another device can copy from it in the kernel
+    /// ([`BulkCopy::copy_from`]). None where a copy from the file would skip something the
+    /// device does on a read (a wrapper that injects faults or delays).
+    fn buffered_file(&self) -> Option<&std::fs::File>;
 
     /// Writes `len` bytes of `src` (from `src_offset`) at `offset` of this device without a
     /// user-space buffer, where both devices allow it (`copy_file_range` between two buffered
-    /// files). Not durable until [`BlockDev::sync`], like `write_at`. Returns `Ok(false)`, having
-    /// written nothing, where it cannot: the caller then copies through memory.
-    fn copy_from(&self, src: &dyn BlockDev, src_offset: u64, offset: u64, len: u64) -> DevResult<bool> {
-        let _ = (src, src_offset, offset, len);
-        Ok(false)
-    }
+    /// files). Not durable until [`BlockDev::sync`], like `write_at`. Returns `Ok(false)`,
+    /// having written nothing, where it cannot: the caller then copies through memory.
+    fn copy_from(&self, src: &dyn BlockDev, src_offset: u64, offset: u64, len: u64) -> DevResult<bool>;
 
     /// Starts writing the range's completed writes to stable storage without waiting for them
     /// and without making anything durable: a later [`BlockDev::sync`] is still needed, and
     /// then finds less to wait for. A bulk writer calls it after each large write so that the
-    /// disk works while the writer prepares the next one. The default does nothing (right for
-    /// devices whose writes already reach the disk before they return).
-    fn start_writeback(&self, offset: u64, len: u64) -> DevResult<()> {
-        DevError::check_range("start_writeback", offset, len, self.len())
-    }
+    /// disk works while the writer prepares the next one.
+    fn start_writeback(&self, offset: u64, len: u64) -> DevResult<()>;
+}
 
-    /// Whether large writes that are adjacent on the device still go faster several at a time
-    /// than one after another in offset order: true where each write waits for a round trip
-    /// (a remote volume), false where order matters more (a disk seeks back for an
-    /// out-of-order write). Bulk writers (writeback) keep one large write in flight unless
-    /// this says so. The default, false, is always safe.
-    fn parallel_writes_help(&self) -> bool {
-        false
+/// The file `dev` can be copied from in the kernel, if any ([`BulkCopy::buffered_file`]).
+#[must_use]
+pub fn buffered_file(dev: &dyn BlockDev) -> Option<&std::fs::File> {
+    dev.capabilities().bulk.and_then(BulkCopy::buffered_file)
+}
+
+/// Copies `len` bytes from `src` to `dst` in the kernel where `dst` has the bulk-copy
+/// extension and both sides allow it; `Ok(false)`, having written nothing, where not.
+pub fn copy_in_kernel(
+    dst: &dyn BlockDev,
+    src: &dyn BlockDev,
+    src_offset: u64,
+    offset: u64,
+    len: u64,
+) -> DevResult<bool> {
+    match dst.capabilities().bulk {
+        Some(bulk) => bulk.copy_from(src, src_offset, offset, len),
+        None => Ok(false),
+    }
+}
+
+/// Starts the writeout of a range of `dev` where it has the bulk-copy extension
+/// ([`BulkCopy::start_writeback`]); elsewhere only checks the range (a device whose writes reach
+/// the disk before they return has nothing to start).
+pub fn start_writeback(dev: &dyn BlockDev, offset: u64, len: u64) -> DevResult<()> {
+    match dev.capabilities().bulk {
+        Some(bulk) => bulk.start_writeback(offset, len),
+        None => DevError::check_range("start_writeback", offset, len, dev.len()),
     }
 }
 
@@ -226,31 +273,13 @@ impl<T: BlockDev + ?Sized> BlockDev for std::sync::Arc<T> {
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> DevResult<()> {
         (**self).write_zeroes(offset, len, may_unmap)
     }
-    fn fast_zero(&self) -> bool {
-        (**self).fast_zero()
-    }
     fn known_zero_ranges(&self, offset: u64, len: u64) -> DevResult<Vec<Range<u64>>> {
         (**self).known_zero_ranges(offset, len)
     }
     fn prefetch(&self, offset: u64, len: u64) -> DevResult<()> {
         (**self).prefetch(offset, len)
     }
-    fn is_read_only(&self) -> bool {
-        (**self).is_read_only()
-    }
-    fn writes_are_cheap(&self) -> bool {
-        (**self).writes_are_cheap()
-    }
-    fn buffered_file(&self) -> Option<&std::fs::File> {
-        (**self).buffered_file()
-    }
-    fn copy_from(&self, src: &dyn BlockDev, src_offset: u64, offset: u64, len: u64) -> DevResult<bool> {
-        (**self).copy_from(src, src_offset, offset, len)
-    }
-    fn start_writeback(&self, offset: u64, len: u64) -> DevResult<()> {
-        (**self).start_writeback(offset, len)
-    }
-    fn parallel_writes_help(&self) -> bool {
-        (**self).parallel_writes_help()
+    fn capabilities(&self) -> DevCaps<'_> {
+        (**self).capabilities()
     }
 }

@@ -1,7 +1,7 @@
 //! A crash-simulating device: a durable image plus the writes the "disk" has not yet made durable.
 //! The model is documented on [`SimDev`].
 
-use super::{BlockDev, DevError, DevResult, MemDev, SECTOR_SIZE};
+use super::{BlockDev, DevCaps, DevError, DevResult, MemDev, SECTOR_SIZE};
 use parking_lot::Mutex;
 use std::io;
 
@@ -466,8 +466,10 @@ impl BlockDev for SimDev {
         self.record_write("write_zeroes", Unsynced { offset, payload: Payload::Zeros(len), forced: false })
     }
 
-    fn fast_zero(&self) -> bool {
-        true
+    /// Zeroing is recorded, not written, so it is fast; no bulk copy (a kernel copy would skip
+    /// the crash model).
+    fn capabilities(&self) -> DevCaps<'_> {
+        DevCaps { fast_zero: true, ..DevCaps::default() }
     }
 }
 

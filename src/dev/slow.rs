@@ -11,7 +11,7 @@
 //! deterministic figures ("how long would this workload take on a disk") without waiting.
 
 use super::sim::SplitMix64;
-use super::{BlockDev, DevResult};
+use super::{BlockDev, DevCaps, DevResult};
 use parking_lot::Mutex;
 use std::ops::Range;
 use std::time::{Duration, Instant};
@@ -209,10 +209,6 @@ impl<D: BlockDev> BlockDev for SlowDev<D> {
         self.delayed(Some(offset..offset), || self.inner.write_zeroes(offset, len, may_unmap))
     }
 
-    fn fast_zero(&self) -> bool {
-        self.inner.fast_zero()
-    }
-
     fn known_zero_ranges(&self, offset: u64, len: u64) -> DevResult<Vec<Range<u64>>> {
         self.inner.known_zero_ranges(offset, len)
     }
@@ -221,8 +217,12 @@ impl<D: BlockDev> BlockDev for SlowDev<D> {
         self.inner.prefetch(offset, len)
     }
 
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
+    /// The inner device's capabilities, minus those the model makes untrue or would skip: its
+    /// writes are not cheap (each one waits); it models a disk (a seek, then a transfer), where
+    /// writes in offset order beat parallel ones; and a bulk copy or early writeout would move
+    /// data without paying the modelled latency.
+    fn capabilities(&self) -> DevCaps<'_> {
+        DevCaps { cheap_writes: false, parallel_writes: false, bulk: None, ..self.inner.capabilities() }
     }
 }
 

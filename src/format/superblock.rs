@@ -72,11 +72,19 @@ pub struct BackingEntry {
     pub data_offset_bytes: u64,
 }
 
-/// A replacement policy stored in the cache superblock's compat bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoredReplacementPolicy {
+/// Which reclaimable bucket is invalidated first when the cache needs space: the one policy
+/// type of the whole program. Its on-disk code is here (the cache superblock's
+/// `COMPAT_POLICY_*` bits); its names (`lru`, `fifo`, `random`) are in `ctl::knobs`; the
+/// allocator's `pick_victims` executes it. The random policy's seed is not part of the policy:
+/// it is not stored and has no name, it is the executor's input (`CacheConfig::reclaim_seed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplacementPolicy {
+    /// Least recently used first (bcache's default: lowest `prio * live_sectors`).
     Lru,
+    /// Oldest filled bucket first.
     Fifo,
+    /// Uniformly random, reproducible from a seed.
     Random,
 }
 
@@ -111,21 +119,21 @@ impl CacheSuperblock {
     /// The replacement policy stored by a runtime change (`None`: never set). Several policy
     /// bits (which this build never writes) read as `None`.
     #[must_use]
-    pub fn replacement_policy(&self) -> Option<StoredReplacementPolicy> {
+    pub fn replacement_policy(&self) -> Option<ReplacementPolicy> {
         match self.features.compat & COMPAT_POLICY_MASK {
-            COMPAT_POLICY_LRU => Some(StoredReplacementPolicy::Lru),
-            COMPAT_POLICY_FIFO => Some(StoredReplacementPolicy::Fifo),
-            COMPAT_POLICY_RANDOM => Some(StoredReplacementPolicy::Random),
+            COMPAT_POLICY_LRU => Some(ReplacementPolicy::Lru),
+            COMPAT_POLICY_FIFO => Some(ReplacementPolicy::Fifo),
+            COMPAT_POLICY_RANDOM => Some(ReplacementPolicy::Random),
             _ => None,
         }
     }
 
     /// Stores `policy` in the compat bits (the caller advances `seq` and writes the superblock).
-    pub fn set_replacement_policy(&mut self, policy: StoredReplacementPolicy) {
+    pub fn set_replacement_policy(&mut self, policy: ReplacementPolicy) {
         let bit = match policy {
-            StoredReplacementPolicy::Lru => COMPAT_POLICY_LRU,
-            StoredReplacementPolicy::Fifo => COMPAT_POLICY_FIFO,
-            StoredReplacementPolicy::Random => COMPAT_POLICY_RANDOM,
+            ReplacementPolicy::Lru => COMPAT_POLICY_LRU,
+            ReplacementPolicy::Fifo => COMPAT_POLICY_FIFO,
+            ReplacementPolicy::Random => COMPAT_POLICY_RANDOM,
         };
         self.features.compat = (self.features.compat & !COMPAT_POLICY_MASK) | bit;
     }

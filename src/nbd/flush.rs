@@ -168,6 +168,9 @@ mod tests {
         fn write_at(&self, _buf: &[u8], _offset: u64) -> DevResult<()> {
             Ok(())
         }
+        fn capabilities(&self) -> crate::dev::DevCaps<'_> {
+            crate::dev::DevCaps::default()
+        }
         fn sync(&self) -> DevResult<()> {
             let now = self.clock.fetch_add(1, Ordering::SeqCst);
             self.sync_starts.lock().push(now);

@@ -7,7 +7,7 @@ use clap::Parser;
 use fake_engine::FakeEngine;
 use std::path::Path;
 use std::time::Duration;
-use ubcache::ctl::cli::{CtlCommand, run_cli_polling};
+use ubcache::cli::control::{CtlCommand, run_cli_polling};
 use ubcache::ctl::{CacheMode, CtlError, CtlServer, CtlServerConfig, FlushState, socket_path};
 
 #[derive(Debug, Parser)]
@@ -105,7 +105,7 @@ fn bad_command_lines_are_usage_errors() {
             mode: CacheMode::None,
             flush_first: true,
             export: None,
-            socket: ubcache::ctl::cli::SocketArgs { ctl_socket: None, data_dir: None }
+            socket: ubcache::cli::control::SocketArgs { ctl_socket: None, data_dir: None }
         }
     );
 }

@@ -114,7 +114,7 @@ fn knobs_act_on_the_engine() {
     let c = f.set.congestion();
     assert_eq!((c.read_threshold_us, c.write_threshold_us), (10, 0));
     f.target.set_knob(None, KnobSetting::ReplacementPolicy(ReplacementPolicy::Random)).unwrap();
-    assert!(matches!(f.set.replacement_policy(), ubcache::alloc::ReclaimPolicy::Random(_)));
+    assert_eq!(f.set.replacement_policy(), ReplacementPolicy::Random);
     // Back to the policy of tiny_config (FIFO).
     f.target.set_knob(None, KnobSetting::ReplacementPolicy(ReplacementPolicy::Fifo)).unwrap();
     let knobs: std::collections::BTreeMap<String, String> =

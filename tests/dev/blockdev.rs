@@ -64,6 +64,6 @@ fn file_dev_on_a_loop_device() {
             assert!(buf.iter().all(|&b| b == 0));
         }
         assert!(matches!(dev.write_at(&[0], 8 << 20), Err(DevError::OutOfRange { .. })));
-        eprintln!("loop device, direct={direct}: fast_zero={}", dev.fast_zero());
+        eprintln!("loop device, direct={direct}: fast_zero={}", dev.capabilities().fast_zero);
     }
 }

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
-use ubcache::dev::{BlockDev, DevError, FileDev, FileDevOptions};
+use ubcache::dev::{BlockDev, BulkCopy, DevError, FileDev, FileDevOptions};
 
 fn create(path: &Path, size: u64, direct: bool) -> FileDev {
     FileDev::open(path, &FileDevOptions { create_with_size: Some(size), direct, ..Default::default() })
@@ -173,7 +173,7 @@ fn holes_are_reported_with_seek_hole() {
         dev.read_at(&mut buf, h.start).unwrap();
         assert!(buf.iter().all(|&b| b == 0), "hole {h:?} holds data");
     }
-    if dev.fast_zero() {
+    if dev.capabilities().fast_zero {
         // A file system that punches holes also tracks them at block granularity (4 KiB here).
         let k = 1024;
         assert_eq!(holes, vec![0..64 * k, 68 * k..512 * k, 516 * k..1024 * k]);
@@ -199,7 +199,7 @@ fn hole_queries_are_bounded() {
     }
     let holes = dev.known_zero_ranges(0, 8 << 20).unwrap();
     assert!(holes.len() <= 512, "{} holes in one answer", holes.len());
-    if dev.fast_zero() {
+    if dev.capabilities().fast_zero {
         assert_eq!(holes.len(), 512);
         assert_eq!(holes[0], 4096..8192);
     }
@@ -222,7 +222,7 @@ fn zeroing_modes_deallocate_or_keep_blocks() {
     dev.read_at(&mut buf, 0).unwrap();
     assert!(buf.iter().all(|&b| b == 0));
     let after_unmap = std::fs::metadata(&path).unwrap().blocks();
-    if dev.fast_zero() {
+    if dev.capabilities().fast_zero {
         // NO_HOLE keeps the space (up to a little metadata); may_unmap gives half of it back.
         assert!(after_no_hole + 64 >= full, "NO_HOLE zeroing freed space: {full} -> {after_no_hole}");
         assert!(after_unmap < full * 3 / 4, "unmapping freed nothing: {full} -> {after_unmap}");
@@ -238,12 +238,12 @@ fn fast_zero_is_probed_and_false_for_read_only() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f.img");
     let dev = create(&path, 1 << 20, false);
-    let writable_fast_zero = dev.fast_zero();
+    let writable_fast_zero = dev.capabilities().fast_zero;
     // The probe must not change the file.
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
     drop(dev);
     let ro = FileDev::open(&path, &FileDevOptions { read_only: true, ..Default::default() }).unwrap();
-    assert!(!ro.fast_zero());
+    assert!(!ro.capabilities().fast_zero);
     assert!(matches!(ro.write_zeroes(0, 512, true), Err(DevError::ReadOnly)));
     assert!(matches!(ro.discard(0, 512), Err(DevError::ReadOnly)));
     println!("fast_zero on this file system: {writable_fast_zero}");

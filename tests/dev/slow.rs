@@ -34,6 +34,9 @@ impl BlockDev for ConcurrencyProbe {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.track(|| self.inner.read_at(buf, offset))
     }

@@ -3,7 +3,7 @@
 
 use ubcache::alloc::{
     AllocConfig, AllocError, AllocKind, Allocator, BucketState, GC_GEN_MAX, LiveExtent, OpenKind,
-    PRIO_INITIAL, ReclaimPolicy, pick_victims,
+    PRIO_INITIAL, ReplacementPolicy, pick_victims,
 };
 use ubcache::format::{BucketTable, Geometry, JournalEntry};
 
@@ -174,23 +174,24 @@ fn victim_policies_pick_in_their_order_and_skip_what_is_not_reclaimable() {
     a.unpin(d.bucket).unwrap();
     a.pin(g.bucket_start_sector(buckets[4]), 0).unwrap();
 
-    let lru = pick_victims(&ReclaimPolicy::Lru, a.buckets(), 10);
+    let lru = pick_victims(ReplacementPolicy::Lru, 0, a.buckets(), 10);
     assert_eq!(lru, vec![buckets[2], buckets[0], buckets[3], buckets[5], buckets[1]]);
     assert!(!lru.contains(&d.bucket) && !lru.contains(&buckets[4]));
-    let fifo = pick_victims(&ReclaimPolicy::Fifo, a.buckets(), 3);
+    let fifo = pick_victims(ReplacementPolicy::Fifo, 0, a.buckets(), 3);
     assert_eq!(fifo, vec![buckets[0], buckets[1], buckets[2]]);
-    let r1 = pick_victims(&ReclaimPolicy::Random(7), a.buckets(), 5);
-    let r2 = pick_victims(&ReclaimPolicy::Random(7), a.buckets(), 5);
+    let r1 = pick_victims(ReplacementPolicy::Random, 7, a.buckets(), 5);
+    let r2 = pick_victims(ReplacementPolicy::Random, 7, a.buckets(), 5);
     assert_eq!(r1, r2, "same seed, same pick");
     let mut sorted = r1.clone();
     sorted.sort_unstable();
     let mut expected = lru;
     expected.sort_unstable();
     assert_eq!(sorted, expected);
-    let others: Vec<_> = (0..20).map(|s| pick_victims(&ReclaimPolicy::Random(s), a.buckets(), 5)).collect();
+    let others: Vec<_> =
+        (0..20).map(|s| pick_victims(ReplacementPolicy::Random, s, a.buckets(), 5)).collect();
     assert!(others.iter().any(|o| *o != r1), "seeds change the order");
 
-    let changes = a.reclaim(&ReclaimPolicy::Lru, 2);
+    let changes = a.reclaim(ReplacementPolicy::Lru, 0, 2);
     assert_eq!(changes.iter().map(|c| c.bucket).collect::<Vec<_>>(), vec![buckets[2], buckets[0]]);
     assert!(changes[0].token < changes[1].token);
     assert!(a.check().is_empty());
@@ -228,7 +229,10 @@ fn generation_cannot_run_too_far_ahead_of_the_oldest_pointer_until_gc() {
         assert!(bumps <= 300, "never blocked");
     }
     assert_eq!(bumps, u32::from(GC_GEN_MAX));
-    assert!(!pick_victims(&ReclaimPolicy::Lru, a.buckets(), 1000).contains(&first), "reclaim skips it too");
+    assert!(
+        !pick_victims(ReplacementPolicy::Lru, 0, a.buckets(), 1000).contains(&first),
+        "reclaim skips it too"
+    );
     // GC: snapshot, (engine drops stale pointers), finish.
     let snap = a.gc_begin();
     a.gc_finish(&snap);
@@ -309,17 +313,17 @@ fn lru_picks_the_n_coldest_emptiest_of_many_in_order() {
     let mut expected = filled.clone();
     expected.sort_unstable();
     let want: Vec<u64> = expected.iter().take(6).map(|&(_, b)| b).collect();
-    assert_eq!(pick_victims(&ReclaimPolicy::Lru, a.buckets(), 6), want);
+    assert_eq!(pick_victims(ReplacementPolicy::Lru, 0, a.buckets(), 6), want);
     let fifo: Vec<u64> = filled.iter().take(6).map(|&(_, b)| b).collect();
-    assert_eq!(pick_victims(&ReclaimPolicy::Fifo, a.buckets(), 6), fifo);
-    let random = pick_victims(&ReclaimPolicy::Random(3), a.buckets(), 6);
+    assert_eq!(pick_victims(ReplacementPolicy::Fifo, 0, a.buckets(), 6), fifo);
+    let random = pick_victims(ReplacementPolicy::Random, 3, a.buckets(), 6);
     assert_eq!(random.len(), 6);
     let mut dedup = random;
     dedup.sort_unstable();
     dedup.dedup();
     assert_eq!(dedup.len(), 6, "no bucket picked twice");
-    assert!(pick_victims(&ReclaimPolicy::Lru, a.buckets(), 0).is_empty());
-    assert_eq!(pick_victims(&ReclaimPolicy::Lru, a.buckets(), 1000).len(), 40);
+    assert!(pick_victims(ReplacementPolicy::Lru, 0, a.buckets(), 0).is_empty());
+    assert_eq!(pick_victims(ReplacementPolicy::Lru, 0, a.buckets(), 1000).len(), 40);
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //! - live/dirty counts equal the model's, and `Allocator::check` finds nothing.
 
 use proptest::prelude::*;
-use ubcache::alloc::{AllocConfig, AllocKind, Allocator, BucketState, OpenKind, ReclaimPolicy};
+use ubcache::alloc::{AllocConfig, AllocKind, Allocator, BucketState, OpenKind, ReplacementPolicy};
 use ubcache::format::Geometry;
 
 #[derive(Debug, Clone)]
@@ -160,11 +160,11 @@ fn run(ops: &[Op]) -> Result<(), TestCaseError> {
             }
             Op::Reclaim(p, n, seed) => {
                 let policy = match p {
-                    0 => ReclaimPolicy::Lru,
-                    1 => ReclaimPolicy::Fifo,
-                    _ => ReclaimPolicy::Random(seed),
+                    0 => ReplacementPolicy::Lru,
+                    1 => ReplacementPolicy::Fifo,
+                    _ => ReplacementPolicy::Random,
                 };
-                for c in a.reclaim(&policy, n) {
+                for c in a.reclaim(policy, seed, n) {
                     let prev = before[c.bucket as usize];
                     prop_assert_eq!(prev.state, BucketState::Data, "reclaimed from {:?}", prev);
                     prop_assert_eq!(prev.pins, 0);

@@ -1,14 +1,14 @@
 //! `set-mode` is stored in the backing superblock (as bcache stores `cache_mode`), and a set
 //! opened without an explicit mode uses it; an explicit mode wins and is stored in turn. Checked
-//! on the engine (`CacheConfig::stored_mode`) and through `serve::build_exports` (`--mode`
+//! on the engine (`CacheConfig::stored_mode`) and through `cli::build_exports` (`--mode`
 //! given or not) across restarts.
 
 use crate::fixtures::{arc, format_open, tiny_config};
 use std::sync::Arc;
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet};
+use ubcache::cli::{ServeOptions, build_exports};
 use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::{StoredCacheMode, read_backing_superblock};
-use ubcache::serve::{ServeOptions, build_exports};
 
 fn stored(backing: &Arc<dyn BlockDev>) -> StoredCacheMode {
     read_backing_superblock(backing.as_ref()).unwrap().unwrap().cache_mode

@@ -70,6 +70,9 @@ impl BlockDev for GateDev {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.inner.read_at(buf, offset)?;
         self.park_if_armed(offset, buf.len() as u64, false);

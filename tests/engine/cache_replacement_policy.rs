@@ -8,16 +8,16 @@
 
 use crate::fixtures::{arc, format_open, tiny_config};
 use std::sync::Arc;
-use ubcache::alloc::ReclaimPolicy;
+use ubcache::alloc::ReplacementPolicy;
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet, CachedDev};
 use ubcache::dev::{BlockDev, MemDev};
-use ubcache::format::{self, StoredReplacementPolicy};
+use ubcache::format;
 
 const BLOCK: usize = 4096;
 /// Blocks per 16 KiB bucket.
 const HOT: u64 = 4;
 
-fn config(policy: ReclaimPolicy) -> CacheConfig {
+fn config(policy: ReplacementPolicy) -> CacheConfig {
     CacheConfig { reclaim_policy: policy, reclaim_batch: 1, ..tiny_config(CacheMode::Writethrough) }
 }
 
@@ -41,9 +41,9 @@ fn reclaim_follows_the_policy_set_at_runtime_and_the_choice_survives_a_restart()
     // About 100 data buckets: at every reclaim round there are buckets older than the hot one.
     let cache = arc(MemDev::new(2 << 20));
     let backing = arc(MemDev::new(8192 + (8 << 20)));
-    let set = format_open(&cache, &backing, config(ReclaimPolicy::Lru));
+    let set = format_open(&cache, &backing, config(ReplacementPolicy::Lru));
     set.set_sequential_cutoff(0);
-    assert_eq!(set.replacement_policy(), ReclaimPolicy::Lru);
+    assert_eq!(set.replacement_policy(), ReplacementPolicy::Lru);
     let dev = set.device(0).unwrap();
     for block in 0..HOT {
         write(&dev, block);
@@ -60,8 +60,8 @@ fn reclaim_follows_the_policy_set_at_runtime_and_the_choice_survives_a_restart()
     }
 
     // FIFO from now on: the hot bucket is the oldest, so the very next reclaim takes it.
-    set.set_replacement_policy(ReclaimPolicy::Fifo).unwrap();
-    assert_eq!(set.replacement_policy(), ReclaimPolicy::Fifo);
+    set.set_replacement_policy(ReplacementPolicy::Fifo).unwrap();
+    assert_eq!(set.replacement_policy(), ReplacementPolicy::Fifo);
     let reclaimed = set.stats().buckets_reclaimed;
     while set.stats().buckets_reclaimed == reclaimed {
         write(&dev, next);
@@ -72,16 +72,16 @@ fn reclaim_follows_the_policy_set_at_runtime_and_the_choice_survives_a_restart()
 
     // Stored in the superblock: a restart configured for LRU keeps FIFO.
     let sb = format::read_cache_superblock(cache.as_ref()).unwrap().sb;
-    assert_eq!(sb.replacement_policy(), Some(StoredReplacementPolicy::Fifo));
+    assert_eq!(sb.replacement_policy(), Some(ReplacementPolicy::Fifo));
     drop(dev);
     set.close().unwrap();
     let set =
-        CacheSet::open(Arc::clone(&cache), &[Arc::clone(&backing)], config(ReclaimPolicy::Lru)).unwrap();
-    assert_eq!(set.replacement_policy(), ReclaimPolicy::Fifo);
-    set.set_replacement_policy(ReclaimPolicy::Random(7)).unwrap();
+        CacheSet::open(Arc::clone(&cache), &[Arc::clone(&backing)], config(ReplacementPolicy::Lru)).unwrap();
+    assert_eq!(set.replacement_policy(), ReplacementPolicy::Fifo);
+    set.set_replacement_policy(ReplacementPolicy::Random).unwrap();
     set.close().unwrap();
-    let set = CacheSet::open(cache, &[backing], config(ReclaimPolicy::Random(7))).unwrap();
-    assert_eq!(set.replacement_policy(), ReclaimPolicy::Random(7), "random keeps the configured seed");
+    let set = CacheSet::open(cache, &[backing], config(ReplacementPolicy::Lru)).unwrap();
+    assert_eq!(set.replacement_policy(), ReplacementPolicy::Random, "the stored policy wins");
 }
 
 /// A superblock without a stored policy (never changed at runtime) opens with the configured
@@ -90,12 +90,12 @@ fn reclaim_follows_the_policy_set_at_runtime_and_the_choice_survives_a_restart()
 fn without_a_stored_policy_the_configured_one_applies() {
     let cache = arc(MemDev::new(512 * 1024));
     let backing = arc(MemDev::new(8192 + (1 << 20)));
-    let set = format_open(&cache, &backing, config(ReclaimPolicy::Fifo));
-    assert_eq!(set.replacement_policy(), ReclaimPolicy::Fifo);
+    let set = format_open(&cache, &backing, config(ReplacementPolicy::Fifo));
+    assert_eq!(set.replacement_policy(), ReplacementPolicy::Fifo);
     let sb = format::read_cache_superblock(cache.as_ref()).unwrap().sb;
     assert_eq!(sb.features.compat, 0);
     assert_eq!(sb.replacement_policy(), None);
     set.close().unwrap();
-    let set = CacheSet::open(cache, &[backing], config(ReclaimPolicy::Lru)).unwrap();
-    assert_eq!(set.replacement_policy(), ReclaimPolicy::Lru);
+    let set = CacheSet::open(cache, &[backing], config(ReplacementPolicy::Lru)).unwrap();
+    assert_eq!(set.replacement_policy(), ReplacementPolicy::Lru);
 }

@@ -66,6 +66,9 @@ impl BlockDev for CrashDev {
     fn len(&self) -> u64 {
         self.live.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.live.read_at(buf, offset)
     }

@@ -26,6 +26,9 @@ impl BlockDev for LaggyDev {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.lag();
         self.inner.read_at(buf, offset)

@@ -6,6 +6,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
 // Support: shared with other test crates (tests/support/), then this crate's own.
+#[path = "../support/crash_harness.rs"]
+mod crash_harness;
 #[path = "../support/fixtures.rs"]
 mod fixtures;
 mod laggy_dev;

@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::sync::Arc;
-use ubcache::alloc::{AllocConfig, Allocator, LiveExtent, OpenKind, ReclaimPolicy};
+use ubcache::alloc::{AllocConfig, Allocator, LiveExtent, OpenKind, ReplacementPolicy};
 use ubcache::dev::MemDev;
 use ubcache::format::{
     self, CacheSuperblock, CheckpointEntry, Geometry, JournalEntry, Key, NodePtr, TableSlot, Uuid,
@@ -92,7 +92,7 @@ impl Engine {
     }
 
     fn reclaim(&mut self, n: usize, seed: u64) {
-        let changes = self.alloc.reclaim(&ReclaimPolicy::Random(seed), n);
+        let changes = self.alloc.reclaim(ReplacementPolicy::Random, seed, n);
         let Some(last) = changes.last().map(|c| c.token) else { return };
         let entries: Vec<JournalEntry> = changes.iter().map(|c| c.entry()).collect();
         let seq = self.journal.append(&entries).unwrap();

@@ -15,7 +15,8 @@ use std::time::Duration;
 use support::{UbcacheServer, format_pair, s, ubcache, ubcache_ok};
 use ubcache::cache::CacheMode;
 use ubcache::ctl::{CtlArgs, Request, request, run_ctl_command, socket_path};
-use ubcache::dev::{BlockDev, NbdDev};
+use ubcache::dev::BlockDev;
+use ubcache::nbd::NbdDev;
 
 fn knobs(dir: &Path) -> BTreeMap<String, String> {
     let reply =

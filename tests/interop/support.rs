@@ -19,7 +19,7 @@ pub use crate::tools::{find_tool, require_tool};
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a client tool may run before the test fails.
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
-/// The line prefix `ubcache serve` prints on stdout for every URI (see `serve::ready_line`).
+/// The line prefix `ubcache serve` prints on stdout for every URI (see `cli::ready_line`).
 pub const READY_PREFIX: &str = "ubcache: serving export ";
 
 /// Like [`require_tool`] for several tools.

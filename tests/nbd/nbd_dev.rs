@@ -12,10 +12,8 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use ubcache::dev::{
-    BlockDev, DevError, DevResult, MemDev, NbdDev, NbdDevOptions, SimDev, SlowDev, SlowDevConfig,
-};
-use ubcache::nbd::{Export, ListenAddr, Server, ServerConfig, build_runtime};
+use ubcache::dev::{BlockDev, DevError, DevResult, MemDev, SimDev, SlowDev, SlowDevConfig};
+use ubcache::nbd::{Export, ListenAddr, NbdDev, NbdDevOptions, Server, ServerConfig, build_runtime};
 
 /// Our own server on 127.0.0.1:0, run on its own runtime thread; stopped and joined on drop.
 struct TestServer {
@@ -96,7 +94,7 @@ fn round_trip_through_our_server_lands_on_the_served_device() {
     let server = TestServer::serving(mem.clone());
     let dev = NbdDev::connect(&server.uri).unwrap();
     assert_eq!(dev.len(), 4 << 20);
-    assert!(!dev.is_read_only());
+    assert!(!dev.capabilities().read_only);
 
     let data = pattern(1, 64 << 10);
     dev.write_at(&data, 8192).unwrap();
@@ -245,6 +243,9 @@ impl BlockDev for RecordingDev {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.inner.read_at(buf, offset)
     }
@@ -311,6 +312,9 @@ impl BlockDev for ErrDev {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.inner.read_at(buf, offset)
     }
@@ -360,7 +364,7 @@ fn read_only_export_refuses_writes() {
     let server = TestServer::start(vec![export]);
     let dev = NbdDev::connect(&server.uri).unwrap();
     assert!(server.uri.ends_with("/ro"), "{}", server.uri);
-    assert!(dev.is_read_only());
+    assert!(dev.capabilities().read_only);
     assert!(matches!(dev.write_at(&[1u8; 512], 0), Err(DevError::ReadOnly)));
     assert!(matches!(dev.write_zeroes(0, 512, true), Err(DevError::ReadOnly)));
     let mut buf = [9u8; 512];

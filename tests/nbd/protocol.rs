@@ -98,7 +98,7 @@ struct TestDev {
     fail_reads: std::sync::atomic::AtomicBool,
     /// Writes (not FUA) fail with EIO while set.
     fail_writes: std::sync::atomic::AtomicBool,
-    /// What `writes_are_cheap` says: true makes the server run writes in the connection's reader.
+    /// What `DevCaps::cheap_writes` says: true makes the server run writes in the connection's reader.
     cheap_writes: bool,
     zero_ranges: Mutex<Vec<Range<u64>>>,
     syncs: AtomicUsize,
@@ -136,6 +136,9 @@ impl BlockDev for TestDev {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps { cheap_writes: self.cheap_writes, ..Default::default() }
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         let delay = self.slow_reads.lock().unwrap().iter().find(|(o, _)| *o == offset).map(|(_, d)| *d);
         if let Some(d) = delay {
@@ -152,9 +155,6 @@ impl BlockDev for TestDev {
         }
         self.inner.write_at(buf, offset)
     }
-    fn writes_are_cheap(&self) -> bool {
-        self.cheap_writes
-    }
     fn write_at_fua(&self, buf: &[u8], offset: u64) -> DevResult<()> {
         self.fua_writes.fetch_add(1, Ordering::SeqCst);
         self.inner.write_at(buf, offset)
@@ -165,9 +165,6 @@ impl BlockDev for TestDev {
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> DevResult<()> {
         self.inner.write_zeroes(offset, len, may_unmap)
-    }
-    fn fast_zero(&self) -> bool {
-        false
     }
     fn known_zero_ranges(&self, offset: u64, len: u64) -> DevResult<Vec<Range<u64>>> {
         let end = offset + len;
@@ -1229,6 +1226,9 @@ impl BlockDev for OrderDev {
     fn len(&self) -> u64 {
         self.inner.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.inner.read_at(buf, offset)
     }
@@ -1344,6 +1344,9 @@ impl GateDev {
 impl BlockDev for GateDev {
     fn len(&self) -> u64 {
         self.mem().len()
+    }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps::default()
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         self.mem().read_at(buf, offset)

@@ -3,7 +3,7 @@
 //! test crates.
 
 use std::sync::Arc;
-use ubcache::alloc::ReclaimPolicy;
+use ubcache::alloc::ReplacementPolicy;
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet, FormatOptions};
 use ubcache::dev::BlockDev;
 use ubcache::journal::JournalConfig;
@@ -22,7 +22,7 @@ pub fn tiny_config(mode: CacheMode) -> CacheConfig {
         },
         tree: TreeConfig { max_cached_nodes: 64, bset_align: 512 },
         sequential_cutoff: 96 * 1024,
-        reclaim_policy: ReclaimPolicy::Fifo,
+        reclaim_policy: ReplacementPolicy::Fifo,
         reclaim_batch: 2,
         max_uncommitted_entries: 32,
         mode,

@@ -225,6 +225,9 @@ impl BlockDev for CountingDev {
     fn len(&self) -> u64 {
         self.gated.len()
     }
+    fn capabilities(&self) -> ubcache::dev::DevCaps<'_> {
+        ubcache::dev::DevCaps { parallel_writes: self.parallel, ..Default::default() }
+    }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> ubcache::dev::DevResult<()> {
         self.gated.read_at(buf, offset)
     }
@@ -234,9 +237,6 @@ impl BlockDev for CountingDev {
     }
     fn sync(&self) -> ubcache::dev::DevResult<()> {
         self.gated.sync()
-    }
-    fn parallel_writes_help(&self) -> bool {
-        self.parallel
     }
 }
 

@@ -191,7 +191,7 @@ impl<S: NodeStore> Tree<S> {
                 return;
             }
         }
-        // Mostly dirty nodes (nothing to evict until the next flush): do not walk the whole cache
+        // Mostly dirty nodes (nothing to evict until the next write-out): do not walk the whole cache
         // again on every operation, only after it grew by another eighth.
         self.evict_retry_at = self.cached + (self.cfg.max_cached_nodes / 8).max(16);
     }

@@ -1,8 +1,8 @@
 //! The tree: in-memory node cache, descent, insert with overlap fixup, replace, invalidate,
-//! lookup, scan, flush (copy-on-write / append persistence), check.
+//! lookup, scan, node write-out (copy-on-write / append persistence), check.
 //!
 //! This file holds the types, open/create and the read paths (lookup, scan, stats); the node
-//! cache and descent are in `cache.rs`, changes in `mutate.rs`, flush in `persist.rs` and the
+//! cache and descent are in `cache.rs`, changes in `mutate.rs`, node write-out in `persist.rs` and the
 //! verifying walks (open, check) in `verify.rs`.
 
 mod cache;
@@ -25,7 +25,7 @@ type NodeId = usize;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TreeConfig {
     /// Upper bound on nodes kept in memory. Clean nodes are evicted (second-chance) above it;
-    /// dirty nodes stay until the next [`Tree::flush`], so flush regularly.
+    /// dirty nodes stay until the next [`Tree::write_out`], so write out regularly.
     pub max_cached_nodes: usize,
     /// bsets are padded to this many bytes (a power of two, 8..=1 MiB, dividing the node size),
     /// normally the device's sector size so an append never rewrites a sector older pointers
@@ -39,11 +39,11 @@ impl Default for TreeConfig {
     }
 }
 
-/// What [`Tree::flush`] returns: the new root to record durably, and the slots the new tree no
+/// What [`Tree::write_out`] returns: the new root to record durably, and the slots the new tree no
 /// longer uses (reusable only once the new root is durable).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
-    /// Pointer to the root of the flushed tree.
+    /// Pointer to the root of the written-out tree.
     pub root: NodePtr,
     /// Slots used by the previous checkpoint but not by this one.
     pub freed: Vec<NodeAddr>,
@@ -107,7 +107,7 @@ impl DiskState {
 #[derive(Debug)]
 struct Child {
     hi: Pos,
-    /// The child's last flushed version (None: never flushed, then `mem` is set).
+    /// The child's last written-out version (None: never written out, then `mem` is set).
     ptr: Option<NodePtr>,
     /// The child, when cached.
     mem: Option<NodeId>,
@@ -131,7 +131,7 @@ struct MemNode {
     rewrite: bool,
     /// Second-chance bit for eviction.
     referenced: bool,
-    /// Sector ranges changed since the last write (leaves), from which `flush` builds the
+    /// Sector ranges changed since the last write (leaves), from which `write_out` builds the
     /// appended delta bset.
     changed: Vec<(u32, u64, u64)>,
     body: Body,
@@ -395,13 +395,13 @@ impl<S: NodeStore> Tree<S> {
         })
     }
 
-    /// A new empty tree. Nothing is written until [`Tree::flush`].
+    /// A new empty tree. Nothing is written until [`Tree::write_out`].
     pub fn create(store: S, cfg: TreeConfig) -> Result<Self, BtreeError> {
         let root = MemNode::new(0, Pos::MIN, Pos::MAX, Body::Leaf(Leaf::new()));
         Tree::with_root(store, cfg, root)
     }
 
-    /// Opens the tree whose root a previous [`Tree::flush`] returned. Walks and verifies every
+    /// Opens the tree whose root a previous [`Tree::write_out`] returned. Walks and verifies every
     /// node (this also rebuilds the key and dirty-sector counts); a corrupt tree is refused.
     pub fn open(store: S, root: NodePtr, cfg: TreeConfig) -> Result<Self, BtreeError> {
         let placeholder = MemNode::placeholder();
@@ -435,7 +435,7 @@ impl<S: NodeStore> Tree<S> {
         self.store
     }
 
-    /// The root of the last checkpoint (from `open` or `flush`).
+    /// The root of the last checkpoint (from `open` or `write_out`).
     #[must_use]
     pub fn last_root(&self) -> Option<NodePtr> {
         self.last_root

@@ -1,4 +1,5 @@
-//! Persistence: flush writes dirty nodes copy-on-write or as appended bsets.
+//! Persistence: node write-out ([`Tree::write_out`]) writes dirty nodes copy-on-write or as
+//! appended bsets.
 
 use super::{Body, Checkpoint, DiskState, NodeId, Tree, internal};
 use crate::error::{BtreeError, CorruptionKind};
@@ -9,12 +10,12 @@ use crate::store::NodeStore;
 impl<S: NodeStore> Tree<S> {
     // ---------------------------------------------------------------- persistence
 
-    /// Makes every change since the last flush persistent without overwriting any byte a
+    /// Node write-out: makes every change since the last write-out persistent without overwriting any byte a
     /// previously returned root covers, and returns the new root and the slots no longer used.
     /// The caller syncs the store, records the root durably, and only then reuses `freed`.
-    pub fn flush(&mut self) -> Result<Checkpoint, BtreeError> {
+    pub fn write_out(&mut self) -> Result<Checkpoint, BtreeError> {
         self.check_poisoned()?;
-        let r = self.flush_node(self.root, 0);
+        let r = self.write_out_node(self.root, 0);
         let root = self.poison_on_err(r)?;
         self.last_root = Some(root);
         // Every cached node is clean now: eviction may make progress again.
@@ -24,12 +25,12 @@ impl<S: NodeStore> Tree<S> {
         Ok(Checkpoint { root, freed })
     }
 
-    fn flush_node(&mut self, id: NodeId, depth: usize) -> Result<NodePtr, BtreeError> {
+    fn write_out_node(&mut self, id: NodeId, depth: usize) -> Result<NodePtr, BtreeError> {
         if depth >= MAX_DEPTH {
             return Err(BtreeError::corrupted(
                 CorruptionKind::TooDeep,
                 None,
-                "flush deeper than the maximum depth",
+                "write-out deeper than the maximum depth",
             ));
         }
         let n = match &self.nodes[id].body {
@@ -40,7 +41,7 @@ impl<S: NodeStore> Tree<S> {
             let Body::Interior(children) = &self.nodes[id].body else { break };
             let Some(cid) = children[i].mem else { continue };
             // Children first: a parent's pointer must describe what is already written.
-            let p = self.flush_node(cid, depth + 1)?;
+            let p = self.write_out_node(cid, depth + 1)?;
             let node = &mut self.nodes[id];
             if let Body::Interior(children) = &mut node.body {
                 if children[i].ptr != Some(p) {
@@ -124,7 +125,10 @@ impl<S: NodeStore> Tree<S> {
         children
             .iter()
             .map(|c| {
-                Ok(ChildEntry { hi: c.hi, ptr: c.ptr.ok_or_else(|| internal("unwritten child at flush"))? })
+                Ok(ChildEntry {
+                    hi: c.hi,
+                    ptr: c.ptr.ok_or_else(|| internal("unwritten child at write-out"))?,
+                })
             })
             .collect()
     }

@@ -70,7 +70,7 @@ impl<S: NodeStore> Tree<S> {
     }
 
     /// Walks the whole tree and verifies every invariant, returning all problems found. Cached
-    /// nodes with unflushed changes are checked in memory; every other node is read from the
+    /// nodes with changes not yet written out are checked in memory; every other node is read from the
     /// store and verified (checksums, pointer, order, ranges, levels), and for clean cached nodes
     /// the stored image must equal the cached copy. Whole-tree order and the key/dirty counts are
     /// cross-checked too.

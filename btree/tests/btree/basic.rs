@@ -73,7 +73,7 @@ fn invalidate_scan_flush_reopen() {
     let expected_dirty = t.stats().dirty_sectors;
     assert_eq!(dirty.iter().map(|k| u64::from(k.size)).sum::<u64>(), expected_dirty);
     assert!(dirty.windows(2).all(|w| w[0].pos() < w[1].pos()));
-    let cp = t.flush().unwrap();
+    let cp = t.write_out().unwrap();
     assert!(t.check().unwrap().is_empty());
     let before = t.lookup(1, 0, 5000).unwrap();
     let store = t.into_store();
@@ -93,7 +93,7 @@ fn tree_grows_and_shrinks_back_to_one_leaf() {
     assert!(grown.depth >= 3 && grown.nodes > 50, "{grown:?}");
     assert_eq!(grown.dirty_sectors, 1500 * 4);
     assert_eq!(grown.dirty_sectors_by_dev.get(&2), Some(&6000));
-    t.flush().unwrap();
+    t.write_out().unwrap();
     // Remove everything in uneven chunks: leaves merge, levels collapse.
     let mut at = 0;
     while at < 12_000 {
@@ -105,7 +105,7 @@ fn tree_grows_and_shrinks_back_to_one_leaf() {
     let shrunk = t.stats();
     assert_eq!((shrunk.keys, shrunk.depth, shrunk.nodes, shrunk.dirty_sectors), (0, 1, 1, 0), "{shrunk:?}");
     assert!(shrunk.dirty_sectors_by_dev.is_empty());
-    let cp = t.flush().unwrap();
+    let cp = t.write_out().unwrap();
     assert!(!cp.freed.is_empty(), "the old nodes are freed");
     let mut t =
         Tree::open(t.into_store(), cp.root, TreeConfig { max_cached_nodes: 64, bset_align: 64 }).unwrap();

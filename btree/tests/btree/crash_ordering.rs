@@ -62,14 +62,14 @@ fn old_root_survives_garbage_outside_what_it_covers() {
     for round in 0..5 {
         let mut t = Tree::create(MemStore::new(NODE_SIZE), cfg()).unwrap();
         random_ops(&mut t, &mut rng, 800);
-        let old = t.flush().unwrap();
+        let old = t.write_out().unwrap();
         t.store_mut().release(&old.freed);
         let old_keys = all_keys(&mut t);
         let old_dirty = t.stats().dirty_sectors;
         // Later work, flushed several times but never "journaled": nothing may be released.
         for _ in 0..3 {
             random_ops(&mut t, &mut rng, 300);
-            t.flush().unwrap();
+            t.write_out().unwrap();
         }
         let mut store = t.into_store();
         let keep = covered(&mut store, old.root);
@@ -88,7 +88,7 @@ fn old_root_survives_garbage_outside_what_it_covers() {
         assert!(reopened.check().unwrap().is_empty());
         // And the reopened tree keeps working (appends land after the covered bytes).
         random_ops(&mut reopened, &mut rng, 200);
-        let cp = reopened.flush().unwrap();
+        let cp = reopened.write_out().unwrap();
         let mut again = Tree::open(reopened.into_store(), cp.root, cfg()).unwrap();
         assert!(again.check().unwrap().is_empty());
     }

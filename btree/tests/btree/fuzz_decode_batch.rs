@@ -37,7 +37,7 @@ fn valid_images() -> Vec<(Vec<u8>, NodePtr)> {
                 t.invalidate(k.dev, k.start(), k.end).unwrap();
             }
         }
-        root = Some(t.flush().unwrap().root);
+        root = Some(t.write_out().unwrap().root);
     }
     let mut store = t.into_store();
     let mut out = Vec::new();

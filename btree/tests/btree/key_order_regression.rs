@@ -68,7 +68,7 @@ fn sequential_writes_across_nodes_and_devices_scan_in_order() {
     for batch in [1, 7, 64] {
         assert_eq!(dirty_scan(&mut t, batch), written);
     }
-    let cp = t.flush().unwrap();
+    let cp = t.write_out().unwrap();
     let mut t = Tree::open(t.into_store(), cp.root, cfg()).unwrap();
     assert_eq!(dirty_scan(&mut t, 5), written);
 }
@@ -79,7 +79,7 @@ fn one_leaf_tree() -> (MemStore, NodePtr) {
     for i in 0..10u64 {
         write_4k(&mut t, 1, i * 8);
     }
-    let cp = t.flush().unwrap();
+    let cp = t.write_out().unwrap();
     (t.into_store(), cp.root)
 }
 
@@ -141,7 +141,7 @@ fn check_reports_a_corrupted_stored_leaf_of_an_open_tree() {
     for i in 0..200u64 {
         write_4k(&mut t, 1, i * 8);
     }
-    t.flush().unwrap();
+    t.write_out().unwrap();
     assert!(t.check().unwrap().is_empty());
     let addrs = t.node_addrs().unwrap();
     let leaf = addrs[addrs.len() - 1];

@@ -121,7 +121,7 @@ fn multi_block_leaves_match_the_model() {
         if step % 1500 == 1499 {
             check_scan(&mut t, &m, 1 + rng.below(700) as usize);
             assert_eq!(t.check().unwrap(), vec![]);
-            let cp = t.flush().unwrap();
+            let cp = t.write_out().unwrap();
             if step % 3000 == 2999 {
                 let store = t.into_store();
                 t = Tree::open(store, cp.root, cfg()).unwrap();
@@ -142,7 +142,7 @@ fn multi_block_leaves_match_the_model() {
         check_lookup(&mut t, &m, dev, SPACE * 9 / 10 - 50, SPACE + 700);
     }
     assert_eq!(t.check().unwrap(), vec![]);
-    let cp = t.flush().unwrap();
+    let cp = t.write_out().unwrap();
     let mut t = Tree::open(t.into_store(), cp.root, cfg()).unwrap();
     check_scan(&mut t, &m, 5);
 }

@@ -149,7 +149,7 @@ fn check_all(t: &mut Tree<MemStore>, model: &Model) {
 }
 
 fn flush(t: &mut Tree<MemStore>, model: &Model, prev: &mut Option<(NodePtr, Model)>) -> Checkpoint {
-    let cp = t.flush().unwrap();
+    let cp = t.write_out().unwrap();
     // A freed slot must never be one the new tree still uses (the allocator would reuse it).
     let live: std::collections::HashSet<_> = t.node_addrs().unwrap().into_iter().collect();
     assert!(cp.freed.iter().all(|a| !live.contains(a)), "freed {:?} overlaps live {live:?}", cp.freed);

@@ -51,16 +51,16 @@ fn failed_flush_poisons_and_the_last_checkpoint_still_opens() {
     for i in 0..300 {
         t.insert(k(i)).unwrap();
     }
-    let good = t.flush().unwrap();
+    let good = t.write_out().unwrap();
     for i in 300..600 {
         t.insert(k(i)).unwrap();
     }
     let writes = t.store().inner.writes();
     t.store_mut().fail_after = writes + 3;
-    let err = t.flush().unwrap_err();
+    let err = t.write_out().unwrap_err();
     assert!(matches!(err, BtreeError::Store(StoreError::Io { .. })), "{err}");
     assert!(matches!(t.insert(k(1000)), Err(BtreeError::Poisoned)));
-    assert!(matches!(t.flush(), Err(BtreeError::Poisoned)));
+    assert!(matches!(t.write_out(), Err(BtreeError::Poisoned)));
     // Recovery: the last checkpoint is intact.
     let mut store = t.into_store();
     store.fail_after = u64::MAX;
@@ -79,7 +79,7 @@ fn read_errors_are_reported_not_panics() {
     for i in 0..2000 {
         t.insert(k(i)).unwrap();
     }
-    let cp = t.flush().unwrap();
+    let cp = t.write_out().unwrap();
     let mut store = t.into_store();
     store.fail_reads = true;
     let err = Tree::open(store, cp.root, cfg()).unwrap_err();
@@ -92,10 +92,10 @@ fn node_cache_stays_bounded() {
     for i in 0..5000 {
         t.insert(k(i)).unwrap();
         if i % 500 == 0 {
-            t.flush().unwrap();
+            t.write_out().unwrap();
         }
     }
-    let cp = t.flush().unwrap();
+    let cp = t.write_out().unwrap();
     assert!(t.stats().nodes > 200, "the tree must be much larger than the cache");
     let mut t = Tree::open(t.into_store(), cp.root, cfg()).unwrap();
     let mut out = Vec::new();

@@ -1,6 +1,6 @@
 //! Writing a batch of dirty keys home: [`CacheSet::write_back_scanned`] (and
 //! [`CacheSet::write_back_keys`]) validate and pin the keys, copy them to backing
-//! ([`copy_runs`]), sync backing and journal the keys clean. Every writer of dirty data home
+//! (`copy_runs`), sync backing and journal the keys clean. Every writer of dirty data home
 //! runs this path: the background thread, the writeback drain, the engine's own
 //! [`CacheSet::writeback_step`] (detach, leaving writeback mode, a full cache).
 //!
@@ -20,7 +20,7 @@
 //!    holds the range lock from its backing write to its tree update, so once we hold the lock
 //!    and still find the key, no newer backing write of the range exists or can start until we
 //!    are done: a stale copy can never land on backing after newer data. All keys are locked
-//!    and checked before any data moves, so the copies can run back to back ([`copy_runs`]);
+//!    and checked before any data moves, so the copies can run back to back (`copy_runs`);
 //!    a writethrough write into the call's ranges waits for the whole call.
 //! 3. Copy the cached data to backing (in the kernel between buffered files, else through a
 //!    buffer, with the backing writes on a second thread), sync every backing device written.
@@ -35,7 +35,7 @@
 //!
 //! # Foreground priority
 //! Foreground reads need the metadata lock for their lookup, so writeback holds it only for
-//! bounded chunks of CPU work ([`META_CHUNK_KEYS`] keys or runs at a time) and never across
+//! bounded chunks of CPU work (`META_CHUNK_KEYS` keys or runs at a time) and never across
 //! data I/O or a journal commit (`Shared::commit_through` runs without it, see `set.rs`).
 //!
 //! # The copy
@@ -48,7 +48,7 @@
 //!   write time and our read time overlap instead of adding up; short runs (random extents)
 //!   get several writers, so several writes are in flight;
 //! - a long run is queued for writeout as soon as it is written
-//!   ([`crate::dev::BlockDev::start_writeback`]): the disk writes it while the next one is
+//!   ([`crate::dev::BulkCopy::start_writeback`]): the disk writes it while the next one is
 //!   copied, rather than all of the batch during the caller's sync.
 
 use super::policy::{CoalesceLimits, DirtyExtent, coalesce};
@@ -372,7 +372,7 @@ fn cache_pieces(keys: &[Key]) -> Vec<(u64, u64)> {
 
 fn start_writeback_if_long(sh: &Shared, backing: usize, at: u64, len: u64) -> CacheResult<()> {
     if len >= START_WRITEBACK_MIN_BYTES {
-        sh.backings[backing].dev.start_writeback(at, len)?;
+        crate::dev::start_writeback(sh.backings[backing].dev.as_ref(), at, len)?;
     }
     Ok(())
 }
@@ -407,7 +407,7 @@ pub(crate) fn copy_runs(sh: &Shared, runs: &[CopyRun], keys: &[Key]) -> CacheRes
         let mut at = start;
         let mut in_kernel = 0;
         for &(from, n) in &pieces {
-            if !backing.dev.copy_from(sh.cache.as_ref(), from, at, n)? {
+            if !crate::dev::copy_in_kernel(backing.dev.as_ref(), sh.cache.as_ref(), from, at, n)? {
                 break;
             }
             at += n;
@@ -431,7 +431,7 @@ pub(crate) fn copy_runs(sh: &Shared, runs: &[CopyRun], keys: &[Key]) -> CacheRes
 }
 
 /// Backing writes in flight at once when the runs are short (random extents), or when the
-/// backing device says several writes help ([`crate::dev::BlockDev::parallel_writes_help`]: a
+/// backing device says several writes help ([`crate::dev::DevCaps::parallel_writes`]: a
 /// remote volume): each write is a round trip to the device (a seek, a flash write, a network
 /// request), and a device overlaps several of them. Otherwise long runs keep one writer, so
 /// they reach the device in offset order (a disk writes them without seeking back).
@@ -444,7 +444,7 @@ const SHORT_RUN_BYTES: usize = 256 << 10;
 fn writer_count(sh: &Shared, copies: &[MemCopy]) -> usize {
     let total: usize = copies.iter().map(MemCopy::len).sum();
     let short = total / copies.len().max(1) < SHORT_RUN_BYTES;
-    let parallel_device = copies.iter().any(|c| sh.backings[c.backing].dev.parallel_writes_help());
+    let parallel_device = copies.iter().any(|c| sh.backings[c.backing].dev.capabilities().parallel_writes);
     if short || parallel_device { PARALLEL_WRITERS.min(copies.len()) } else { 1 }
 }
 

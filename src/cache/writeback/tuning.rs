@@ -23,7 +23,7 @@ pub struct WritebackConfig {
     pub min_rate: u64,
     /// Highest rate, bytes/s (default 1 GiB/s).
     pub max_rate: u64,
-    /// PI controller gains as inverses (bcache: 40 and 10000); see [`RateConfig`].
+    /// PI controller gains as inverses (bcache: 40 and 10000); see [`super::policy::RateConfig`].
     pub p_term_inverse: u64,
     pub i_term_inverse: u64,
     /// How often the rate is recomputed (bcache: 5 s; default 1 s).
@@ -32,7 +32,7 @@ pub struct WritebackConfig {
     /// (default 70).
     pub urgent_percent: u8,
     /// Keys written per batch at most (default 256; a rate-paced batch is also bounded by
-    /// what the rate allows in [`RATE_SLICE`]).
+    /// what the rate allows in [`super::RATE_SLICE`]).
     pub batch_keys: usize,
     /// Largest coalesced backing write, bytes (default 1 MiB).
     pub max_io_bytes: u64,

@@ -1,13 +1,12 @@
 //! One connection after the accept: handshake then transmission, the request reader and
 //! the requests it runs.
 
-use super::handshake::{discard, handshake};
-use super::listen::{BoxRead, BoxWrite};
+use super::handshake::{Session, discard, handshake};
 use super::reply::{
     BufPool, MAX_BLOCK_STATUS_EXTENTS, MAX_BLOCK_STATUS_LEN, Permits, Reply, ReplyBody, ReplySink,
     WriterState,
 };
-use super::{DeviceCalls, ExportState, Shared};
+use super::{BoxRead, BoxWrite, ConnError, DeviceCalls, ExportState, Shared};
 use crate::dev::{BlockDev, DevError};
 use crate::nbd::proto::{self, ExportParams, Request, RequestHeader, errno};
 use std::io;
@@ -15,17 +14,6 @@ use std::ops::Range;
 use std::sync::Arc;
 use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-
-/// Why a connection ended early. Only logged: it never affects other connections.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum ConnError {
-    #[error("I/O: {0}")]
-    Io(#[from] io::Error),
-    #[error("protocol violation: {0}")]
-    Proto(#[from] proto::ProtoError),
-    #[error("{0}")]
-    Refused(&'static str),
-}
 
 const READ_BUFFER: usize = 256 << 10;
 const WRITE_BUFFER: usize = 256 << 10;
@@ -58,13 +46,6 @@ pub(super) async fn serve_connection(
     if let Err(e) = transmission(reader, writer, &shared, session, stop).await {
         log::debug!("nbd: {peer}: connection closed: {e}");
     }
-}
-
-pub(super) struct Session {
-    pub(super) export: Arc<ExportState>,
-    pub(super) structured: bool,
-    /// `base:allocation` was selected for this export: BLOCK_STATUS is allowed.
-    pub(super) block_status: bool,
 }
 
 async fn transmission(
@@ -105,7 +86,7 @@ async fn transmission(
         device_calls: shared.device_calls,
         min_hole_query_len: shared.min_hole_query_len,
         cheap_writes: shared.device_calls != DeviceCalls::BlockingPool
-            && export.export.dev.writes_are_cheap(),
+            && export.export.dev.capabilities().cheap_writes,
     };
     // The reader checks for shutdown between requests. A client that stops reading replies
     // can keep it waiting for an in-flight slot or in the middle of a payload, so shutdown also
@@ -156,7 +137,7 @@ struct Conn {
     device_calls: DeviceCalls,
     min_hole_query_len: u32,
     /// Non-FUA WRITEs run in the reader itself: the device says a write is a copy into memory
-    /// ([`BlockDev::writes_are_cheap`]) and device calls are not meant for the blocking pool.
+    /// ([`crate::dev::DevCaps::cheap_writes`]) and device calls are not meant for the blocking pool.
     /// A task per write would cost a spawn, a wake-up of another worker and a copy of the
     /// payload, more than the `pwrite` into the page cache itself.
     cheap_writes: bool,
@@ -528,7 +509,7 @@ impl Job {
             Request::Trim { offset, len, .. } => status(dev.discard(offset, u64::from(len))),
             Request::Cache { offset, len } => status(dev.prefetch(offset, u64::from(len))),
             Request::WriteZeroes { offset, len, no_hole, fast_zero, .. } => {
-                if fast_zero && !dev.fast_zero() {
+                if fast_zero && !dev.capabilities().fast_zero {
                     // The client asked to fail rather than be slow.
                     ReplyBody::Status { errno: errno::ENOTSUP }
                 } else {

@@ -1,10 +1,18 @@
 //! The fixed newstyle handshake: option haggling until an export is chosen.
 
-use super::connection::{ConnError, Session};
-use super::{ExportState, Shared};
+use super::{ConnError, ExportState, Shared};
 use crate::nbd::proto::{self, OptionHeader, handshake_flags, info, opt, rep};
 use std::io;
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// What a successful handshake hands to the transmission phase.
+pub(super) struct Session {
+    pub(super) export: Arc<ExportState>,
+    pub(super) structured: bool,
+    /// `base:allocation` was selected for this export: BLOCK_STATUS is allowed.
+    pub(super) block_status: bool,
+}
 
 /// Longest option payload the server skips to keep the handshake going; longer ones end it.
 const MAX_OPTION_DISCARD: u32 = 1 << 20;

@@ -1,7 +1,7 @@
 //! Listening sockets, the accept loop and the [`Server`] that owns them.
 
 use super::connection::serve_connection;
-use super::{ListenAddr, ServerConfig, ServerError, Shared};
+use super::{BoxRead, BoxWrite, ListenAddr, ServerConfig, ServerError, Shared};
 use crate::dev::BlockDev;
 use std::future::Future;
 use std::io;
@@ -68,14 +68,7 @@ impl Server {
         let mut out = Vec::new();
         for addr in self.local_addrs() {
             for e in &self.shared.exports {
-                let name = uri_escape(&e.export.name);
-                out.push(match &addr {
-                    ListenAddr::Tcp(sa) if name.is_empty() => format!("nbd://{sa}"),
-                    ListenAddr::Tcp(sa) => format!("nbd://{sa}/{name}"),
-                    ListenAddr::Unix(p) => {
-                        format!("nbd+unix:///{name}?socket={}", uri_escape(&p.to_string_lossy()))
-                    }
-                });
+                out.push(crate::nbd::uri::export_uri(&addr, &e.export.name));
             }
         }
         out
@@ -154,18 +147,6 @@ async fn remove_stale_socket(path: &Path) -> io::Result<()> {
     }
 }
 
-fn uri_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let mut conns = JoinSet::new();
     loop {
@@ -197,9 +178,6 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, mut stop: watch::R
     while conns.join_next().await.is_some() {}
 }
 
-pub(super) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
-pub(super) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
-
 async fn accept(listener: &Listener) -> io::Result<(BoxRead, BoxWrite, String)> {
     match listener {
         Listener::Tcp(l) => {
@@ -214,17 +192,5 @@ async fn accept(listener: &Listener) -> io::Result<(BoxRead, BoxWrite, String)> 
             let (r, w) = s.into_split();
             Ok((Box::new(r), Box::new(w), format!("unix:{}", path.display())))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn uri_escape_keeps_unreserved_and_escapes_the_rest() {
-        assert_eq!(uri_escape("disk-1_a.b~/x"), "disk-1_a.b~/x");
-        assert_eq!(uri_escape("a b?&%"), "a%20b%3F%26%25");
-        assert_eq!(uri_escape("é"), "%C3%A9");
     }
 }

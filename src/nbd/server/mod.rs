@@ -15,7 +15,7 @@
 //!   costs one `write` system call and an uncontended reply costs no task hand-off.
 //!
 //! Non-FUA WRITEs to a device whose writes are copies into memory
-//! ([`BlockDev::writes_are_cheap`]: a buffered file, where a write lands in the page cache) run
+//! ([`crate::dev::DevCaps::cheap_writes`]: a buffered file, where a write lands in the page cache) run
 //! in the reader itself, straight from the read buffer: no task, no payload copy, no wake-up of
 //! another worker. The reader defers their replies and writes them all at once when it is about
 //! to wait for the client (or has `MAX_DEFERRED_REPLIES` of them), so a burst of writes costs
@@ -89,7 +89,24 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
+
+/// The two halves of an accepted stream (TCP or Unix socket), boxed so one connection loop
+/// serves both.
+pub(super) type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+pub(super) type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Why a connection ended early. Only logged: it never affects other connections.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ConnError {
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol violation: {0}")]
+    Proto(#[from] proto::ProtoError),
+    #[error("{0}")]
+    Refused(&'static str),
+}
 
 /// One named export.
 #[derive(Debug, Clone)]
@@ -294,7 +311,7 @@ impl Shared {
                 return Err(ServerError::DuplicateExport(export.name));
             }
             let size = export.dev.len();
-            let read_only = export.read_only || export.dev.is_read_only();
+            let read_only = export.read_only || export.dev.capabilities().read_only;
             exports.push(Arc::new(ExportState { export, size, read_only, syncer: Arc::default() }));
         }
         Ok(Self {

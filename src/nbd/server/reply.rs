@@ -1,6 +1,6 @@
 //! Replies: the payload buffer pool, the reply queue any finisher drains, and the encoders.
 
-use super::listen::BoxWrite;
+use super::BoxWrite;
 use crate::nbd::proto;
 use std::io;
 use std::ops::Range;

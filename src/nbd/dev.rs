@@ -14,9 +14,9 @@
 //! every later call fails at once with an I/O error: a dead server gives errors, never a hang.
 //! There is no reconnect.
 
-use super::{BlockDev, DevError, DevResult, write_zeroes_by_writing};
-use crate::nbd::client::{ClientError, ClientOptions, NbdClient};
-use crate::nbd::proto::{self, cmd_flags, transmission_flags as tf};
+use super::client::{ClientError, ClientOptions, NbdClient};
+use super::proto::{self, cmd_flags, transmission_flags as tf};
+use crate::dev::{BlockDev, DevCaps, DevError, DevResult, write_zeroes_by_writing};
 use parking_lot::Mutex;
 use std::future::Future;
 use std::io;
@@ -132,7 +132,7 @@ fn connect_error(uri: &str, e: impl std::fmt::Display) -> DevError {
     }
 }
 
-/// One request spawned on the runtime; [`Pending::wait`] blocks the caller for its answer.
+/// One request spawned on the runtime; [`NbdDev::wait`] blocks the caller for its answer.
 struct Pending<T> {
     rx: mpsc::Receiver<Result<T, ClientError>>,
 }
@@ -147,7 +147,7 @@ impl NbdDev {
     /// Connects with explicit options.
     pub fn connect_with(uri: &str, opts: &NbdDevOptions) -> DevResult<NbdDev> {
         // Parse first so a bad URI is an `Invalid` error, not a connection failure.
-        crate::nbd::client::parse_uri(uri).map_err(|e| DevError::Invalid(e.to_string()))?;
+        super::client::parse_uri(uri).map_err(|e| DevError::Invalid(e.to_string()))?;
         let (handle_tx, handle_rx) = mpsc::sync_channel(1);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Option<Arc<NbdClient>>>();
         // The runtime is built, run and dropped on its own thread: dropping a runtime inside an
@@ -369,11 +369,6 @@ impl BlockDev for NbdDev {
         self.size
     }
 
-    /// Every request is a round trip to the server, and the connection carries many at once.
-    fn parallel_writes_help(&self) -> bool {
-        true
-    }
-
     fn read_at(&self, buf: &mut [u8], offset: u64) -> DevResult<()> {
         let len = buf.len() as u64;
         DevError::check_range("read", offset, len, self.size)?;
@@ -460,8 +455,10 @@ impl BlockDev for NbdDev {
         self.range_command("prefetch", proto::Command::Cache, 0, offset, len)
     }
 
-    fn is_read_only(&self) -> bool {
-        self.has(tf::READ_ONLY)
+    /// Every request is a round trip to the server, and the connection carries many at once:
+    /// parallel writes help. Read-only as the server says.
+    fn capabilities(&self) -> DevCaps<'_> {
+        DevCaps { read_only: self.has(tf::READ_ONLY), parallel_writes: true, ..DevCaps::default() }
     }
 }
 

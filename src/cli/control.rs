@@ -1,14 +1,17 @@
-//! The control commands of the `ubcache` command line, ready to embed: `main.rs` adds
-//! `#[command(flatten)] Ctl(ubcache::ctl::cli::CtlCommand)` to its subcommands and calls
-//! [`run_cli`]. Flags map onto [`CtlArgs`]; the work is [`run_ctl_command`] and, for `flush`,
+//! The control commands of the `ubcache` command line (`stats`, `set-mode`, `flush`, ...), sent
+//! to a running server over its control socket: the CLI flattens [`CtlCommand`] into its
+//! subcommands and calls [`run`] (or [`run_cli`] with its own output streams). Flags map onto [`CtlArgs`]; the work is [`run_ctl_command`] and, for `flush`,
 //! [`wait_for_flush`] with the progress bar.
 
-use super::client::{CtlArgs, render_flush_progress, run_ctl_command, wait_for_flush};
-use super::knobs::CacheMode;
-use super::{CtlError, FlushState, socket_path};
+use super::ServeError;
+use super::defaults::DEFAULT_DATA_DIR;
+use crate::ctl::client::{CtlArgs, render_flush_progress, run_ctl_command, wait_for_flush};
+use crate::ctl::knobs::CacheMode;
+use crate::ctl::{CtlError, FlushState, socket_path};
 use clap::{Args, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 /// Where the control socket is.
@@ -35,7 +38,7 @@ impl SocketArgs {
 }
 
 fn parse_mode(text: &str) -> Result<CacheMode, String> {
-    super::knobs::parse_mode(text).map_err(|e| e.to_string())
+    crate::ctl::knobs::parse_mode(text).map_err(|e| e.to_string())
 }
 
 /// Control commands sent to a running server.
@@ -196,4 +199,18 @@ pub fn run_cli_polling(
         }
     }
     Ok(())
+}
+
+/// Runs one control command against the default data directory's socket unless the flags name
+/// another; failures are printed here and exit with 1.
+pub fn run(command: &CtlCommand) -> Result<ExitCode, ServeError> {
+    let mut out = std::io::stdout();
+    let mut progress = std::io::stderr();
+    match run_cli(command, Path::new(DEFAULT_DATA_DIR), &mut out, &mut progress) {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            eprintln!("ubcache: error: {}", e.message());
+            Ok(ExitCode::from(1))
+        }
+    }
 }

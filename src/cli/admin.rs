@@ -4,13 +4,14 @@
 //! check), so none of them runs on files a server is using: an offline check of a live cache
 //! would read a state that is changing under it.
 
-use super::{BackingLock, ServeError};
+use super::{BackingLock, CheckArgs, FormatArgs, ServeError, ShowArgs, print_json, print_stdout};
 use crate::cache::FormatOptions;
 use crate::check::Report;
 use crate::dev::{BlockDev, FileDev, FileDevOptions, SECTOR_SIZE};
 use crate::format::{self, BackingState, CACHE_SB_MAGIC, SB_A_OFFSET_BYTES, SB_B_OFFSET_BYTES};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 
 /// What `ubcache format` is asked to do.
@@ -73,11 +74,11 @@ fn has_cache_magic(dev: &dyn BlockDev) -> Result<bool, crate::dev::DevError> {
 /// whose first 8 KiB are not all zero (the header would overwrite them, and the export starts
 /// 8 KiB later, so existing contents would appear shifted).
 pub fn format_cache(req: &FormatRequest) -> Result<FormatSummary, ServeError> {
-    if req.backing.iter().any(|b| super::same_file(b, &req.cache)) {
+    if req.backing.iter().any(|b| super::exports::same_file(b, &req.cache)) {
         return Err(ServeError::Usage("the cache file is also given as a backing device".into()));
     }
     for (i, b) in req.backing.iter().enumerate() {
-        if req.backing[..i].iter().any(|o| super::same_file(o, b)) {
+        if req.backing[..i].iter().any(|o| super::exports::same_file(o, b)) {
             return Err(ServeError::Usage(format!("backing device {} is given twice", b.display())));
         }
     }
@@ -136,7 +137,7 @@ pub fn format_cache(req: &FormatRequest) -> Result<FormatSummary, ServeError> {
     for path in &req.backing {
         let dev: Arc<dyn BlockDev> = if super::is_nbd_uri(path) {
             Arc::new(
-                crate::dev::NbdDev::connect(&path.to_string_lossy())
+                crate::nbd::NbdDev::connect(&path.to_string_lossy())
                     .map_err(|source| ServeError::Backing { path: path.clone(), source })?,
             )
         } else {
@@ -483,4 +484,72 @@ pub fn check_text(report: &Report) -> String {
         report.journal_entries_replayed
     );
     out
+}
+
+/// `ubcache format`: formats, then prints what it made.
+pub(super) fn run_format(args: &FormatArgs) -> Result<ExitCode, ServeError> {
+    let summary = format_cache(&FormatRequest {
+        cache: args.cache.clone(),
+        backing: args.backing.clone(),
+        bucket_bytes: args.bucket_size,
+        node_bytes: args.node_size,
+        size: args.size,
+        force: args.force,
+    })?;
+    if args.json {
+        print_json(&summary)?;
+    } else {
+        let mut text = format!(
+            "formatted cache set {} on {}: {} buckets of {} bytes, btree nodes of {} bytes\n",
+            summary.set_uuid,
+            args.cache.display(),
+            summary.nbuckets,
+            summary.bucket_bytes,
+            summary.node_bytes
+        );
+        for (i, (path, export)) in summary.backing.iter().enumerate() {
+            text.push_str(&format!(
+                "backing dev {i}: {} (export {export} bytes, starting 8 KiB into the device)\n",
+                path.display()
+            ));
+        }
+        print_stdout(&text);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ubcache show`.
+pub(super) fn run_show(args: &ShowArgs) -> Result<ExitCode, ServeError> {
+    let report = show(args.cache.as_deref(), &args.backing)?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        print_stdout(&show_text(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit code of `ubcache check` when it could not run at all.
+const CHECK_COULD_NOT_RUN: u8 = 3;
+
+/// `ubcache check`: exit 0 clean, 1 problems, 3 could not check.
+pub(super) fn run_check(args: &CheckArgs) -> Result<ExitCode, ServeError> {
+    match check(&args.cache, &args.backing) {
+        Ok(report) => {
+            if args.json {
+                print_json(&serde_json::json!({ "clean": report.is_clean(), "report": report }))?;
+            } else {
+                print_stdout(&check_text(&report));
+            }
+            Ok(if report.is_clean() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Err(err) if err.exit_code() == 2 => Err(err),
+        Err(err) => {
+            if args.json {
+                print_json(&serde_json::json!({ "clean": false, "error": err.to_string() }))?;
+            }
+            eprintln!("ubcache: check could not run: {err}");
+            Ok(ExitCode::from(CHECK_COULD_NOT_RUN))
+        }
+    }
 }

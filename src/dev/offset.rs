@@ -3,10 +3,9 @@
 //!
 //! Cached exports need no adapter: the NBD server advertises a minimum block size of 1 byte, and
 //! the engine's `CachedDev` does its own read-modify-write of partial sectors under its per-range
-//! lock. (An earlier sector-aligning wrapper here did a second read-modify-write and took a
-//! global lock on every write.)
+//! lock.
 
-use crate::dev::{BlockDev, DevError, DevResult, SECTOR_SIZE};
+use super::{BlockDev, DevCaps, DevError, DevResult, SECTOR_SIZE};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -63,9 +62,6 @@ impl BlockDev for OffsetDev {
         let at = self.shift("write_zeroes", offset, len)?;
         self.inner.write_zeroes(at, len, may_unmap)
     }
-    fn fast_zero(&self) -> bool {
-        self.inner.fast_zero()
-    }
     fn known_zero_ranges(&self, offset: u64, len: u64) -> DevResult<Vec<Range<u64>>> {
         let at = self.shift("block_status", offset, len)?;
         let ranges = self.inner.known_zero_ranges(at, len)?;
@@ -82,11 +78,11 @@ impl BlockDev for OffsetDev {
         let at = self.shift("cache", offset, len)?;
         self.inner.prefetch(at, len)
     }
-    fn is_read_only(&self) -> bool {
-        self.inner.is_read_only()
-    }
-    fn writes_are_cheap(&self) -> bool {
-        self.inner.writes_are_cheap()
+    /// The inner device's capabilities without the bulk-copy extension: that one works at the
+    /// inner device's offsets, and no bulk writer uses an offset window (only passthrough exports
+    /// do).
+    fn capabilities(&self) -> DevCaps<'_> {
+        DevCaps { bulk: None, ..self.inner.capabilities() }
     }
 }
 
