@@ -15,11 +15,9 @@
 //! (detached before the restart) is served straight from the device under a dev id no
 //! registered device uses, attaches with the same ordering, and stays attached; a device bound
 //! to another cache set is refused untouched.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{Cut, TINY, crash_modes, tiny_config};
+use crate::fixtures::{TINY, tiny_config};
+use crate::power_cut::{Cut, crash_modes};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;

@@ -2,11 +2,8 @@
 //! detected with a clear error when the cache set is opened: never a panic, never a silent wrong
 //! read. Where a flip hits metadata that is no longer in use, the set opens and every read is
 //! still right.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{TINY, tiny_config};
+use crate::fixtures::{TINY, tiny_config};
 use std::sync::Arc;
 use ubcache::cache::{CacheError, CacheMode, CacheSet, Metadata};
 use ubcache::check::ProblemKind;
