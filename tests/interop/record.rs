@@ -4,15 +4,14 @@
 //! unrecorded, and the real server's log survives a SIGKILL and matches the backing file after
 //! qemu-io and fio (replayed with `ubcache replay`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-use crate::common;
+use crate::support as common;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex as StdMutex, mpsc};
 use std::time::Duration;
 
-use common::{UbcacheServer, make_file, require_root, require_tool, run_bounded, s, ubcache};
+use crate::tools::require_tool;
+use common::{UbcacheServer, make_file, require_root, run_bounded, s, ubcache};
 use proptest::prelude::*;
 use ubcache::dev::{BlockDev, DevCaps, DevError, DevResult, MemDev};
 use ubcache::nbd::NbdDev;

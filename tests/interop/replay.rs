@@ -10,9 +10,7 @@
 //! - The `--check` loop: stops at the first failing point naming it, `--keep-going` counts, and a
 //!   command that changes the image is refused.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-use crate::common;
+use crate::support as common;
 
 use common::s;
 use proptest::prelude::*;
