@@ -43,6 +43,7 @@ pub mod exports;
 pub mod locks;
 pub mod options;
 pub mod record;
+pub mod replay;
 pub mod serve;
 
 pub use crate::cache::CacheMode;
@@ -97,7 +98,7 @@ enum Command {
     Check(CheckArgs),
     /// Replay a recording log (`serve --record`): list it, rebuild the export at a flush, FUA
     /// write or mark, build the crash states a power cut allows, or check every such point.
-    Replay(crate::record::replay::cli::ReplayArgs),
+    Replay(replay::ReplayArgs),
     /// Control commands sent to a running cached `ubcache serve` over its control socket.
     #[command(flatten)]
     Ctl(control::CtlCommand),
@@ -332,7 +333,7 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_level.as_deref());
     let result = match cli.command {
         Command::Replay(args) => {
-            return match crate::record::replay::cli::run(&args) {
+            return match replay::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(failure) => {
                     eprintln!("ubcache: error: {}", failure.message);

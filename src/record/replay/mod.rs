@@ -24,7 +24,6 @@
 //! - [`check`]: the `--check` loop.
 
 pub mod check;
-pub mod cli;
 pub mod crash;
 pub mod image;
 pub mod index;

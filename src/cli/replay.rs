@@ -3,11 +3,11 @@
 //! Exit status: 0 success (a listing, images written, every checked point passed); 1 a run-time
 //! failure (damaged log, image I/O, a check point failed); 2 a usage error.
 
-use super::check::{self, CheckObserver, CheckRequest, Each, PointResult};
-use super::crash::Unflushed;
-use super::image::ImageOptions;
-use super::index::{LogEnd, LogIndex};
-use super::{EndPoint, ReplayError, ReplayRequest};
+use crate::record::replay::check::{self, CheckObserver, CheckRequest, Each, PointResult};
+use crate::record::replay::crash::Unflushed;
+use crate::record::replay::image::ImageOptions;
+use crate::record::replay::index::{LogEnd, LogIndex};
+use crate::record::replay::{EndPoint, ReplayError, ReplayRequest};
 use clap::Args;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -140,7 +140,7 @@ pub fn run(args: &ReplayArgs) -> Result<(), Failure> {
         states: args.states,
         image: ImageOptions { force: args.force, start_from: args.start_from.clone() },
     };
-    for state in super::replay(&req)? {
+    for state in crate::record::replay::replay(&req)? {
         let mut line = format!("wrote {}: {end}", state.path.display());
         if let Some(mode) = args.unflushed {
             line.push_str(&format!(
@@ -182,11 +182,11 @@ fn clock_seed() -> u64 {
 fn list(args: &ReplayArgs) -> Result<(), Failure> {
     let index = LogIndex::scan(&args.log)?;
     if args.json {
-        let text = serde_json::to_string_pretty(&super::list::json(&index))
+        let text = serde_json::to_string_pretty(&crate::record::replay::list::json(&index))
             .map_err(|e| Failure { message: format!("cannot encode the listing: {e}"), exit_code: 1 })?;
         out(&format!("{text}\n"));
     } else {
-        out(&super::list::text(&index));
+        out(&crate::record::replay::list::text(&index));
     }
     damage_is_an_error(&args.log, &index.end)
 }
