@@ -2,6 +2,9 @@
 //! crash ordering of node writes, store errors, refused writes, decoding random bytes, checked
 //! appended bsets and opening inconsistent multi-node trees.
 
+// Tests state their expectations by unwrapping.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod appended_bsets;
 mod basic;
 mod crash_ordering;

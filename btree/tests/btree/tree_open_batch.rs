@@ -4,7 +4,8 @@
 //! chains deeper than the maximum. Each crafted tree is refused with the typed error; then a
 //! bounded batch of generated trees (`ubcache_btree::fuzzing::tree_open`, which the cargo-fuzz
 //! target `btree_tree_open` runs too) must open clean or be refused, never panic.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+// A refusal that did not happen is reported with what was accepted.
+#![allow(clippy::panic)]
 
 use std::time::{Duration, Instant};
 use ubcache_btree::format::{self, ChildEntry, NodeHeader};
