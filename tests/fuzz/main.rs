@@ -1,6 +1,9 @@
 //! Fuzzing without a fuzzer: the corpus under `fuzz/corpus` replayed, and bounded random batches
-//! of format records and NBD requests.
+//! of format records, NBD requests, the NBD client against hostile servers and whole mutated
+//! cache images opened.
 
 mod corpus;
 mod format_batch;
 mod nbd_batch;
+mod nbd_client_batch;
+mod open_batch;
