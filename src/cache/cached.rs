@@ -4,7 +4,7 @@
 //! allocate cache space, drop it for the data transfer, take it again to insert keys. Requests
 //! that are not whole 512-byte sectors are served by read-modify-write of the partial sectors.
 
-use super::error::{CacheError, CacheResult};
+use super::error::{CacheError, CacheResult, Metadata};
 use super::inflight::{DevRange, FillId};
 use super::policy::{
     BypassReason, CacheMode, WriteRoute, read_bypass_reason, write_bypass_reason, write_route,
@@ -146,13 +146,9 @@ impl CachedDev {
         let bypass = if force_fill && mode != CacheMode::None {
             None
         } else {
-            let (stream, sequential) = {
-                let mut seq = self.shared.seq.lock();
-                let stream = seq.observe_stream(dev, start * SECTOR_SIZE, buf.len() as u64);
-                (stream, seq.past_cutoff(stream))
-            };
+            let (stream, sequential) = self.shared.observe_stream(dev, start * SECTOR_SIZE, buf.len() as u64);
             // Only a read that is not already bypassing asks about congestion (cheap anyway).
-            let congested = !sequential && self.shared.congestion.read_bypasses(stream);
+            let congested = !sequential && self.shared.read_congested(stream);
             read_bypass_reason(mode, sequential, congested)
         };
         let fill = bypass.is_none();
@@ -163,24 +159,22 @@ impl CachedDev {
             check_mapping(&segs, start, end)?;
             for seg in segs {
                 match seg {
-                    Segment::Cached(k) => {
-                        match m.tree.store_mut().alloc.pin(k.ptr.offset, k.ptr.generation) {
-                            Ok(bucket) => {
-                                m.tree.store_mut().alloc.touch(bucket);
-                                pieces.push(Piece::Hit { start: k.start(), end: k.end, ptr: k.ptr, bucket });
-                            }
-                            Err(AllocError::Stale { .. }) => {
-                                let id = fill.then(|| m.fills.register(self.range(k.start(), k.end)));
-                                pieces.push(Piece::Miss {
-                                    start: k.start(),
-                                    end: k.end,
-                                    expected: Some(k),
-                                    fill: id,
-                                });
-                            }
-                            Err(e) => return self.shared.fail(e.into()),
+                    Segment::Cached(k) => match m.alloc_mut().pin(k.ptr.offset, k.ptr.generation) {
+                        Ok(bucket) => {
+                            m.alloc_mut().touch(bucket);
+                            pieces.push(Piece::Hit { start: k.start(), end: k.end, ptr: k.ptr, bucket });
                         }
-                    }
+                        Err(AllocError::Stale { .. }) => {
+                            let id = fill.then(|| m.fills.register(self.range(k.start(), k.end)));
+                            pieces.push(Piece::Miss {
+                                start: k.start(),
+                                end: k.end,
+                                expected: Some(k),
+                                fill: id,
+                            });
+                        }
+                        Err(e) => return self.shared.fail(e.into()),
+                    },
                     Segment::Hole { start, end } => {
                         let id = fill.then(|| m.fills.register(self.range(start, end)));
                         pieces.push(Piece::Miss { start, end, expected: None, fill: id });
@@ -199,10 +193,7 @@ impl CachedDev {
             let r = match p {
                 Piece::Hit { ptr, .. } => {
                     Stats::add(&self.shared.stats.read_hits, e - s);
-                    let began = std::time::Instant::now();
-                    let r = self.shared.cache.read_at(part, ptr.offset * SECTOR_SIZE);
-                    self.shared.congestion.read.record(began.elapsed());
-                    r
+                    self.shared.read_cache(part, ptr.offset)
                 }
                 Piece::Miss { .. } => {
                     Stats::add(&self.shared.stats.read_misses, e - s);
@@ -215,10 +206,10 @@ impl CachedDev {
             }
         }
         {
-            let mut m = self.shared.meta.lock();
+            let mut m = self.shared.lock_meta_to_release();
             for p in &pieces {
                 if let Piece::Hit { bucket, .. } = p {
-                    m.tree.store_mut().alloc.unpin(*bucket)?;
+                    m.alloc_mut().unpin(*bucket)?;
                 }
             }
             if result.is_err() {
@@ -251,7 +242,7 @@ impl CachedDev {
                         any_filled |= filled;
                     }
                     Err(err) => {
-                        self.shared.meta.lock().fills.finish(id);
+                        self.shared.lock_meta_to_release().fills.finish(id);
                         log::warn!(
                             "cache fill of dev {} sectors {s}..{e} failed: {err}",
                             self.backing.dev_id
@@ -317,9 +308,7 @@ impl CachedDev {
         } else if collided {
             Stats::add(&self.shared.stats.collisions, 1);
         }
-        for a in &allocs {
-            m.tree.store_mut().alloc.unpin(a.bucket)?;
-        }
+        m.unpin_allocs(&allocs)?;
         if let Err(e) = result {
             return self.shared.fail(e);
         }
@@ -332,10 +321,7 @@ impl CachedDev {
         let mut at = 0usize;
         for a in allocs {
             let n = a.sectors as usize * SECTOR_SIZE as usize;
-            let began = std::time::Instant::now();
-            let r = self.shared.cache.write_at(&data[at..at + n], a.offset * SECTOR_SIZE);
-            self.shared.congestion.write.record(began.elapsed());
-            r?;
+            self.shared.write_cache(&data[at..at + n], a.offset)?;
             at += n;
         }
         Ok(())
@@ -351,13 +337,10 @@ impl CachedDev {
     fn write_sectors(&self, data: &[u8], start: u64, fua: bool) -> CacheResult<()> {
         let end = start + data.len() as u64 / SECTOR_SIZE;
         let mode = self.mode();
-        let (stream, sequential) = {
-            let mut seq = self.shared.seq.lock();
-            let stream = seq.observe_stream(self.backing.dev_id, start * SECTOR_SIZE, data.len() as u64);
-            (stream, seq.past_cutoff(stream))
-        };
+        let (stream, sequential) =
+            self.shared.observe_stream(self.backing.dev_id, start * SECTOR_SIZE, data.len() as u64);
         let caching_mode = matches!(mode, CacheMode::Writeback | CacheMode::Writethrough);
-        let congested = caching_mode && !sequential && self.shared.congestion.write_bypasses(stream);
+        let congested = caching_mode && !sequential && self.shared.write_congested(stream);
         let bypass = write_bypass_reason(mode, sequential, congested);
         // A bypassing write over dirty data stays in the cache in writeback mode (see
         // `write_route`): the same rule for a sequential and a congestion bypass.
@@ -409,10 +392,8 @@ impl CachedDev {
     }
 
     fn unpin_all(&self, allocs: &[SectorAlloc]) -> CacheResult<()> {
-        let mut m = self.shared.meta.lock();
-        for a in allocs {
-            m.tree.store_mut().alloc.unpin(a.bucket)?;
-        }
+        let mut m = self.shared.lock_meta_to_release();
+        m.unpin_allocs(allocs)?;
         Ok(())
     }
 
@@ -430,7 +411,7 @@ impl CachedDev {
         if !dirty && io.is_ok() {
             // Writethrough: backing too, under the writeback range lock (rule 6), after the
             // clean cached copy of the range is durably invalidated.
-            _guard = self.shared.wb_locks.lock(self.range(start, end));
+            _guard = self.shared.lock_backing_range(self.range(start, end));
             {
                 let mut m = self.shared.lock_meta()?;
                 if let Err(e) = self.prepare_backing_write(&mut m, start, end) {
@@ -462,9 +443,7 @@ impl CachedDev {
                 at += u64::from(a.sectors);
             }
         }
-        for a in allocs {
-            m.tree.store_mut().alloc.unpin(a.bucket)?;
-        }
+        m.unpin_allocs(allocs)?;
         match result {
             Ok(()) => {}
             Err(e @ CacheError::Dev(_)) => return Err(e),
@@ -484,7 +463,7 @@ impl CachedDev {
     /// than the dirty one. Discard leaves dirty data alone (it is advisory) and skips those
     /// sectors.
     fn write_backing(&self, op: BackingOp<'_>, start: u64, end: u64, fua: bool) -> CacheResult<()> {
-        let _guard = self.shared.wb_locks.lock(self.range(start, end));
+        let _guard = self.shared.lock_backing_range(self.range(start, end));
         let dev = self.backing.dev_id;
         // Sub-ranges to send to backing (discard skips dirty ones).
         let mut targets = vec![(start, end)];
@@ -590,16 +569,22 @@ fn check_mapping(segs: &[Segment], start: u64, end: u64) -> CacheResult<()> {
     let mut at = start;
     for s in segs {
         if s.start() != at || s.end() <= s.start() || s.end() > end {
-            return Err(CacheError::Corrupted(format!(
-                "read mapping of [{start}, {end}) has segment [{}, {}) where sector {at} was expected",
-                s.start(),
-                s.end()
-            )));
+            return Err(CacheError::corrupted(
+                Metadata::Btree,
+                format!(
+                    "read mapping of [{start}, {end}) has segment [{}, {}) where sector {at} was expected",
+                    s.start(),
+                    s.end()
+                ),
+            ));
         }
         at = s.end();
     }
     if at != end {
-        return Err(CacheError::Corrupted(format!("read mapping of [{start}, {end}) ends at {at}")));
+        return Err(CacheError::corrupted(
+            Metadata::Btree,
+            format!("read mapping of [{start}, {end}) ends at {at}"),
+        ));
     }
     Ok(())
 }

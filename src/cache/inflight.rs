@@ -1,6 +1,6 @@
-//! Bookkeeping for I/O that runs outside the metadata lock (DESIGN "data I/O outside metadata
-//! locks"): in-flight read-miss fills (collision detection) and writeback ranges that backing
-//! writes must not overtake. (Read pins on buckets live in the allocator.)
+//! Bookkeeping for I/O that runs outside the metadata lock (`docs/design.md`, "Data path"):
+//! in-flight read-miss fills (collision detection) and writeback ranges that backing writes must
+//! not overtake. (Read pins on buckets live in the allocator.)
 
 use parking_lot::{Condvar, Mutex};
 
@@ -30,11 +30,11 @@ struct Fill {
     collided: bool,
 }
 
-/// In-flight read-miss fills (CACHE_DESIGN rule 5). A fill reads backing outside the metadata
-/// lock and inserts the data afterwards; any write or invalidation that touches its range in
-/// between makes the data it read possibly stale, so the fill is marked collided and its insert is
-/// dropped. Lives under the engine's metadata lock, so registration and collision marking are
-/// ordered with the btree updates they race against.
+/// In-flight read-miss fills (crash rule 5 of `docs/design.md`). A fill reads backing outside
+/// the metadata lock and inserts the data afterwards; any write or invalidation that touches its
+/// range in between makes the data it read possibly stale, so the fill is marked collided and its
+/// insert is dropped. Lives under the engine's metadata lock, so registration and collision
+/// marking are ordered with the btree updates they race against.
 #[derive(Debug, Default)]
 pub struct FillTracker {
     next_id: u64,
@@ -84,7 +84,8 @@ impl FillTracker {
 
 /// Ranges being written back (read from cache, written to backing). A write that goes to backing
 /// directly waits until no writeback overlaps its range and holds the range meanwhile, so a stale
-/// writeback copy can never land on backing after newer data (CACHE_DESIGN rule 6).
+/// writeback copy can never land on backing after newer data (crash rule 6 of
+/// `docs/design.md`).
 #[derive(Debug, Default)]
 pub struct RangeLocks {
     held: Mutex<Vec<(u64, DevRange)>>,

@@ -1,21 +1,23 @@
 //! The cache engine: a cache set (one cache device shared by backing devices) and, per backing
 //! device, a [`crate::dev::BlockDev`] that serves it through the cache.
 //!
-//! - [`set`]: [`CacheSet`] (format, open with crash recovery, commit/FLUSH, checkpoint,
-//!   reclaim, writeback) — its module doc lists where each crash-ordering rule is kept.
+//! - [`set`]: [`CacheSet`], split by responsibility: `open` (format, open with crash recovery,
+//!   the load path fsck shares), `commit` (commit/FLUSH, checkpoint, reclaim), `attach` (attach,
+//!   detach, mode) — its module doc lists where each crash-ordering rule is kept.
 //! - [`cached`]: [`CachedDev`], the per-backing data path for every [`CacheMode`].
 //! - [`policy`]: mode decisions and the sequential-cutoff detector, as pure functions.
 //! - [`inflight`]: fill/collision tracking and the writeback range lock.
 //! - [`writeback`]: writing dirty data home (the engine's writeback step and drain).
 //! - [`usage`]: bucket, dirty and journal usage ([`CacheSet::usage`]).
-//! - [`crate::check`]: the fsck (offline [`crate::check::check`], online [`CacheSet::check`]).
+//! - [`verify`]: the cross-checks of fsck as pure functions, run online by [`CacheSet::check`]
+//!   and offline by [`crate::check::check`] (which consumes the recovery load path).
 //!
-//! # Decisions beyond DESIGN.md / CACHE_DESIGN.md
-//! - **Commits run under the metadata lock.** `Journal::commit` writes every pending entry, not
-//!   only those up to the caller's seq, so an entry appended during another caller's cache sync
-//!   could reach a record before its data is durable. Holding the lock from the data sync to the
-//!   journal write rules that out. Group commit still coalesces: one commit covers every entry
-//!   appended before it.
+//! # Decisions (the design, its numbered crash rules and the lock order: `docs/design.md`)
+//! - **Commits run outside the metadata lock** (FLUSH, FUA, writeback, a full journal buffer):
+//!   the committer notes the last appended entry, syncs, and writes only the entries up to it
+//!   (`Journal::commit_through`), so an entry appended during its sync, whose data may not be
+//!   durable yet, cannot reach the record (crash rule 1). Group commit still coalesces. Commits
+//!   inside a larger locked step (reclaim, checkpoint, attach/detach) run under the lock.
 //! - **A journal commit syncs the backing devices that took writes first.** So a durable clean
 //!   key never claims data that backing could still lose.
 //! - **Before a write to backing over cached data, pending entries are committed** (and clean
@@ -57,10 +59,11 @@ pub mod set;
 pub mod stats;
 mod store;
 pub mod usage;
+pub mod verify;
 pub mod writeback;
 
 pub use cached::CachedDev;
-pub use error::{CacheError, CacheResult};
+pub use error::{CacheError, CacheResult, Corruption, Metadata};
 pub use policy::{BypassReason, CacheMode, SequentialDetector, WriteRoute};
 pub use set::{CacheConfig, CacheSet, Congestion, FormatOptions, RecoveryReport, format};
 pub use stats::{Stats, StatsSnapshot};

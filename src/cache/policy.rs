@@ -91,9 +91,9 @@ pub enum WriteRoute {
 ///
 /// `sequential_bypass`: the sequential-cutoff detector says this stream bypasses the cache.
 /// `overlaps_dirty`: some sector of the write is currently cached dirty. In writeback mode such a
-/// write goes to the cache even when it would bypass (CACHE_DESIGN rule 6: a bypass write to
-/// backing could race the writeback of the older dirty copy). In the other modes the engine sends
-/// it to backing with the ordering "write backing, sync backing, then invalidate".
+/// write goes to the cache even when it would bypass (crash rule 6 of `docs/design.md`: a bypass
+/// write to backing could race the writeback of the older dirty copy). In the other modes the
+/// engine sends it to backing with the ordering "write backing, sync backing, then invalidate".
 #[must_use]
 pub fn write_route(mode: CacheMode, sequential_bypass: bool, overlaps_dirty: bool) -> WriteRoute {
     match mode {

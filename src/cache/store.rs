@@ -5,7 +5,7 @@
 //!
 //! The allocator lives here (not beside the tree) because the btree calls
 //! [`NodeStore::alloc`] from inside [`ubcache_btree::Tree::flush`]; the engine reaches it through
-//! `tree.store_mut().alloc`.
+//! `Meta::alloc` / `Meta::alloc_mut` (in `cache::set`).
 
 use crate::alloc::{AllocError, Allocator, BucketState, OpenKind};
 use crate::dev::{BlockDev, SECTOR_SIZE};

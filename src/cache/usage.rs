@@ -50,7 +50,7 @@ impl CacheSet {
         };
         u.journal_used_bytes = sh.journal.stats().used_sectors * SECTOR_SIZE;
         let m = sh.lock_meta()?;
-        for b in m.tree.store().alloc.buckets() {
+        for b in m.alloc().buckets() {
             u.buckets_pinned += u64::from(b.pins > 0);
             match b.state {
                 BucketState::Free | BucketState::FreePending { .. } => u.buckets_free += 1,

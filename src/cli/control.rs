@@ -105,6 +105,15 @@ pub enum CtlCommand {
         #[command(flatten)]
         socket: SocketArgs,
     },
+    /// Put a named mark in the recording log (`serve --record`), e.g. `ubcache mark "after mkfs"`.
+    Mark {
+        name: String,
+        /// Only this export's log [default: every recorded export].
+        #[arg(long)]
+        export: Option<String>,
+        #[command(flatten)]
+        socket: SocketArgs,
+    },
 }
 
 impl CtlCommand {
@@ -116,7 +125,8 @@ impl CtlCommand {
             | CtlCommand::Knobs { socket, .. }
             | CtlCommand::Flush { socket, .. }
             | CtlCommand::Detach { socket, .. }
-            | CtlCommand::Attach { socket, .. } => socket,
+            | CtlCommand::Attach { socket, .. }
+            | CtlCommand::Mark { socket, .. } => socket,
         }
     }
 }
@@ -171,8 +181,16 @@ pub fn run_cli_polling(
         CtlCommand::Flush { .. } => CtlArgs::Flush,
         CtlCommand::Detach { export, .. } => CtlArgs::Detach { export: export.clone() },
         CtlCommand::Attach { export, .. } => CtlArgs::Attach { export: export.clone() },
+        CtlCommand::Mark { name, export, .. } => CtlArgs::Mark { name: name.clone(), export: export.clone() },
     };
-    let text = run_ctl_command(&socket, &args)?;
+    let text = run_ctl_command(&socket, &args).map_err(|e| match (command, e) {
+        // A passthrough serve has a control socket only when it records.
+        (CtlCommand::Mark { .. }, CtlError::Io { context, source }) => CtlError::Io {
+            context: format!("{context} (is a `ubcache serve --record` running with this control socket?)"),
+            source,
+        },
+        (_, e) => e,
+    })?;
     writeln!(out, "{}", text.trim_end()).map_err(write_err)?;
     if let CtlCommand::Flush { no_wait: false, cancel: false, .. } = command {
         let mut draw_error = None;

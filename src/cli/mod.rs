@@ -42,6 +42,8 @@ pub mod defaults;
 pub mod exports;
 pub mod locks;
 pub mod options;
+pub mod record;
+pub mod replay;
 pub mod serve;
 
 pub use crate::cache::CacheMode;
@@ -94,6 +96,9 @@ enum Command {
     Show(ShowArgs),
     /// Check a cache set offline (read-only fsck). Exit 0 clean, 1 problems, 3 could not check.
     Check(CheckArgs),
+    /// Replay a recording log (`serve --record`): list it, rebuild the export at a flush, FUA
+    /// write or mark, build the crash states a power cut allows, or check every such point.
+    Replay(replay::ReplayArgs),
     /// Control commands sent to a running cached `ubcache serve` over its control socket.
     #[command(flatten)]
     Ctl(control::CtlCommand),
@@ -224,6 +229,11 @@ struct ServeArgs {
     /// connection's own task, one at a time per connection; flush, trim and zeroing as tasks).
     #[arg(long, value_enum, value_name = "WHERE", default_value = "workers")]
     device_calls: DeviceCallsArg,
+
+    /// Record every write, trim, zeroing, flush and FUA of the export to LOG, for `ubcache
+    /// replay` (with several exports: NAME=LOG, repeated). LOG must not exist yet.
+    #[arg(long, value_name = "[NAME=]LOG")]
+    record: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -250,6 +260,7 @@ impl From<ServeArgs> for ServeOptions {
             threads: args.threads,
             ctl_socket: args.ctl_socket,
             metrics: args.metrics,
+            record: args.record,
             device_calls: match args.device_calls {
                 DeviceCallsArg::Workers => DeviceCalls::OnWorkers,
                 DeviceCallsArg::Pool => DeviceCalls::BlockingPool,
@@ -321,6 +332,15 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
     let result = match cli.command {
+        Command::Replay(args) => {
+            return match replay::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(failure) => {
+                    eprintln!("ubcache: error: {}", failure.message);
+                    ExitCode::from(failure.exit_code)
+                }
+            };
+        }
         Command::Serve(args) => serve::run(&args.into()).map(|()| ExitCode::SUCCESS),
         Command::Format(args) => admin::run_format(&args),
         Command::Show(args) => admin::run_show(&args),

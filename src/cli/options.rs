@@ -60,6 +60,8 @@ pub struct ServeOptions {
     /// Where device calls run: on the workers (cheap for page-cache hits) or on a blocking pool
     /// (a slow call, like an fsync, does not hold a worker).
     pub device_calls: DeviceCalls,
+    /// `--record [NAME=]LOG`: record these exports' requests to these logs (see `cli::record`).
+    pub record: Vec<String>,
 }
 
 impl Default for ServeOptions {
@@ -80,6 +82,7 @@ impl Default for ServeOptions {
             ctl_socket: None,
             metrics: None,
             device_calls: DeviceCalls::default(),
+            record: Vec::new(),
         }
     }
 }

@@ -22,12 +22,34 @@ pub fn ready_line(export_name: &str, uri: &str) -> String {
 /// until SIGINT or SIGTERM. On the first signal the server stops accepting, finishes in-flight
 /// requests and syncs every export; a second signal exits at once.
 pub fn run(opts: &ServeOptions) -> Result<(), ServeError> {
+    let record_plans = if opts.record.is_empty() {
+        Vec::new()
+    } else {
+        super::record::plan(&opts.record, &super::export_specs(opts)?)?
+    };
     let mut prepared = build_exports(opts)?;
     let cached = std::mem::take(&mut prepared.cached);
-    let (exports, _locks, cache_set) = prepared.into_parts();
+    let (mut exports, _locks, cache_set) = prepared.into_parts();
+    let logs = match super::record::start(&record_plans, &mut exports) {
+        Ok(logs) => logs,
+        Err(e) => {
+            if let Some(set) = cache_set
+                && let Err(close) = set.close()
+            {
+                log::error!("closing the cache set after a failed start: {close}");
+            }
+            return Err(e);
+        }
+    };
+    let recording = if record_plans.is_empty() { None } else { Some(logs) };
     let listen = listen_addrs(opts);
+    // A passthrough has no control plane, except for `ubcache mark` when it records.
+    let mark_only = match (&cache_set, &recording) {
+        (None, Some(logs)) => Some(start_mark_socket(opts, logs.clone())?),
+        _ => None,
+    };
     let plane = match &cache_set {
-        Some(set) => match ControlPlane::start(opts, set, cached) {
+        Some(set) => match ControlPlane::start(opts, set, cached, recording) {
             Ok(plane) => Some(plane),
             Err(e) => {
                 // Nothing was served: close the set so the next start replays nothing.
@@ -45,6 +67,9 @@ pub fn run(opts: &ServeOptions) -> Result<(), ServeError> {
     });
     if let Some(plane) = plane {
         plane.stop();
+    }
+    if let Some(ctl) = mark_only {
+        ctl.stop();
     }
     if let Some(set) = cache_set {
         let path = opts.cache.clone().unwrap_or_else(|| opts.data_dir.join(DEFAULT_CACHE_FILE));
@@ -70,23 +95,21 @@ impl ControlPlane {
         opts: &ServeOptions,
         set: &CacheSet,
         cached: Vec<(String, Arc<CachedDev>)>,
+        recording: Option<crate::record::RecordedExports>,
     ) -> Result<Self, ServeError> {
         let set = Arc::new(set.clone());
         // The writeback thread runs whenever there is a cache: it idles while nothing is dirty,
         // and writes back dirty data left by an earlier run in writeback mode whatever the mode
         // is now (or after `ubcache set-mode`).
         let writeback = WritebackThread::start(Arc::clone(&set), WritebackConfig::default());
-        let target = crate::ctl::engine::control_target(set, cached);
-        let socket = opts.ctl_socket.clone().unwrap_or_else(|| crate::ctl::socket_path(&opts.data_dir));
-        if let Some(dir) = socket.parent()
-            && !dir.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(dir)
-                .map_err(|source| ServeError::DataDir { path: dir.to_path_buf(), source })?;
+        let mut target = crate::ctl::engine::control_target(set, cached);
+        if let Some(logs) = recording {
+            target = Arc::new(crate::record::RecordingTarget::new(Some(target), logs));
         }
+        let socket = ctl_socket_path(opts)?;
         let ctl = CtlServer::start(&socket, Arc::clone(&target), CtlServerConfig::default())?;
         log::info!(
-            "control socket at {} (ubcache stats|set-mode|set|knobs|flush|detach|attach)",
+            "control socket at {} (ubcache stats|set-mode|set|knobs|flush|detach|attach|mark)",
             socket.display()
         );
         let metrics = match opts.metrics {
@@ -164,6 +187,30 @@ fn print_ready_line(line: &str) {
     if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
         log::debug!("cannot print the ready line on stdout: {e}");
     }
+}
+
+/// The control socket path (`--ctl-socket`, else in the data directory), its directory created.
+fn ctl_socket_path(opts: &ServeOptions) -> Result<std::path::PathBuf, ServeError> {
+    let socket = opts.ctl_socket.clone().unwrap_or_else(|| crate::ctl::socket_path(&opts.data_dir));
+    if let Some(dir) = socket.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| ServeError::DataDir { path: dir.to_path_buf(), source })?;
+    }
+    Ok(socket)
+}
+
+/// The control socket of a recording passthrough: `mark` works, cache verbs say there is no cache.
+fn start_mark_socket(
+    opts: &ServeOptions,
+    logs: crate::record::RecordedExports,
+) -> Result<CtlServer, ServeError> {
+    let target = Arc::new(crate::record::RecordingTarget::new(None, logs));
+    let socket = ctl_socket_path(opts)?;
+    let ctl = CtlServer::start(&socket, target, CtlServerConfig::default())?;
+    log::info!("control socket at {} (ubcache mark)", socket.display());
+    Ok(ctl)
 }
 
 #[cfg(test)]

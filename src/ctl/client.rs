@@ -118,6 +118,8 @@ pub enum CtlArgs {
     Detach { export: String },
     /// Attach an export.
     Attach { export: String },
+    /// Put a named mark in the recording log.
+    Mark { name: String, export: Option<String> },
 }
 
 impl CtlArgs {
@@ -142,6 +144,7 @@ impl CtlArgs {
             CtlArgs::CancelFlush => Request::CancelFlush,
             CtlArgs::Detach { export } => Request::Detach { export: export.clone() },
             CtlArgs::Attach { export } => Request::Attach { export: export.clone() },
+            CtlArgs::Mark { name, export } => Request::Mark { name: name.clone(), export: export.clone() },
         }
     }
 }
@@ -213,6 +216,18 @@ pub fn run_ctl_command(socket: &Path, args: &CtlArgs) -> Result<String, CtlError
         CtlArgs::CancelFlush => "flush cancelled".to_owned(),
         CtlArgs::Detach { export } => format!("{export}: detached"),
         CtlArgs::Attach { export } => format!("{export}: attached"),
+        CtlArgs::Mark { name, .. } => {
+            let marks: Vec<Value> = decode(&reply, "marks")?;
+            marks
+                .iter()
+                .map(|m| {
+                    let export = m.get("export").and_then(Value::as_str).unwrap_or_default();
+                    let entry = m.get("entry").and_then(Value::as_u64).unwrap_or_default();
+                    format!("mark {name:?} in the log of export {export:?} at entry {entry}")
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
     })
 }
 

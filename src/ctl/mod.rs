@@ -239,4 +239,19 @@ pub trait ControlTarget: Send + Sync {
     /// # Errors
     /// [`CtlError::NotFound`], [`CtlError::Failed`].
     fn attach(&self, export: &str) -> Result<(), CtlError>;
+    /// Puts the mark `name` in the recording log of `export` (every recorded export when
+    /// `None`) and returns (export, entry number) for each mark placed. The default: no
+    /// recording in this serve.
+    ///
+    /// # Errors
+    /// [`CtlError::Unsupported`] when nothing is recorded, [`CtlError::NotFound`] for an unknown
+    /// export, [`CtlError::Invalid`] for an export that is not recorded or a bad name,
+    /// [`CtlError::Failed`] when the log cannot be written.
+    fn mark(&self, export: Option<&str>, name: &str) -> Result<Vec<(String, u64)>, CtlError> {
+        let _ = (export, name);
+        Err(CtlError::Unsupported(RECORDING_OFF.to_owned()))
+    }
 }
+
+/// The error text of `mark` on a server that records nothing.
+pub const RECORDING_OFF: &str = "recording is off: start `ubcache serve` with --record LOG to place marks";

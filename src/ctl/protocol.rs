@@ -14,7 +14,7 @@ use serde_json::{Map, Value, json};
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Every verb, as the `cmd` field spells it.
-pub const VERBS: [&str; 11] = [
+pub const VERBS: [&str; 12] = [
     "ping",
     "stats",
     "modes",
@@ -26,6 +26,7 @@ pub const VERBS: [&str; 11] = [
     "cancel-flush",
     "detach",
     "attach",
+    "mark",
 ];
 
 /// One request.
@@ -68,6 +69,12 @@ pub enum Request {
     Detach { export: String },
     /// Attach the export to the cache again.
     Attach { export: String },
+    /// Put a named mark in the recording log (of one export, or of every recorded one).
+    Mark {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        export: Option<String>,
+    },
 }
 
 /// Parses one request line (without its newline).
@@ -217,6 +224,14 @@ fn try_dispatch(target: &dyn ControlTarget, request: &Request) -> Result<Value, 
         Request::Attach { export } => {
             target.attach(export)?;
             ok()
+        }
+        Request::Mark { name, export } => {
+            let marks: Vec<Value> = target
+                .mark(export.as_deref(), name)?
+                .into_iter()
+                .map(|(export, entry)| json!({ "export": export, "entry": entry }))
+                .collect();
+            ok_with(field("marks", Value::Array(marks)))
         }
     })
 }

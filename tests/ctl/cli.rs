@@ -1,12 +1,10 @@
 //! The control subcommands as the `ubcache` binary will parse them (clap), run against a real
 //! control socket with a fake engine behind it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-use crate::ctl_support;
+use crate::fake_engine;
 
 use clap::Parser;
-use ctl_support::FakeEngine;
+use fake_engine::FakeEngine;
 use std::path::Path;
 use std::time::Duration;
 use ubcache::cli::control::{CtlCommand, run_cli_polling};

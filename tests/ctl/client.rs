@@ -1,8 +1,6 @@
 //! The CLI's text renderers: the flush progress bar (percent, bytes, rate, ETA) and the stats
 //! table.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::sync::Arc;
 use std::time::Duration;
 use ubcache::ctl::stats::{Counter, Gauge, ManualClock, Stats};

@@ -2,11 +2,8 @@
 //! engine, mode switches with and without flushing, knobs that act (all of them, the replacement
 //! policy and congestion thresholds included), flush with progress, detach and re-attach. Also
 //! driven through the real control socket once.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{arc, format_open, tiny_config};
+use crate::fixtures::{arc, format_open, tiny_config};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use ubcache::cache::writeback::{WritebackConfig, WritebackThread};

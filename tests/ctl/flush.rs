@@ -2,8 +2,6 @@
 //! reports progress and rate on an injected clock, refuses a second flush, cancels, reports a
 //! failing step, and joins its thread on drop.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;

@@ -2,8 +2,6 @@
 //! every out-of-range value is refused with the knob's name, and no input (knob names, values,
 //! whole request lines) makes the parsers panic.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use proptest::prelude::*;
 use ubcache::ctl::knobs::{
     KNOB_NAMES, KnobError, KnobSetting, Knobs, MAX_CONGESTED_US, MAX_SEQUENTIAL_CUTOFF,

@@ -1,9 +1,13 @@
 //! The control plane: socket protocol, server, client, CLI commands, stats, metrics, knobs,
 //! flush, and the engine's control target.
 
-#[path = "../support/cache_support.rs"]
-mod cache_support;
-mod ctl_support;
+// Tests state their expectations by unwrapping and panicking, and print what they skip.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
+
+// Support: shared with other test crates (tests/support/), then this crate's own.
+mod fake_engine;
+#[path = "../support/fixtures.rs"]
+mod fixtures;
 
 mod cli;
 mod client;

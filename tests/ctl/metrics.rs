@@ -1,11 +1,9 @@
 //! Prometheus exposition: the text format's structure and values, and the HTTP responder
 //! driven by a raw TCP client on 127.0.0.1.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use crate::fake_engine;
 
-use crate::ctl_support;
-
-use ctl_support::FakeEngine;
+use fake_engine::FakeEngine;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};

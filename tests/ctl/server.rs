@@ -2,11 +2,9 @@
 //! and a fake engine. Covers the socket's mode, every verb, bad input on a live connection,
 //! the line-length and client limits, and a clean stop.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+use crate::fake_engine;
 
-use crate::ctl_support;
-
-use ctl_support::FakeEngine;
+use fake_engine::FakeEngine;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};

@@ -2,8 +2,6 @@
 //! exactly the documented times, idle gaps, gauges, hit ratio, JSON form, and exact counts
 //! under concurrent updates while the clock moves.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;

@@ -2,7 +2,6 @@
 //!
 //! Needs root and `losetup`, so it is ignored by default. Run it with:
 //! `sudo -E cargo test --test dev blockdev -- --ignored`
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

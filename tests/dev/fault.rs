@@ -1,5 +1,4 @@
 //! FaultDev: deterministic error injection and read corruption over any device.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ubcache::dev::{BlockDev, CrashMode, DevError, FaultDev, FaultOp, FaultRule, MemDev, SimDev};
 

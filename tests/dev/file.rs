@@ -1,6 +1,5 @@
 //! FileDev against real files: direct I/O with arbitrary buffers, zeroing fallbacks, holes, and
 //! files that change under the device.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use proptest::prelude::*;
 use std::os::unix::fs::MetadataExt;

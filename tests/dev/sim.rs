@@ -2,7 +2,6 @@
 //!
 //! These invariants are what every crash test of the cache relies on: if SimDev kept unsynced
 //! writes it should drop, or lost synced ones, the cache's crash tests would prove nothing.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use proptest::prelude::*;
 use std::sync::Arc;

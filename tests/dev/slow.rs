@@ -1,6 +1,5 @@
 //! SlowDev: delays are applied (lower bounds only: sleeping never returns early), a serialized
 //! device runs one op at a time, and data passes through unchanged.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,6 +1,5 @@
 //! Allocator behaviour: sector allocation, reserves, invalidation and durable generations,
 //! victim policies, generation wrap, rebuild.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use ubcache::alloc::{
     AllocConfig, AllocError, AllocKind, Allocator, BucketState, GC_GEN_MAX, LiveExtent, OpenKind,

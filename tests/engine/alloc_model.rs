@@ -5,7 +5,6 @@
 //! - data allocation never took the metadata reserve;
 //! - reclaim only took sealed clean unpinned data buckets;
 //! - live/dirty counts equal the model's, and `Allocator::check` finds nothing.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use proptest::prelude::*;
 use ubcache::alloc::{AllocConfig, AllocKind, Allocator, BucketState, OpenKind, ReplacementPolicy};

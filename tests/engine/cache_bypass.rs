@@ -7,11 +7,9 @@
 //! The cache device here is a [`LaggyDev`]: a memory device whose reads and writes sleep for a
 //! latency the test sets, so the engine measures a high latency deterministically (a sleep is
 //! never shorter than asked).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{LaggyDev, arc, format_open, tiny_config};
+use crate::fixtures::{arc, format_open, tiny_config};
+use crate::laggy_dev::LaggyDev;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

@@ -2,11 +2,9 @@
 //! slow (so requests keep switching between cached and congestion-bypassed), with mode switches
 //! in every direction mixed in: every read matches the model, after a flush backing equals the
 //! model, the online check is clean, and a reopened set serves the model.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{LaggyDev, TINY, tiny_config};
+use crate::fixtures::{TINY, tiny_config};
+use crate::laggy_dev::LaggyDev;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;

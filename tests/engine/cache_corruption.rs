@@ -2,14 +2,12 @@
 //! detected with a clear error when the cache set is opened: never a panic, never a silent wrong
 //! read. Where a flip hits metadata that is no longer in use, the set opens and every read is
 //! still right.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{TINY, tiny_config};
+use crate::fixtures::{TINY, tiny_config};
 use std::sync::Arc;
-use ubcache::cache::{CacheError, CacheMode, CacheSet};
-use ubcache::dev::{BlockDev, MemDev};
+use ubcache::cache::{CacheError, CacheMode, CacheSet, Metadata};
+use ubcache::check::ProblemKind;
+use ubcache::dev::{BlockDev, DevError, FaultDev, FaultOp, FaultRule, MemDev, OpInfo};
 use ubcache::format::{self, JOURNAL_MAGIC, RecordHeader, TABLE_MAGIC};
 
 const EXPORT: usize = 256 * 1024;
@@ -95,9 +93,15 @@ fn flipped_bit_in_a_btree_node_is_detected_at_open() {
             let mut img = cache.clone();
             img[node + delta] ^= 0x10;
             match open(img, &backing).0 {
-                Err(CacheError::Corrupted(msg)) => {
+                Err(CacheError::Corrupted(c)) => {
                     detected += 1;
-                    assert!(!msg.is_empty());
+                    assert!(matches!(c.what, Metadata::BtreeNode | Metadata::Btree), "{c}");
+                    // A node that fails its checksum is named by its place, with the btree's
+                    // own error kept as the cause.
+                    if c.what == Metadata::BtreeNode {
+                        assert_eq!(c.at, Some(node as u64), "{c}");
+                        assert!(c.source.is_some(), "{c}");
+                    }
                 }
                 Err(e) => panic!("node at {node}+{delta}: expected Corrupted, got {e}"),
                 // A slot the current tree no longer uses: harmless, and reads stay right.
@@ -126,7 +130,7 @@ fn flipped_bit_in_a_journal_record_before_the_last_is_corruption() {
     let mut img = cache.clone();
     img[region.offset_bytes as usize + middle + 100] ^= 0x01;
     match open(img, &backing).0 {
-        Err(CacheError::Corrupted(msg)) => assert!(msg.contains("journal"), "{msg}"),
+        Err(CacheError::Corrupted(c)) => assert_eq!(c.what, Metadata::Journal, "{c}"),
         Err(e) => panic!("expected Corrupted, got {e}"),
         Ok(_) => panic!("a damaged journal record in the middle of the chain was accepted"),
     }
@@ -192,6 +196,38 @@ fn offline_check_reports_a_damaged_node_instead_of_failing() {
         let c: Arc<dyn BlockDev> = Arc::new(MemDev::from_bytes(img));
         let r = ubcache::check::check(&c, std::slice::from_ref(&b)).unwrap();
         found_problem |= !r.is_clean();
+        // A damaged node is a btree problem, whichever step meets it first.
+        let kinds =
+            [ProblemKind::MetadataUnloadable, ProblemKind::BtreeInvariant, ProblemKind::BtreeUnreadable];
+        assert!(r.problems.iter().all(|p| kinds.contains(&p.kind)), "{:?}", r.problems);
     }
     assert!(found_problem, "check found no problem in any damaged node");
+}
+
+/// A device failure while reading a btree node used to reach the caller as an I/O error at
+/// offset 0 with the cause folded into a string: it must stay the device's own error, with
+/// the offset that failed.
+#[test]
+fn a_failing_node_read_is_the_devices_error_with_its_offset() {
+    let (cache, backing, _) = build(0);
+    let nodes: Vec<u64> = find_magic(&cache, &ubcache_btree::format::NODE_MAGIC, TINY.node_bytes as usize)
+        .into_iter()
+        .map(|o| o as u64)
+        .collect();
+    let node_bytes = TINY.node_bytes;
+    let in_a_node = {
+        let nodes = nodes.clone();
+        move |op: &OpInfo| nodes.iter().any(|&n| op.offset < n + node_bytes && n < op.offset + op.len)
+    };
+    let faulty = FaultDev::new(MemDev::from_bytes(cache));
+    faulty.add_rule(FaultRule::every(FaultOp::Read).matching(in_a_node));
+    let c: Arc<dyn BlockDev> = Arc::new(faulty);
+    let b: Arc<dyn BlockDev> = Arc::new(MemDev::from_bytes(backing));
+    match CacheSet::open(c, &[b], tiny_config(CacheMode::Writeback)) {
+        Err(CacheError::Dev(DevError::Io { offset, .. })) => {
+            assert!(nodes.iter().any(|&n| (n..n + node_bytes).contains(&offset)), "offset {offset}");
+        }
+        Err(e) => panic!("expected the device's I/O error, got {e:?}"),
+        Ok(_) => panic!("opened without reading a btree node"),
+    }
 }

@@ -2,11 +2,8 @@
 //! opened without an explicit mode uses it; an explicit mode wins and is stored in turn. Checked
 //! on the engine (`CacheConfig::stored_mode`) and through `cli::build_exports` (`--mode`
 //! given or not) across restarts.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{arc, format_open, tiny_config};
+use crate::fixtures::{arc, format_open, tiny_config};
 use std::sync::Arc;
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet};
 use ubcache::cli::{ServeOptions, build_exports};

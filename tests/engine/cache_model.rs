@@ -2,11 +2,8 @@
 //! zeroes, flushes, mode switches, writeback steps, checkpoints and reopens, in every mode, on a
 //! tiny cache so reclaim, writeback-when-full and journal wrap happen constantly. Every read must
 //! return exactly the last data written.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{arc, format_open, tiny_config};
+use crate::fixtures::{arc, format_open, tiny_config};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use std::sync::Arc;

@@ -1,10 +1,7 @@
 //! Behaviour of each cache mode, the sequential cutoff, mode switches, FUA/FLUSH durability on a
 //! crash-simulating device, generation wrap under heavy reclaim, concurrency and I/O errors.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{arc, format_open, tiny_config};
+use crate::fixtures::{arc, format_open, tiny_config};
 use std::sync::Arc;
 use ubcache::cache::{CacheMode, CacheSet};
 use ubcache::dev::{BlockDev, CrashMode, FaultDev, FaultOp, FaultRule, MemDev, SimDev};
@@ -491,7 +488,7 @@ fn two_backing_devices_share_a_cache_and_a_missing_one_keeps_its_dirty_data() {
     let cache = arc(MemDev::new(1 << 20));
     let b0 = arc(MemDev::new(EXPORT + 8192));
     let b1 = arc(MemDev::new(EXPORT + 8192));
-    ubcache::cache::format(&cache, &[Arc::clone(&b0), Arc::clone(&b1)], cache_support::TINY).unwrap();
+    ubcache::cache::format(&cache, &[Arc::clone(&b0), Arc::clone(&b1)], crate::fixtures::TINY).unwrap();
     let set = CacheSet::open(
         Arc::clone(&cache),
         &[Arc::clone(&b0), Arc::clone(&b1)],

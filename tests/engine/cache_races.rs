@@ -4,11 +4,8 @@
 //!   (now stale) data: it is dropped and counted as a collision;
 //! - rule 6: a write to backing must not be overtaken by an in-flight writeback of the older
 //!   dirty copy of the same range.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{arc, format_open, tiny_config};
+use crate::fixtures::{arc, format_open, tiny_config};
 use parking_lot::{Condvar, Mutex};
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,11 +5,8 @@
 //! The workload tells LRU from FIFO: the bucket holding blocks 0..4 is the first data bucket
 //! ever opened and is read after every write. LRU keeps it (it is always the most recently
 //! used); FIFO evicts it first (it is the oldest).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{arc, format_open, tiny_config};
+use crate::fixtures::{arc, format_open, tiny_config};
 use std::sync::Arc;
 use ubcache::alloc::ReplacementPolicy;
 use ubcache::cache::{CacheConfig, CacheMode, CacheSet, CachedDev};

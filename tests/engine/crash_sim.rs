@@ -1,7 +1,6 @@
 //! Crash simulation of the durability contract (the harness, and what it checks, is in
 //! `tests/support/crash_harness.rs`): every mode, mode switches, and concurrent writers.
 //! Its mutation tests, which arm fail points, run in their own test crate (`tests/mutations/`).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::crash_harness::{Tally, campaign, concurrent_campaign, report};
 use std::time::Instant;

@@ -2,11 +2,8 @@
 //! it keeps serving (no deadlock, no client error) whether or not the writeback thread runs,
 //! writes that find no space fall back to backing and show in the `bypass_full` statistic, GC
 //! and reclaim keep the allocator consistent, and after a flush backing equals the model.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{arc, format_open, tiny_config};
+use crate::fixtures::{arc, format_open, tiny_config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;

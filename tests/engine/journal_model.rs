@@ -3,7 +3,6 @@
 //! times. After every reopen the replay must be exactly the committed entries from the newest
 //! durable checkpoint's `replay_from` on, and a commit that reports `Full` must succeed after a
 //! checkpoint.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

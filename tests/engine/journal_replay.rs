@@ -1,5 +1,4 @@
 //! Journal: append/commit/replay, group commit, ring space, torn tails and corruption.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use parking_lot::Mutex;
 use std::sync::Arc;

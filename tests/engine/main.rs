@@ -2,10 +2,17 @@
 //! cache modes, bypass and congestion, replacement, attach/detach, corruption, and the crash
 //! simulation of the durability contract.
 
-#[path = "../support/cache_support.rs"]
-mod cache_support;
+// Tests state their expectations by unwrapping and panicking, and print what they skip.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
+
+// Support: shared with other test crates (tests/support/), then this crate's own.
 #[path = "../support/crash_harness.rs"]
 mod crash_harness;
+#[path = "../support/fixtures.rs"]
+mod fixtures;
+mod laggy_dev;
+#[path = "../support/power_cut.rs"]
+mod power_cut;
 
 mod alloc_buckets;
 mod alloc_model;

@@ -11,7 +11,6 @@
 //! persisted), then asserts that the superblock reads back as exactly the old or the new one,
 //! and as the new one whenever the write had returned `Ok`. The data area behind the header
 //! is never touched.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -1,7 +1,6 @@
 //! The backing superblock codec and the choice between its two copies: layout, damage
 //! detection (every bit of a copy), raw-image detection, and a bounded fuzz batch proving
 //! the decoders never panic and accept only what they would encode themselves.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

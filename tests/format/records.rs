@@ -1,5 +1,4 @@
 //! Journal entries and records, and the bucket table: round trips and corruption detection.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::{

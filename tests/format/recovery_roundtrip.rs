@@ -5,7 +5,6 @@
 //! recovered generations and live/dirty counts must equal those before the crash, for every
 //! bucket. (A plain key list stands in for the btree: the checkpoint keeps a copy of it as the
 //! "root".)
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -1,5 +1,4 @@
 //! Cache and backing superblocks: round trips, copy selection, corruption handling, features.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::{

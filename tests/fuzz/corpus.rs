@@ -2,7 +2,6 @@
 //! kept because each input reached new code) through the same checks the cargo-fuzz targets
 //! run, plus a bounded, seeded batch of mutations of those inputs and of random bytes. A crash
 //! the fuzzer once found, once its input is added to the corpus, fails CI from then on.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -3,7 +3,6 @@
 //! edits with the checksum fixed up so validation past the crc is exercised). Every decoder must
 //! return without panicking; every input it accepts must re-encode to the same bytes.
 //! (The cargo-fuzz targets in `fuzz/` run the same decoders without bounds.)
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

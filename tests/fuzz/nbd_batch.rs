@@ -1,7 +1,6 @@
 //! The NBD fuzz targets' functions over a bounded, deterministic batch of random and mutated
 //! inputs, as an ordinary test: a regression here is a decoder that panics or accepts what it
 //! must refuse. The cargo-fuzz targets (`fuzz/fuzz_targets/nbd_*.rs`) explore further.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -5,13 +5,11 @@
 //! (writethrough, writearound, none) must also leave the data in the backing file itself, 8 KiB
 //! into it (after the backing superblock).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use crate::support;
 
-use crate::common;
-
-use common::{UbcacheServer, check_json, format_pair, require_tools, run_bounded, s};
 use std::path::Path;
 use std::process::Command;
+use support::{UbcacheServer, check_json, format_pair, require_tools, run_bounded, s};
 
 /// Backing file and cache sizes: the 8 MiB cache (64 KiB buckets) is smaller than what fio and
 /// qemu-io write, so buckets are reclaimed (and, in writeback, written back) during the run.
@@ -26,7 +24,7 @@ fn qemu_io(uri: &str, commands: &[String]) {
     for c in commands {
         cmd.args(["-c", c]);
     }
-    let out = run_bounded(&mut cmd, common::TOOL_TIMEOUT);
+    let out = run_bounded(&mut cmd, support::TOOL_TIMEOUT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && !stdout.contains("failed"),
@@ -96,7 +94,7 @@ fn fio_verify(uri: &str, extra: &[&str]) {
         "--verify_state_save=0",
     ]);
     cmd.args(extra);
-    let out = run_bounded(&mut cmd, common::TOOL_TIMEOUT);
+    let out = run_bounded(&mut cmd, support::TOOL_TIMEOUT);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.contains("err= 0") && !stdout.contains("verify: bad"),
@@ -161,7 +159,7 @@ fn clients_in_mode(mode: &str) {
             "-c",
             &format!("read -P 0x99 {QEMU_BASE} 4k"),
         ]),
-        common::TOOL_TIMEOUT,
+        support::TOOL_TIMEOUT,
     );
     assert!(String::from_utf8_lossy(&wrong.stdout).contains("verification failed"), "{wrong:?}");
 
@@ -221,15 +219,15 @@ fn writeback_data_reaches_home_after_a_switch_to_writethrough() {
     assert!(!log.contains(" 0 dirty bytes"), "the SIGKILLed writeback run left dirty data: {log}");
     // `ubcache flush` over the control socket writes it all home and waits for the end.
     let data_dir = s(dir.path());
-    common::ubcache_ok(&["flush", "--data-dir", data_dir]);
+    support::ubcache_ok(&["flush", "--data-dir", data_dir]);
     let image = std::fs::read(&backing).unwrap();
     assert!(
         &image[(8192 + QEMU_BASE) as usize..] == qemu_model().as_slice(),
         "after `ubcache flush` the backing file holds every write"
     );
-    let stats = common::ubcache_ok(&["stats", "--json", "--data-dir", data_dir]);
+    let stats = support::ubcache_ok(&["stats", "--json", "--data-dir", data_dir]);
     assert!(stats.contains("dirty"), "{stats}");
-    common::ubcache_ok(&["set-mode", "writearound", "--data-dir", data_dir]);
+    support::ubcache_ok(&["set-mode", "writearound", "--data-dir", data_dir]);
     qemu_io(server.uri(), &qemu_reads());
     stop_and_check(&mut server, &cache, &backing);
 }

@@ -2,13 +2,11 @@
 //! shutdown on signals, and clear errors (no panic, the right exit code) for bad flags, missing
 //! files and a port already in use. These tests need no external tool.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use crate::support;
 
-use crate::common;
-
-use common::{UbcacheServer, make_file, s, serve_expect_failure};
 use std::io::Read;
 use std::time::Duration;
+use support::{UbcacheServer, make_file, s, serve_expect_failure};
 
 /// Reads the first 8 bytes a fresh NBD connection gets: the newstyle greeting starts with
 /// "NBDMAGIC". Proves something that speaks NBD listens at the printed address.
@@ -297,7 +295,8 @@ fn bad_log_level_is_a_usage_error() {
 
 #[test]
 fn unreadable_backing_file_is_a_clear_error() {
-    if !common::require_tool("setpriv") || !common::require_root("the unreadable-file test (runs as nobody)")
+    if !support::require_tool("setpriv")
+        || !support::require_root("the unreadable-file test (runs as nobody)")
     {
         return;
     }
@@ -309,11 +308,11 @@ fn unreadable_backing_file_is_a_clear_error() {
     // A copy of the binary the unprivileged user can reach (the build directory may be under a
     // home directory it cannot enter).
     let bin = dir.path().join("ubcache");
-    std::fs::copy(common::ubcache_bin(), &bin).unwrap();
+    std::fs::copy(support::ubcache_bin(), &bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     // As an unprivileged user, so the permission bits apply.
-    let output = common::run_bounded(
-        std::process::Command::new(common::find_tool("setpriv").unwrap())
+    let output = support::run_bounded(
+        std::process::Command::new(support::find_tool("setpriv").unwrap())
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", s(&bin), "serve"])
             .args(["--backing", s(&backing), "--listen", "127.0.0.1:0"]),
         Duration::from_secs(60),

@@ -6,14 +6,13 @@
 //! policy `ubcache set` chose (the congestion thresholds reset to their defaults). An export
 //! detached before a restart is served alone by the restarted server and `ubcache attach` binds
 //! it again.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::common;
+use crate::support;
 
-use common::{UbcacheServer, format_pair, s, ubcache, ubcache_ok};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
+use support::{UbcacheServer, format_pair, s, ubcache, ubcache_ok};
 use ubcache::cache::CacheMode;
 use ubcache::ctl::{CtlArgs, Request, request, run_ctl_command, socket_path};
 use ubcache::dev::BlockDev;

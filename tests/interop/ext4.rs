@@ -6,16 +6,14 @@
 //! Needs root (loop devices, mount) and the tools; under `CI=true` their absence fails the test.
 //! Everything set up is torn down by a guard, in reverse order, also when an assertion fails.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use crate::support;
 
-use crate::common;
-
-use common::{
-    UbcacheServer, find_tool, make_file, pseudo_random_bytes, require_root, require_tools, run_ok, s,
-};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{
+    UbcacheServer, find_tool, make_file, pseudo_random_bytes, require_root, require_tools, run_ok, s,
+};
 
 const TOOLS: &[&str] = &["nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", "e2fsck"];
 
@@ -60,7 +58,7 @@ impl Drop for Teardown {
             let _ = tool("fusermount3").arg("-u").arg(&dir).stderr(Stdio::null()).status();
         }
         if let Some(mut child) = self.nbdfuse.take() {
-            if common::wait_bounded(&mut child, Duration::from_secs(5)).is_none() {
+            if support::wait_bounded(&mut child, Duration::from_secs(5)).is_none() {
                 let _ = child.kill();
                 let _ = child.wait();
             }
@@ -166,7 +164,7 @@ fn ext4_over_nbdfuse_and_loop_survives_umount_fsck_and_remount() {
     teardown.fuse_dir = None;
     if let Some(mut child) = teardown.nbdfuse.take() {
         let status =
-            common::wait_bounded(&mut child, Duration::from_secs(30)).expect("nbdfuse exits after unmount");
+            support::wait_bounded(&mut child, Duration::from_secs(30)).expect("nbdfuse exits after unmount");
         assert!(status.success(), "nbdfuse exited with {status}");
     }
 

@@ -11,18 +11,16 @@
 //! Everything set up is torn down by guards (umount -l, losetup -d, fusermount3 -u), also when an
 //! assertion fails.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use crate::support;
 
-use crate::common;
-
-use common::{
-    UbcacheServer, check_json, find_tool, format_pair, pseudo_random_bytes, require_root, require_tools,
-    run_bounded, run_ok, s,
-};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{
+    UbcacheServer, check_json, find_tool, format_pair, pseudo_random_bytes, require_root, require_tools,
+    run_bounded, run_ok, s,
+};
 
 const TOOLS: &[&str] = &["nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", "e2fsck"];
 
@@ -88,7 +86,7 @@ impl Stack {
         }
         run_ok(tool("fusermount3").arg("-u").arg(&self.fuse_dir));
         if let Some(mut child) = self.nbdfuse.take() {
-            let status = common::wait_bounded(&mut child, Duration::from_secs(30)).expect("nbdfuse exits");
+            let status = support::wait_bounded(&mut child, Duration::from_secs(30)).expect("nbdfuse exits");
             assert!(status.success(), "nbdfuse exited with {status}");
         }
     }
@@ -104,7 +102,7 @@ impl Drop for Stack {
         }
         let _ = tool("fusermount3").arg("-u").arg("-z").arg(&self.fuse_dir).stderr(Stdio::null()).status();
         if let Some(mut child) = self.nbdfuse.take()
-            && common::wait_bounded(&mut child, Duration::from_secs(5)).is_none()
+            && support::wait_bounded(&mut child, Duration::from_secs(5)).is_none()
         {
             let _ = child.kill();
             let _ = child.wait();
@@ -198,7 +196,7 @@ fn ext4_in_writeback_survives_a_sigkill_mid_write() {
     // Mounting replays the ext4 journal; after a clean umount e2fsck must find nothing.
     stack.mount(&mnt);
     stack.umount();
-    let out = run_bounded(tool("e2fsck").args(["-fn", stack.dev()]), common::TOOL_TIMEOUT);
+    let out = run_bounded(tool("e2fsck").args(["-fn", stack.dev()]), support::TOOL_TIMEOUT);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && !text.contains("Fix?"),

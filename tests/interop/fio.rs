@@ -2,12 +2,10 @@
 //! queue depth 16 with crc32c verification, then a verify-only pass against a restarted server
 //! on the same backing file, which proves the data survived a clean shutdown.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use crate::support;
 
-use crate::common;
-
-use common::{UbcacheServer, make_file, require_tool, run_bounded, s};
 use std::process::Command;
+use support::{UbcacheServer, make_file, require_tool, run_bounded, s};
 
 fn fio_verify(uri: &str, extra: &[&str]) -> String {
     let mut cmd = Command::new("fio");
@@ -27,7 +25,7 @@ fn fio_verify(uri: &str, extra: &[&str]) -> String {
         "--verify_state_save=0",
     ]);
     cmd.args(extra);
-    let output = run_bounded(&mut cmd, common::TOOL_TIMEOUT);
+    let output = run_bounded(&mut cmd, support::TOOL_TIMEOUT);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -94,7 +92,7 @@ fn verify_detects_corruption_in_the_backing_file() {
         "--verify_state_save=0",
     ]);
     cmd.current_dir(dir.path());
-    let output = run_bounded(&mut cmd, common::TOOL_TIMEOUT);
+    let output = run_bounded(&mut cmd, support::TOOL_TIMEOUT);
     assert!(!output.status.success(), "fio verify missed a zeroed block: {output:?}");
 }
 
@@ -139,7 +137,7 @@ fn sigterm_under_load_with_an_idle_connection_exits_cleanly() {
     assert!(status.success(), "{}", server.stderr.text());
     assert!(server.stderr.text().contains("stopped cleanly"), "{}", server.stderr.text());
     assert!(!socket.exists(), "the Unix socket is removed at shutdown");
-    let fio_status = common::wait_bounded(&mut fio, Duration::from_secs(30));
+    let fio_status = support::wait_bounded(&mut fio, Duration::from_secs(30));
     if fio_status.is_none() {
         let _ = fio.kill();
         let _ = fio.wait();

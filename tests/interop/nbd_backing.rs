@@ -3,12 +3,10 @@
 //! cached in writeback mode. qemu-io writes through the cached export read back after a
 //! restart, and after `ubcache flush` they are in the file behind the first server, 8 KiB in.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use crate::support;
 
-use crate::common;
-
-use common::{UbcacheServer, make_file, require_tool, run_ok, s, ubcache_ok};
 use std::process::Command;
+use support::{UbcacheServer, make_file, require_tool, run_ok, s, ubcache_ok};
 
 #[test]
 fn a_remote_nbd_export_is_cached_like_a_local_file() {

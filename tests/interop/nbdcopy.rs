@@ -2,12 +2,10 @@
 //! connections with many requests in flight, copy it out, compare, and check the backing file
 //! after a clean shutdown.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use crate::support;
 
-use crate::common;
-
-use common::{UbcacheServer, make_file, pseudo_random_bytes, require_tool, run_ok, s};
 use std::process::Command;
+use support::{UbcacheServer, make_file, pseudo_random_bytes, require_tool, run_ok, s};
 
 const SIZE: usize = 24 << 20;
 

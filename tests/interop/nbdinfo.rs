@@ -1,12 +1,10 @@
 //! `nbdinfo` (libnbd) against `ubcache serve`: the export's size, name, description, flags and
 //! block sizes as a real client negotiates them, over TCP and a Unix socket.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use crate::support;
 
-use crate::common;
-
-use common::{UbcacheServer, make_file, require_tool, run_bounded, run_ok, s};
 use std::process::Command;
+use support::{UbcacheServer, make_file, require_tool, run_bounded, run_ok, s};
 
 fn nbdinfo_json(uri: &str) -> serde_json::Value {
     let out = run_ok(Command::new("nbdinfo").args(["--json", uri]));
@@ -91,7 +89,7 @@ fn named_export_over_unix_socket_is_listed_and_found_by_name() {
 
     // An export name the server does not have is refused, not mapped to another export.
     let wrong = format!("nbd+unix:///nosuch?socket={}", s(&socket));
-    let output = run_bounded(Command::new("nbdinfo").args(["--size", &wrong]), common::TOOL_TIMEOUT);
+    let output = run_bounded(Command::new("nbdinfo").args(["--size", &wrong]), support::TOOL_TIMEOUT);
     assert!(!output.status.success(), "nbdinfo connected to an export that does not exist");
 }
 

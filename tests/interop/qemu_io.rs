@@ -2,12 +2,10 @@
 //! zero writes, flushes, reads that verify patterns, and the bytes that end up in the backing
 //! file after a clean shutdown. A read-only export must refuse writes and keep its file intact.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+use crate::support;
 
-use crate::common;
-
-use common::{UbcacheServer, make_file, require_tool, run_bounded, s};
 use std::process::{Command, Output};
+use support::{UbcacheServer, make_file, require_tool, run_bounded, s};
 
 /// Runs `qemu-io -f raw [extra] URI -c CMD...`.
 fn qemu_io(uri: &str, extra: &[&str], commands: &[&str]) -> Output {
@@ -16,7 +14,7 @@ fn qemu_io(uri: &str, extra: &[&str], commands: &[&str]) -> Output {
     for c in commands {
         cmd.args(["-c", c]);
     }
-    run_bounded(&mut cmd, common::TOOL_TIMEOUT)
+    run_bounded(&mut cmd, support::TOOL_TIMEOUT)
 }
 
 fn assert_qemu_io_ok(output: &Output, what: &str) {

@@ -4,9 +4,7 @@
 //! pieces, many threads at once, FUA and FLUSH reaching stable storage, error mapping, a dead or
 //! stalled server (errors, never a hang), and sync calls from inside tokio runtime workers.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
-
-use crate::common;
+use crate::tools;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -507,7 +505,7 @@ impl Nbdkit {
     /// Starts `nbdkit [filters] PLUGIN ARGS` or returns None (skip) when nbdkit is missing
     /// outside CI.
     fn start(args: &[&str]) -> Option<Nbdkit> {
-        if !common::require_tool("nbdkit") {
+        if !tools::require_tool("nbdkit") {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@
 //! A campaign can run with a [`Mutation`]: a fail point (`ubcache::failpoints`) armed during the
 //! workload only, which breaks the engine on purpose; the mutation tests require the harness to
 //! find violations then.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -1,11 +1,8 @@
 //! How the writeback key buffer cuts batches: a refill done in several short scans (each one
 //! hold of the metadata lock) still hands out every dirty key once per pass, in order, and
 //! `take_runs` bounds the separate runs (range locks) of a batch of scattered keys.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{arc, format_open, tiny_config};
+use crate::fixtures::{arc, format_open, tiny_config};
 use ubcache::cache::writeback::DirtyKeyBuf;
 use ubcache::cache::{CacheMode, CacheSet};
 use ubcache::dev::{BlockDev, MemDev};

@@ -8,11 +8,9 @@
 //! - runs copied through memory go through a writer thread; a backing write failing in it
 //!   fails the call with every key still dirty and every pin released, and a later writeback
 //!   writes everything home.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{GatedDev, TINY, format_open, tiny_config};
+use crate::fixtures::{TINY, format_open, tiny_config};
+use crate::gated_dev::GatedDev;
 use std::sync::Arc;
 use ubcache::cache::writeback::policy::CoalesceLimits;
 use ubcache::cache::{CacheMode, CacheSet};

@@ -2,8 +2,6 @@
 //! contiguous run on one device within the limits, and no two neighbouring batches could have
 //! been merged (the grouping is maximal).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use proptest::prelude::*;
 use ubcache::cache::writeback::policy::{CoalesceLimits, DirtyExtent, coalesce};
 

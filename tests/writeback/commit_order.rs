@@ -5,11 +5,8 @@
 //! newer data: the cache serves the old value and the sector changes by itself when that key is
 //! evicted. The test crashes right after the writeback and checks that the cache and backing
 //! agree on the sector after recovery.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{TINY, tiny_config};
+use crate::fixtures::{TINY, tiny_config};
 use std::sync::Arc;
 use ubcache::cache::writeback::DirtyKeyBuf;
 use ubcache::cache::writeback::policy::CoalesceLimits;

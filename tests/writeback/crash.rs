@@ -8,11 +8,9 @@
 //! A deliberately broken writeback (keys marked clean before backing is synced) must be caught
 //! by the same harness, or it proves nothing: see
 //! `marking_clean_before_backing_is_durable_is_caught`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{Cut, TINY, crash_modes, tiny_config};
+use crate::fixtures::{TINY, tiny_config};
+use crate::power_cut::{Cut, crash_modes};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;

@@ -2,7 +2,6 @@
 //! data moves in the kernel, `copy_file_range`) and an `O_DIRECT` backing file (read into a
 //! page-aligned buffer, written without a bounce). After a flush the backing file holds exactly
 //! what was written, at the data offset behind its superblock.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use ubcache::cache::writeback::{DrainStep, WritebackConfig};

@@ -5,11 +5,8 @@
 //! - concurrent overwrites while the writeback thread runs at full speed (many seeds): after a
 //!   flush backing holds the newest data;
 //! - mode switches in every direction under a write load, with the writeback thread running.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{arc, format_open, tiny_config};
+use crate::fixtures::{arc, format_open, tiny_config};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

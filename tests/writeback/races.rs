@@ -13,11 +13,9 @@
 //!   session 3. Before, it locked and validated key by key, and at first not at all: it wrote
 //!   the stale copy over the newer data while a clean key claimed the newer data, so the
 //!   acknowledged write was lost once that key was evicted. This test guards that too.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{GatedDev, format_open, tiny_config};
+use crate::fixtures::{format_open, tiny_config};
+use crate::gated_dev::GatedDev;
 use std::sync::Arc;
 use std::time::Duration;
 use ubcache::cache::writeback::policy::CoalesceLimits;

@@ -1,8 +1,6 @@
 //! The writeback rate controller in a simulated plant: dirty data grows by a foreground inflow
 //! and shrinks by whatever the controller's rate writes home, one simulated second at a time.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::time::Duration;
 use ubcache::cache::writeback::policy::{RateConfig, RateController};
 

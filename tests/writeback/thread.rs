@@ -2,11 +2,8 @@
 //! target and no further, waits `writeback_delay` on fresh dirty data unless a flush is
 //! requested, flushes to zero with backing then equal to a reference model byte for byte, and
 //! coalesces contiguous dirty extents into fewer backing writes.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::cache_support;
-
-use cache_support::{arc, format_open, tiny_config};
+use crate::fixtures::{arc, format_open, tiny_config};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;

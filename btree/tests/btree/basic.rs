@@ -1,6 +1,5 @@
 //! Basic behaviour of the public API: insert, overlap fixup, replace, invalidate, lookup, scan,
 //! flush and reopen through a `MemStore`.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ubcache_btree::{Key, MemStore, Pos, Ptr, Segment, Tree, TreeConfig};
 

@@ -4,7 +4,6 @@
 //! journaling), then overwrites with garbage every byte of every slot that the old root does not
 //! cover (simulating torn, partial and misdirected writes of the later flushes) and reopens the
 //! old root: it must read back exactly the old content.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -4,7 +4,6 @@
 //! resealed checksums. Decoding must never panic, and every successful decode must satisfy the
 //! node invariants and re-encode to an image that decodes to the same content. (The same checks
 //! run unbounded under `cargo fuzz run btree_node_decode` in `fuzz/`.)
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

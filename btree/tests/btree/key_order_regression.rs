@@ -4,7 +4,6 @@
 //! sequential writes come back in order from the writeback-style dirty scan (also across node and
 //! device boundaries, with continuation positions), and a node image whose keys were reordered is
 //! detected and reported with its keys, never accepted or written.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ubcache_btree::format::{self, BSET_HEADER_LEN, HEADER_LEN, LEAF_ENTRY_LEN};
 use ubcache_btree::{CorruptionKind, Key, MemStore, NodePtr, Pos, Ptr, Tree, TreeConfig};

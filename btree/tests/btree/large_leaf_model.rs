@@ -3,7 +3,6 @@
 //! 16 KiB nodes hold ~440 keys per leaf, so inserts, cuts, invalidations, lookups and scans cross
 //! block boundaries, blocks split and merge, and leaves split and merge by moving blocks — all
 //! checked against a per-sector reference map, with flushes, reopens and `check()` on the way.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use ubcache_btree::{Key, MemStore, Pos, Ptr, Segment, Tree, TreeConfig};

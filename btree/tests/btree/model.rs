@@ -5,7 +5,6 @@
 //! Every flush also proves the persistence model: the previous checkpoint's root, opened on the
 //! store as it is after the new flush (before the new root is "journaled" and its freed slots
 //! reused), still reads back exactly the previous model state.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use proptest::prelude::*;
 use std::collections::BTreeMap;

@@ -1,7 +1,6 @@
 //! Store failures and the bounded node cache: an I/O error is reported as `Store`, a failed flush
 //! poisons the tree (it never half-applies a checkpoint), the last checkpoint still opens, and the
 //! node cache stays within its bound while the tree is larger than it.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ubcache_btree::{BtreeError, Key, MemStore, NodeAddr, NodeStore, Pos, Ptr, StoreError, Tree, TreeConfig};
 

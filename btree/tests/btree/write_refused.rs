@@ -1,6 +1,5 @@
 //! A node that breaks an ordering invariant is refused by the encoder/writer before any byte
 //! reaches the store.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ubcache_btree::format::{self, LeafEntry, NodeHeader};
 use ubcache_btree::{CorruptionKind, Key, MemStore, NodeStore, Pos, Ptr};

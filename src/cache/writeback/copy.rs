@@ -187,7 +187,7 @@ impl Shared {
                     // One pin per bucket and generation in a row: pins are all released
                     // after the last copy, so the pin an earlier key took covers this one.
                     if !pins.covers(sh.bucket_of(k.ptr.offset), k.ptr.generation) {
-                        match m.tree.store_mut().alloc.pin(k.ptr.offset, k.ptr.generation) {
+                        match m.alloc_mut().pin(k.ptr.offset, k.ptr.generation) {
                             Ok(b) => pins.push(b, k.ptr.generation),
                             Err(AllocError::Stale { .. }) => {
                                 report.keys_skipped += 1;
@@ -310,7 +310,7 @@ impl Pins {
     pub(crate) fn release(&mut self, m: &mut Meta) -> CacheResult<()> {
         let mut result = Ok(());
         for (bucket, _) in self.pinned.drain(..) {
-            if let Err(e) = m.tree.store_mut().alloc.unpin(bucket)
+            if let Err(e) = m.alloc_mut().unpin(bucket)
                 && result.is_ok()
             {
                 result = Err(e.into());

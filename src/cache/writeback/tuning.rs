@@ -1,14 +1,12 @@
 //! Writeback tuning: [`WritebackConfig`] (how a writeback thread or drain runs) and
 //! [`WritebackTuning`], the runtime knobs and gauges of a cache set's writeback. The tuning is
-//! a field of the cache set ([`CacheSet::writeback_tuning`]): the writeback thread reads it
+//! a field of the cache set ([`CacheSet::writeback_tuning`](crate::cache::CacheSet::writeback_tuning)): the writeback thread reads it
 //! before each decision, and the control socket changes it (`ubcache set writeback_percent
 //! 20` reaches a running thread without either knowing the other).
 
 use super::policy::CoalesceLimits;
-use crate::cache::CacheSet;
 use crate::dev::SECTOR_SIZE;
 use parking_lot::{Condvar, Mutex};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -67,7 +65,7 @@ impl WritebackConfig {
     /// many keys. With 512 keys per batch a drain of contiguous 4 KiB extents (2 MiB batches) ran at
     /// a sixth of the backing file's sequential write speed, with 4096 (16 MiB) at about a
     /// third; with 16384, the in-kernel copy, early writeout, one clean entry per run and the
-    /// writer thread it runs at 80-100% (`examples/wb_latency.rs`, `docs/writeback.md`). The
+    /// writer thread it runs at 80-100% (`examples/wb_latency.rs`, `docs/benchmarks.md`). The
     /// range locks of a batch are held until it is synced, so a writethrough or bypass write
     /// into a range being drained waits up to one batch (a writeback-mode write never does).
     #[must_use]
@@ -104,7 +102,7 @@ impl From<&WritebackConfig> for TuningValues {
 }
 
 /// Runtime tuning and gauges of a cache set's writeback, shared by its writeback thread and its
-/// control target (a field of the set: [`CacheSet::writeback_tuning`]).
+/// control target (a field of the set: [`CacheSet::writeback_tuning`](crate::cache::CacheSet::writeback_tuning)).
 #[derive(Debug)]
 pub struct WritebackTuning {
     values: Mutex<TuningValues>,
@@ -164,13 +162,5 @@ impl WritebackTuning {
     pub(super) fn notify(&self) {
         let _g = self.wake_lock.lock();
         self.wake.notify_all();
-    }
-}
-
-impl CacheSet {
-    /// The writeback tuning of this set, shared by its writeback thread and control target.
-    #[must_use]
-    pub fn writeback_tuning(&self) -> &Arc<WritebackTuning> {
-        &self.shared.writeback_tuning
     }
 }

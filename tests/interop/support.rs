@@ -1,11 +1,9 @@
-//! Helpers shared by the interop tests: spawn the real `ubcache` binary, wait for the URI it
-//! prints, run external clients with timeouts, and decide whether a missing tool skips the test
-//! (outside CI) or fails it (under `CI=true`).
+//! Helpers of the interop tests: spawn the real `ubcache` binary, wait for the URI it prints, run
+//! external clients with timeouts. Whether a missing tool skips the test (outside CI) or fails it
+//! (under `CI=true`) is decided in `tests/support/tools.rs`; root is required the same way here.
 //!
 //! Every process a test starts is owned by a guard whose `Drop` kills it, so a failing assertion
 //! never leaves a server or a client behind.
-
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::print_stdout)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -14,42 +12,15 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::tools::under_ci;
+pub use crate::tools::{find_tool, require_tool};
+
 /// How long a server may take to print its URI. Generous: the machine may be busy building.
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a client tool may run before the test fails.
 pub const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 /// The line prefix `ubcache serve` prints on stdout for every URI (see `cli::ready_line`).
 pub const READY_PREFIX: &str = "ubcache: serving export ";
-
-/// True under CI, where a missing tool is a failure rather than a skip.
-pub fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// Whether an executable named `tool` is on PATH (or in the sbin directories).
-pub fn find_tool(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    // mkfs.ext4, losetup, e2fsck live in sbin, which a non-login PATH may lack.
-    dirs.extend(["/usr/sbin", "/sbin"].map(PathBuf::from));
-    dirs.into_iter().map(|d| d.join(tool)).find(|p| is_executable(p))
-}
-
-fn is_executable(path: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// Returns true when `tool` is installed. Otherwise fails the test under `CI=true`, or prints a
-/// skip message and returns false so the caller can return early.
-pub fn require_tool(tool: &str) -> bool {
-    if find_tool(tool).is_some() {
-        return true;
-    }
-    assert!(!under_ci(), "{tool} is required (CI=true) but not installed; run scripts/install-deps.sh");
-    println!("SKIPPED: {tool} is not installed (run scripts/install-deps.sh); skipping this test");
-    false
-}
 
 /// Like [`require_tool`] for several tools.
 pub fn require_tools(tools: &[&str]) -> bool {
@@ -179,10 +150,6 @@ impl UbcacheServer {
     /// The first URI.
     pub fn uri(&self) -> &str {
         &self.uris[0]
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
 
     /// Sends `signal` and waits (bounded) for the process to exit.

@@ -1,8 +1,6 @@
 //! A fake engine behind the control plane, for the `ctl_*` tests: it keeps knobs, modes and a
 //! flush that advances one step per progress query, and records what it was asked.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
-
 use parking_lot::{Condvar, Mutex};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,7 +20,7 @@ pub struct FakeFlush {
 
 #[derive(Debug)]
 pub struct FakeEngine {
-    pub clock: Arc<ManualClock>,
+    /// Stats on a clock that never moves, so rates and windows are deterministic.
     pub stats: Stats,
     pub knobs: Mutex<Knobs>,
     pub modes: Mutex<BTreeMap<String, CacheMode>>,
@@ -43,11 +41,8 @@ pub struct FakeEngine {
 
 impl FakeEngine {
     pub fn new(exports: &[&str], dirty: u64) -> Arc<FakeEngine> {
-        let clock = Arc::new(ManualClock::new(Duration::ZERO));
-        let stats = Stats::with_clock(clock.clone());
         Arc::new(FakeEngine {
-            clock,
-            stats,
+            stats: Stats::with_clock(Arc::new(ManualClock::new(Duration::ZERO))),
             knobs: Mutex::new(Knobs::default()),
             modes: Mutex::new(exports.iter().map(|e| ((*e).to_owned(), CacheMode::Writethrough)).collect()),
             attached: Mutex::new(exports.iter().map(|e| ((*e).to_owned(), true)).collect()),
