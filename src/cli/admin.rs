@@ -25,8 +25,9 @@ pub struct FormatRequest {
     pub node_bytes: Option<u64>,
     /// Create the cache file with this size if it is missing (checked against an existing one).
     pub size: Option<u64>,
-    /// Overwrite an existing ubcache cache, re-attach backing devices of another set, and
-    /// overwrite non-zero bytes at the start of a raw backing device.
+    /// Overwrite an existing ubcache cache or a cache device with data in its first MiB,
+    /// re-attach backing devices of another set, and overwrite non-zero bytes at the start of a
+    /// raw backing device.
     pub force: bool,
 }
 
