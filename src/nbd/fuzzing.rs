@@ -258,6 +258,25 @@ pub fn client_session(handshake: &[u8], replies: &[u8]) -> ClientOutcome {
     })
 }
 
+/// The cargo-fuzz entry of [`client_session`]: the first two bytes (little endian) say how many
+/// of the rest are the handshake; the remainder are the transmission-phase replies.
+pub fn client_reply(data: &[u8]) {
+    let Some((len, rest)) = data.split_first_chunk::<2>() else { return };
+    let split = usize::from(u16::from_le_bytes(*len)).min(rest.len());
+    let (handshake, replies) = rest.split_at(split);
+    client_session(handshake, replies);
+}
+
+/// A [`client_reply`] input: a well-behaved server's whole session.
+#[must_use]
+pub fn seed_client_reply_input() -> Vec<u8> {
+    let handshake = seed_client_handshake(1 << 20);
+    let mut s = (handshake.len() as u16).to_le_bytes().to_vec();
+    s.extend(handshake);
+    s.extend(seed_client_replies());
+    s
+}
+
 /// The server side of [`client_session`]: its bytes, then end of file (the server vanishes).
 /// Once the handshake has completed, the transmission-phase bytes wait for `go`, so that the
 /// client has registered its requests before their replies arrive; a handshake that wants more

@@ -97,3 +97,8 @@ fn journal_decode_corpus() {
 fn btree_node_decode_corpus() {
     replay("btree_node_decode", ubcache_btree::fuzzing::node_decode);
 }
+
+#[test]
+fn nbd_client_reply_corpus() {
+    replay("nbd_client_reply", ubcache::nbd::fuzzing::client_reply);
+}

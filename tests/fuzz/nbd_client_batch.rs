@@ -29,6 +29,10 @@ fn run(replies: &[u8]) -> Vec<Result<usize, String>> {
 fn a_well_formed_server_is_read_in_full() {
     let out = run(&seed_client_replies());
     assert_eq!(out, vec![Ok(4096), Ok(65536), Ok(0)]);
+    // The committed cargo-fuzz seed is exactly this session.
+    let seed =
+        std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/corpus/nbd_client_reply/seed-session"));
+    assert_eq!(seed.unwrap(), ubcache::nbd::fuzzing::seed_client_reply_input());
 }
 
 #[test]
