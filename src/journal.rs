@@ -334,7 +334,7 @@ impl Journal {
         let region_sectors = region.len_bytes / SECTOR_SIZE;
         let max_record_sectors = (cfg.max_record_bytes / SECTOR_SIZE)
             .clamp(8, (region_sectors / 4).max(8))
-            .min(u64::from(u32::MAX));
+            .min(format::MAX_RECORD_BYTES / SECTOR_SIZE);
         Ok(Self {
             dev,
             region,

@@ -25,8 +25,9 @@ pub struct FormatRequest {
     pub node_bytes: Option<u64>,
     /// Create the cache file with this size if it is missing (checked against an existing one).
     pub size: Option<u64>,
-    /// Overwrite an existing ubcache cache, re-attach backing devices of another set, and
-    /// overwrite non-zero bytes at the start of a raw backing device.
+    /// Overwrite an existing ubcache cache or a cache device with data in its first MiB,
+    /// re-attach backing devices of another set, and overwrite non-zero bytes at the start of a
+    /// raw backing device.
     pub force: bool,
 }
 
@@ -69,7 +70,8 @@ fn has_cache_magic(dev: &dyn BlockDev) -> Result<bool, crate::dev::DevError> {
 /// Formats a cache set: cache superblocks, journal, empty btree on the cache device, and a
 /// backing superblock (8 KiB header, state Clean) at the start of every backing device.
 ///
-/// Refuses, unless `force`: a cache device that already carries a ubcache superblock; a backing
+/// Refuses, unless `force`: a cache device that already carries a ubcache superblock, or that is
+/// not a ubcache cache and has non-zero bytes in its first MiB; a backing
 /// device attached to a cache set (its Dirty data, if any, would be lost); a raw backing device
 /// whose first 8 KiB are not all zero (the header would overwrite them, and the export starts
 /// 8 KiB later, so existing contents would appear shifted).
@@ -131,6 +133,9 @@ pub fn format_cache(req: &FormatRequest) -> Result<FormatSummary, ServeError> {
             format!("it already holds {what}; pass --force to format over it (its cached data is lost)"),
         ));
     }
+    if exists && !has_cache_magic(&cache).map_err(|e| unusable(&req.cache, e.to_string()))? {
+        check_cache_head_for_format(&req.cache, &cache, req.force)?;
+    }
     geometry_check(cache.len())?;
     let mut backings: Vec<Arc<dyn BlockDev>> = Vec::with_capacity(req.backing.len());
     let mut locks = Vec::with_capacity(req.backing.len());
@@ -180,6 +185,30 @@ pub fn format_cache(req: &FormatRequest) -> Result<FormatSummary, ServeError> {
             })
             .collect(),
     })
+}
+
+/// How much of an existing cache device must be zero (when it is not a ubcache cache) before
+/// `format` overwrites it without `--force`: file system, partition table and LVM signatures all
+/// live in the first MiB, so a device with data there is almost certainly someone's data.
+const CACHE_HEAD_CHECK_BYTES: u64 = 1 << 20;
+
+/// Refuses (unless `force`) to format a cache device that is not a ubcache cache and has data in
+/// its first MiB: formatting writes superblocks, journal and btree over it.
+fn check_cache_head_for_format(path: &Path, dev: &dyn BlockDev, force: bool) -> Result<(), ServeError> {
+    let mut head = vec![0u8; CACHE_HEAD_CHECK_BYTES.min(dev.len()) as usize];
+    dev.read_at(&mut head, 0).map_err(|e| unusable(path, e.to_string()))?;
+    let Some(first) = head.iter().position(|&b| b != 0) else {
+        return Ok(());
+    };
+    let problem = format!(
+        "it is not a ubcache cache and holds data (a non-zero byte at offset {first}) that formatting \
+         would destroy"
+    );
+    if force {
+        eprintln!("ubcache: WARNING: --force: formatting {} although {problem}", path.display());
+        return Ok(());
+    }
+    Err(refused(path, format!("{problem}; pass --force to format it anyway")))
 }
 
 fn check_backing_for_format(path: &Path, dev: &dyn BlockDev, force: bool) -> Result<(), ServeError> {

@@ -122,8 +122,9 @@ struct FormatArgs {
     /// Create the cache file with this size (like 256M) if it is missing.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     size: Option<u64>,
-    /// Format over an existing ubcache cache, re-attach backing devices of another cache set, or
-    /// overwrite data in the first 8 KiB of a raw backing device.
+    /// Format over an existing ubcache cache or a cache device with other data in its first MiB,
+    /// re-attach backing devices of another cache set, or overwrite data in the first 8 KiB of a
+    /// raw backing device.
     #[arg(long)]
     force: bool,
     /// Print the result as JSON.

@@ -15,7 +15,14 @@
 //! - **Holes** are reported with `SEEK_HOLE`/`SEEK_DATA`, with a bounded number of `lseek` calls.
 //! - **Sync failures are sticky**: after a failed `fsync` Linux may have dropped the dirty pages
 //!   and cleared the error, so a later `fsync` could succeed although data was lost. After one
-//!   failure every later write and sync fails.
+//!   failure every later write and sync fails with [`DevError::SyncFailed`], naming the first
+//!   failure, until the device is reopened.
+//! - **Syncs are serialised**: Linux reports a write-back error to only one of several callers
+//!   that sync one open file at the same time (PostgreSQL's "fsyncgate"), so two concurrent
+//!   FLUSHes could see one error and one success, and the success would acknowledge pages that
+//!   were lost. Every operation that waits for write-back (`sync`, a `RWF_DSYNC` write) runs under
+//!   one lock and checks the sticky failure after taking it, so a caller that queued behind the
+//!   failing one fails too.
 
 use super::{BlockDev, BulkCopy, DevCaps, DevError, DevResult, write_zeroes_by_writing};
 use parking_lot::Mutex;
@@ -72,9 +79,20 @@ pub struct FileDev {
     /// Set once an `fsync` failed: Linux may already have dropped the dirty pages, so later
     /// syncs could report success for data that is gone. Every later write and sync fails.
     sync_failed: AtomicBool,
+    /// What the first failed sync said, for the errors of every later one.
+    first_sync_failure: Mutex<Option<String>>,
+    /// Held by every operation that waits for write-back (see the module documentation).
+    sync_lock: Mutex<()>,
     /// Test hook: the next sync fails as if `fsync` had returned EIO.
     #[cfg(test)]
     fail_next_sync: AtomicBool,
+    /// Test hook: the injected failure first waits this long (milliseconds) inside the sync,
+    /// as a slow failing write-back would, so concurrent callers queue behind it.
+    #[cfg(test)]
+    fail_delay_ms: std::sync::atomic::AtomicU64,
+    /// Test hook: set when the injected failing sync has started.
+    #[cfg(test)]
+    failing_sync_started: AtomicBool,
 }
 
 fn io_err(op: &'static str, source: io::Error) -> DevError {
@@ -132,8 +150,14 @@ impl FileDev {
             direct,
             punch_supported,
             sync_failed: AtomicBool::new(false),
+            first_sync_failure: Mutex::new(None),
+            sync_lock: Mutex::new(()),
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
+            #[cfg(test)]
+            fail_delay_ms: std::sync::atomic::AtomicU64::new(0),
+            #[cfg(test)]
+            failing_sync_started: AtomicBool::new(false),
         })
     }
 
@@ -202,19 +226,33 @@ impl FileDev {
         self.is_block_device
     }
 
-    fn check_writable(&self, op: &'static str) -> DevResult<()> {
+    fn check_writable(&self) -> DevResult<()> {
         if self.read_only {
             return Err(DevError::ReadOnly);
         }
+        self.check_not_sync_failed()
+    }
+
+    /// Fails with [`DevError::SyncFailed`] once any sync of this device failed.
+    fn check_not_sync_failed(&self) -> DevResult<()> {
         if self.sync_failed.load(Ordering::Acquire) {
-            return Err(DevError::Io {
-                op,
-                offset: 0,
-                len: 0,
-                source: io::Error::other("an earlier sync failed; refusing further writes"),
-            });
+            let first = self.first_sync_failure.lock().clone().unwrap_or_else(|| "unknown".to_owned());
+            return Err(DevError::SyncFailed { first });
         }
         Ok(())
+    }
+
+    /// Makes a failed sync sticky, remembering the first failure for later errors.
+    fn record_sync_failure(&self, op: &str, source: &io::Error) {
+        let mut first = self.first_sync_failure.lock();
+        if first.is_none() {
+            *first = Some(format!("{op} of {} failed: {source}", self.path.display()));
+            log::error!(
+                "{}: {op} failed ({source}); refusing every later write and sync of this device",
+                self.path.display()
+            );
+        }
+        self.sync_failed.store(true, Ordering::Release);
     }
 
     fn read_raw(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -353,7 +391,7 @@ impl BlockDev for FileDev {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        self.check_writable("write")?;
+        self.check_writable()?;
         DevError::check_range("write", offset, buf.len() as u64, self.len)?;
         if buf.is_empty() {
             return Ok(());
@@ -370,7 +408,7 @@ impl BlockDev for FileDev {
     /// durable, not every dirty page of the file as a full `fdatasync` would. Unaligned direct
     /// writes (bounced) and kernels without `pwritev2` use a plain write and a full sync.
     fn write_at_fua(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        self.check_writable("write_fua")?;
+        self.check_writable()?;
         DevError::check_range("write_fua", offset, buf.len() as u64, self.len)?;
         let bounced =
             self.direct.as_ref().is_some_and(|d| !is_aligned(buf.as_ptr(), buf.len(), offset, d.align));
@@ -378,18 +416,27 @@ impl BlockDev for FileDev {
             self.write_at(buf, offset)?;
             return self.sync();
         }
-        match write_all_dsync(&self.file, buf, offset) {
+        // The DSYNC half waits for write-back and consumes the file's error like an fsync.
+        let dsync = {
+            let _serial = self.sync_lock.lock();
+            self.check_not_sync_failed()?;
+            let result = write_all_dsync(&self.file, buf, offset);
+            if let Err(source) = &result
+                && !matches!(source.raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP))
+            {
+                // The error may come from the sync half: as after a failed fsync, dirty pages
+                // may be gone, so the failure is sticky.
+                self.record_sync_failure("write_fua", source);
+            }
+            result
+        };
+        match dsync {
             Ok(()) => Ok(()),
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EOPNOTSUPP)) => {
                 self.write_at(buf, offset)?;
                 self.sync()
             }
-            Err(source) => {
-                // The error may come from the sync half: as after a failed fsync, dirty pages
-                // may be gone, so the failure is sticky.
-                self.sync_failed.store(true, Ordering::Release);
-                Err(DevError::Io { op: "write_fua", offset, len: buf.len() as u64, source })
-            }
+            Err(source) => Err(DevError::Io { op: "write_fua", offset, len: buf.len() as u64, source }),
         }
     }
 
@@ -397,9 +444,15 @@ impl BlockDev for FileDev {
         if self.read_only {
             return Ok(());
         }
-        self.check_writable("sync")?;
+        self.check_writable()?;
+        let _serial = self.sync_lock.lock();
+        // Again under the lock: a sync that queued behind a failing one must fail too, as the
+        // kernel reported the error to that one only.
+        self.check_not_sync_failed()?;
         #[cfg(test)]
         let result = if self.fail_next_sync.swap(false, Ordering::AcqRel) {
+            self.failing_sync_started.store(true, Ordering::Release);
+            std::thread::sleep(std::time::Duration::from_millis(self.fail_delay_ms.load(Ordering::Acquire)));
             Err(io::Error::from_raw_os_error(libc::EIO))
         } else {
             self.file.sync_data()
@@ -407,13 +460,13 @@ impl BlockDev for FileDev {
         #[cfg(not(test))]
         let result = self.file.sync_data();
         result.map_err(|source| {
-            self.sync_failed.store(true, Ordering::Release);
+            self.record_sync_failure("sync", &source);
             DevError::Io { op: "sync", offset: 0, len: self.len, source }
         })
     }
 
     fn discard(&self, offset: u64, len: u64) -> DevResult<()> {
-        self.check_writable("discard")?;
+        self.check_writable()?;
         DevError::check_range("discard", offset, len, self.len)?;
         if len == 0 {
             return Ok(());
@@ -428,7 +481,7 @@ impl BlockDev for FileDev {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> DevResult<()> {
-        self.check_writable("write_zeroes")?;
+        self.check_writable()?;
         DevError::check_range("write_zeroes", offset, len, self.len)?;
         if len == 0 {
             return Ok(());
@@ -525,7 +578,7 @@ impl BulkCopy for FileDev {
     /// file system that cannot do it (EXDEV, EINVAL, ENOSYS, EOPNOTSUPP on the first call, with
     /// nothing copied) gets `Ok(false)`.
     fn copy_from(&self, src: &dyn BlockDev, src_offset: u64, offset: u64, len: u64) -> DevResult<bool> {
-        self.check_writable("copy")?;
+        self.check_writable()?;
         DevError::check_range("copy", offset, len, self.len)?;
         DevError::check_range("copy source", src_offset, len, src.len())?;
         let (Some(from), None) = (super::buffered_file(src), self.direct.as_ref()) else {
@@ -769,14 +822,65 @@ mod tests {
         dev.sync().unwrap();
         dev.fail_next_sync.store(true, Ordering::Release);
         assert!(matches!(dev.sync(), Err(DevError::Io { op: "sync", .. })));
-        // The hook fired once; the real fsync would now succeed, yet the device must refuse.
-        assert!(matches!(dev.sync(), Err(DevError::Io { op: "sync", .. })));
-        assert!(matches!(dev.write_at(&[2; 512], 0), Err(DevError::Io { op: "write", .. })));
-        assert!(matches!(dev.write_zeroes(0, 512, true), Err(DevError::Io { .. })));
+        // The hook fired once; the real fsync would now succeed, yet the device must refuse,
+        // with an error that names the first failure.
+        match dev.sync() {
+            Err(e @ DevError::SyncFailed { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains("sync of") && text.contains("sticky.img"), "{text}");
+                assert_eq!(e.nbd_errno(), libc::EIO as u32);
+            }
+            other => panic!("a sync after a failed one: {other:?}"),
+        }
+        assert!(matches!(dev.write_at(&[2; 512], 0), Err(DevError::SyncFailed { .. })));
+        assert!(matches!(dev.write_at_fua(&[2; 512], 0), Err(DevError::SyncFailed { .. })));
+        assert!(matches!(dev.write_zeroes(0, 512, true), Err(DevError::SyncFailed { .. })));
+        // Reopening starts afresh (the operator has looked at the device).
+        drop(dev);
+        let dev = FileDev::open(&path, &FileDevOptions::default()).unwrap();
+        dev.sync().unwrap();
         // Reads still work: the data that is there can be salvaged.
         let mut buf = [0; 512];
         dev.read_at(&mut buf, 0).unwrap();
         assert_eq!(buf, [1; 512]);
+    }
+
+    /// Guards the serialisation of syncs: Linux tells only one of several concurrent syncs of a
+    /// file about a write-back error. Here the failing sync is slow; every sync that starts
+    /// while it runs must fail too, never report success for the lost pages.
+    #[test]
+    fn syncs_queued_behind_a_failing_sync_fail_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("concurrent.img");
+        let opts = FileDevOptions { create_with_size: Some(1 << 16), ..Default::default() };
+        let dev = FileDev::open(&path, &opts).unwrap();
+        dev.write_at(&[1; 512], 0).unwrap();
+        dev.fail_delay_ms.store(300, Ordering::Release);
+        dev.fail_next_sync.store(true, Ordering::Release);
+        std::thread::scope(|s| {
+            let failing = s.spawn(|| dev.sync());
+            while !dev.failing_sync_started.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+            let others: Vec<_> = (0..4)
+                .map(|i| {
+                    let dev = &dev;
+                    s.spawn(
+                        move || {
+                            if i % 2 == 0 { dev.sync() } else { dev.write_at_fua(&[3; 512], 4096 * i) }
+                        },
+                    )
+                })
+                .collect();
+            assert!(matches!(failing.join().unwrap(), Err(DevError::Io { op: "sync", .. })));
+            for (i, other) in others.into_iter().enumerate() {
+                let result = other.join().unwrap();
+                assert!(
+                    matches!(result, Err(DevError::SyncFailed { .. })),
+                    "caller {i} started during the failing sync and got {result:?}"
+                );
+            }
+        });
     }
 
     #[test]

@@ -60,6 +60,13 @@ pub enum DevError {
     /// The device does not support this operation.
     #[error("operation not supported: {0}")]
     Unsupported(&'static str),
+    /// An earlier sync (or durable write) of this device failed. The kernel may have dropped the
+    /// data it could not write and cleared the error, so nothing is acknowledged as durable again
+    /// until the device is reopened; `first` describes the failure that started it.
+    #[error(
+        "an earlier sync of this device failed ({first}); no write or sync succeeds until it is reopened"
+    )]
+    SyncFailed { first: String },
 }
 
 impl DevError {
@@ -67,7 +74,7 @@ impl DevError {
     #[must_use]
     pub fn nbd_errno(&self) -> u32 {
         match self {
-            DevError::Io { .. } | DevError::Corrupted(_) => libc::EIO as u32,
+            DevError::Io { .. } | DevError::Corrupted(_) | DevError::SyncFailed { .. } => libc::EIO as u32,
             DevError::OutOfRange { .. } | DevError::NoSpace(_) => libc::ENOSPC as u32,
             DevError::ReadOnly => libc::EPERM as u32,
             DevError::Invalid(_) => libc::EINVAL as u32,

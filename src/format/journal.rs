@@ -221,6 +221,10 @@ pub const JOURNAL_MAGIC: [u8; 8] = *b"ubcJRNL1";
 pub const RECORD_HEADER_LEN: usize = JR_ENTRIES_OFF;
 /// Bytes after the entries: the crc32c.
 pub const RECORD_TRAILER_LEN: usize = 4;
+/// Largest journal record the format allows. Writers split bigger commits (their own limit is
+/// far lower, 256 KiB by default); replay reads a whole record into memory, so a header that
+/// claims more is damaged, never a reason to allocate what it says.
+pub const MAX_RECORD_BYTES: u64 = 16 << 20;
 
 const JR_MAGIC_OFF: usize = 0;
 const JR_VERSION_OFF: usize = JR_MAGIC_OFF + 8;
@@ -300,6 +304,12 @@ impl RecordHeader {
             return Err(FormatError::Invalid(format!(
                 "record claims {} sectors, its {} entry bytes need {needed}",
                 h.record_sectors, h.entries_len
+            )));
+        }
+        if h.record_bytes() > MAX_RECORD_BYTES {
+            return Err(FormatError::Invalid(format!(
+                "record claims {} sectors, more than the format's limit of {MAX_RECORD_BYTES} bytes",
+                h.record_sectors
             )));
         }
         if h.first_seq == 0

@@ -4,12 +4,17 @@
 //! Any number of requests may be in flight: each call registers its handle, writes its request
 //! under a short lock, and awaits its own reply; a reader task matches replies (in whatever order
 //! they come) to handles. The client is `Sync`, so share it by reference or in an `Arc`.
+//!
+//! A READ reply must account for every byte: the chunks of a structured reply must lie inside
+//! the request, must not overlap, and together must cover it exactly; a simple reply must not
+//! follow chunks. Anything else is a broken or hostile server, and the bytes it left out would
+//! otherwise reach the caller as zeros: the request fails and the connection is dropped.
 
 use super::proto::{
     self, ChunkHeader, Command, ExportInfo, OptionHeader, OptionReplyHeader, ReplyStart, RequestHeader,
     chunk, client_flags, cmd_flags, handshake_flags, info, opt, rep,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::Path;
 use std::sync::Arc;
@@ -72,9 +77,57 @@ type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 struct Pending {
     /// For READ: the request's offset and the buffer being filled (zeros where holes are).
     read: Option<(u64, Vec<u8>)>,
+    /// For READ: the parts of the buffer the chunks received so far cover.
+    covered: Coverage,
+    /// Whether a structured chunk arrived for this request (a simple reply may no longer).
+    chunked: bool,
     /// The first error chunk of a structured reply.
     error: Option<(u32, String)>,
     done: oneshot::Sender<Result<Vec<u8>, ClientError>>,
+}
+
+/// At most this many disjoint covered islands per READ: chunks that arrive in order (or in
+/// reverse) merge into one, so only a server scattering tiny chunks out of order gets near it,
+/// and the table of a 32 MiB READ cannot grow to one entry per byte.
+const MAX_COVERAGE_ISLANDS: usize = 4096;
+
+/// The byte ranges (relative to the request) that a READ's chunks have filled, merged where
+/// they touch: start -> end.
+#[derive(Debug, Default)]
+struct Coverage(BTreeMap<u64, u64>);
+
+impl Coverage {
+    /// Records `start..end` (non-empty); refuses a range that overlaps one already covered.
+    fn claim(&mut self, start: u64, end: u64) -> Result<(), &'static str> {
+        let (mut lo, mut hi) = (start, end);
+        // Only the last range starting before `end` can overlap: ranges never overlap each
+        // other, so every earlier one ends before its start.
+        if let Some((&s, &e)) = self.0.range(..end).next_back() {
+            if e > start {
+                return Err("structured chunks overlap");
+            }
+            if e == start {
+                self.0.remove(&s);
+                lo = s;
+            }
+        }
+        if let Some(e) = self.0.remove(&end) {
+            hi = e;
+        }
+        self.0.insert(lo, hi);
+        if self.0.len() > MAX_COVERAGE_ISLANDS {
+            return Err("structured reply split into too many out-of-order chunks");
+        }
+        Ok(())
+    }
+
+    /// Whether the ranges cover `0..len` exactly.
+    fn is_whole(&self, len: u64) -> bool {
+        if len == 0 {
+            return self.0.is_empty();
+        }
+        self.0.len() == 1 && self.0.get(&0) == Some(&len)
+    }
 }
 
 #[derive(Default)]
@@ -304,6 +357,11 @@ impl NbdClient {
                 ..ExportInfo::default()
             }
         };
+        if info.size > i64::MAX as u64 {
+            // No real device is that big, and offsets past it overflow signed arithmetic in
+            // every layer that follows (the kernel's loff_t among them).
+            return Err(proto::ProtoError::Malformed("export size beyond 2^63 - 1 bytes").into());
+        }
         let pending = Arc::new(parking_lot::Mutex::new(PendingTable::default()));
         let reader_task = tokio::spawn(reply_reader(r, pending.clone()));
         Ok(Self {
@@ -369,7 +427,10 @@ impl NbdClient {
             if let Some(reason) = &table.closed {
                 return Err(ClientError::Disconnected(reason.clone()));
             }
-            table.map.insert(handle, Pending { read, error: None, done });
+            table.map.insert(
+                handle,
+                Pending { read, covered: Coverage::default(), chunked: false, error: None, done },
+            );
         }
         let header = RequestHeader { flags, cmd_type, handle, offset, length };
         let sent = async {
@@ -471,6 +532,10 @@ async fn read_replies(
                 let Some(mut p) = pending.lock().map.remove(&reply.handle) else {
                     return Err(proto::ProtoError::Malformed("reply for an unknown handle").into());
                 };
+                if p.chunked {
+                    // The chunks so far may have filled only part of the buffer.
+                    return Err(fail_request(p, "a simple reply after structured chunks"));
+                }
                 let result = if reply.errno != 0 {
                     Err(ClientError::Server { errno: reply.errno, message: String::new() })
                 } else if let Some((_, mut buf)) = p.read.take() {
@@ -495,16 +560,76 @@ async fn read_replies(
     }
 }
 
+/// Fails request `p` with the protocol violation `what`, and returns the error that stops the
+/// reply reader (and so the connection).
+fn fail_request(p: Pending, what: &'static str) -> ClientError {
+    let _ = p.done.send(Err(ClientError::Disconnected(format!("protocol: {what}"))));
+    ClientError::Proto(proto::ProtoError::Malformed(what))
+}
+
 async fn read_chunk(
     r: &mut BufReader<BoxRead>,
     pending: &parking_lot::Mutex<PendingTable>,
     h: ChunkHeader,
 ) -> Result<(), ClientError> {
-    let malformed = |m| ClientError::Proto(proto::ProtoError::Malformed(m));
     // Take the entry out while reading into it; it goes back unless this is the last chunk.
     let Some(mut p) = pending.lock().map.remove(&h.handle) else {
-        return Err(malformed("chunk for an unknown handle"));
+        return Err(ClientError::Proto(proto::ProtoError::Malformed("chunk for an unknown handle")));
     };
+    p.chunked = true;
+    match read_chunk_into(r, &mut p, h).await {
+        Ok(()) => {}
+        Err(ChunkError::Violation(what)) => return Err(fail_request(p, what)),
+        Err(ChunkError::Client(e)) => {
+            let _ = p.done.send(Err(ClientError::Disconnected(e.to_string())));
+            return Err(e);
+        }
+    }
+    if h.flags & chunk::FLAG_DONE != 0 {
+        let result = match p.error.take() {
+            Some((errno, message)) => Err(ClientError::Server { errno, message }),
+            None => match p.read.take() {
+                Some((_, buf)) if !p.covered.is_whole(buf.len() as u64) => {
+                    // Bytes no chunk carried would reach the caller as zeros.
+                    return Err(fail_request(p, "structured reply does not cover the whole READ"));
+                }
+                Some((_, buf)) => Ok(buf),
+                None => Ok(Vec::new()),
+            },
+        };
+        let _ = p.done.send(result);
+    } else {
+        pending.lock().map.insert(h.handle, p);
+    }
+    Ok(())
+}
+
+/// Why a chunk could not be taken: the server broke the protocol, or reading failed.
+enum ChunkError {
+    Violation(&'static str),
+    Client(ClientError),
+}
+
+impl From<io::Error> for ChunkError {
+    fn from(e: io::Error) -> Self {
+        ChunkError::Client(e.into())
+    }
+}
+
+impl From<proto::ProtoError> for ChunkError {
+    fn from(e: proto::ProtoError) -> Self {
+        ChunkError::Client(e.into())
+    }
+}
+
+/// Reads one chunk's payload into request `p`, checking that a READ's chunk lies inside the
+/// request, is not empty and overlaps no earlier chunk.
+async fn read_chunk_into(
+    r: &mut BufReader<BoxRead>,
+    p: &mut Pending,
+    h: ChunkHeader,
+) -> Result<(), ChunkError> {
+    let malformed = ChunkError::Violation;
     match h.chunk_type {
         chunk::TYPE_OFFSET_DATA | chunk::TYPE_OFFSET_HOLE => {
             let Some((req_offset, buf)) = p.read.as_mut() else {
@@ -526,11 +651,15 @@ async fn read_chunk(
                 r.read_exact(&mut n).await?;
                 u64::from(u32::from_be_bytes(n))
             };
-            let rel = offset.checked_sub(*req_offset).ok_or_else(|| malformed("chunk before the request"))?;
-            let end = rel.checked_add(extent_len).ok_or_else(|| malformed("chunk overflows"))?;
+            let rel = offset.checked_sub(*req_offset).ok_or(malformed("chunk before the request"))?;
+            let end = rel.checked_add(extent_len).ok_or(malformed("chunk overflows"))?;
             if end > buf.len() as u64 {
                 return Err(malformed("chunk beyond the request"));
             }
+            if extent_len == 0 {
+                return Err(malformed("empty data or hole chunk"));
+            }
+            p.covered.claim(rel, end).map_err(malformed)?;
             let range = rel as usize..end as usize;
             if h.chunk_type == chunk::TYPE_OFFSET_DATA {
                 r.read_exact(&mut buf[range]).await?;
@@ -552,15 +681,6 @@ async fn read_chunk(
             let mut skip = (&mut *r).take(u64::from(h.len));
             tokio::io::copy(&mut skip, &mut tokio::io::sink()).await?;
         }
-    }
-    if h.flags & chunk::FLAG_DONE != 0 {
-        let result = match p.error.take() {
-            Some((errno, message)) => Err(ClientError::Server { errno, message }),
-            None => Ok(p.read.take().map(|(_, buf)| buf).unwrap_or_default()),
-        };
-        let _ = p.done.send(result);
-    } else {
-        pending.lock().map.insert(h.handle, p);
     }
     Ok(())
 }

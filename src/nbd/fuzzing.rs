@@ -196,3 +196,173 @@ pub fn seed_session() -> Vec<u8> {
     req(&mut s, Command::Disc, 0, 0, 0);
     s
 }
+
+/// What the client reported for each request of [`client_session`]: READ 0+4096, READ
+/// 4096+65536, FLUSH. A READ that succeeded is `Ok(its length)`.
+pub type ClientOutcome = Vec<Result<usize, String>>;
+
+/// The READs [`client_session`] sends (offset, length), with handles 1 and 2; FLUSH is handle 3.
+pub const CLIENT_SESSION_READS: [(u64, u32); 2] = [(0, 4096), (4096, 65536)];
+
+/// Plays a server whose bytes are `handshake` (everything up to the transmission phase) and then
+/// `replies`, against the real client: it negotiates (structured replies, `NBD_OPT_GO`), sends
+/// two READs and a FLUSH (handles 1, 2, 3, all registered before any reply is read), and returns
+/// what each got; `Err` from the handshake gives an empty outcome. Must neither panic nor hang,
+/// and a successful READ always has the requested length. Oversized chunks, sizes like 2^63 and
+/// a server vanishing at any byte are all in reach of a fuzzer.
+pub fn client_session(handshake: &[u8], replies: &[u8]) -> ClientOutcome {
+    use super::client::{ClientOptions, NbdClient};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        return Vec::new();
+    };
+    rt.block_on(async {
+        let (go_tx, go_rx) = tokio::sync::oneshot::channel();
+        let handshake_done = Arc::new(AtomicBool::new(false));
+        let server = ScriptedServer {
+            bytes: [handshake, replies].concat(),
+            gate: handshake.len(),
+            pos: 0,
+            handshake_done: Arc::clone(&handshake_done),
+            go: Some(go_rx),
+        };
+        let opts = ClientOptions::default();
+        let session = async {
+            let Ok(client) = NbdClient::handshake(Box::new(server), Box::new(tokio::io::sink()), &opts).await
+            else {
+                return Vec::new();
+            };
+            handshake_done.store(true, Ordering::Release);
+            let [(o1, l1), (o2, l2)] = CLIENT_SESSION_READS;
+            let feed = async {
+                // Polled after the three requests registered their handles.
+                let _ = go_tx.send(());
+            };
+            let (a, b, c, ()) = tokio::join!(client.read(o1, l1), client.read(o2, l2), client.flush(), feed);
+            for (got, want) in [(&a, l1), (&b, l2)] {
+                if let Ok(buf) = got {
+                    assert_eq!(buf.len(), want as usize, "a READ returned a buffer of the wrong length");
+                }
+            }
+            let text = |e: super::client::ClientError| e.to_string();
+            vec![
+                a.map(|b| b.len()).map_err(text),
+                b.map(|b| b.len()).map_err(text),
+                c.map(|_| 0).map_err(text),
+            ]
+        };
+        // Everything is in memory: a session that takes this long is a hang, i.e. a bug.
+        let outcome = tokio::time::timeout(Duration::from_secs(20), session).await;
+        assert!(outcome.is_ok(), "client session did not finish");
+        outcome.unwrap_or_default()
+    })
+}
+
+/// The cargo-fuzz entry of [`client_session`]: the first two bytes (little endian) say how many
+/// of the rest are the handshake; the remainder are the transmission-phase replies.
+pub fn client_reply(data: &[u8]) {
+    let Some((len, rest)) = data.split_first_chunk::<2>() else { return };
+    let split = usize::from(u16::from_le_bytes(*len)).min(rest.len());
+    let (handshake, replies) = rest.split_at(split);
+    client_session(handshake, replies);
+}
+
+/// A [`client_reply`] input: a well-behaved server's whole session.
+#[must_use]
+pub fn seed_client_reply_input() -> Vec<u8> {
+    let handshake = seed_client_handshake(1 << 20);
+    let mut s = (handshake.len() as u16).to_le_bytes().to_vec();
+    s.extend(handshake);
+    s.extend(seed_client_replies());
+    s
+}
+
+/// The server side of [`client_session`]: its bytes, then end of file (the server vanishes).
+/// Once the handshake has completed, the transmission-phase bytes wait for `go`, so that the
+/// client has registered its requests before their replies arrive; a handshake that wants more
+/// than its bytes simply reads on into the rest, as it would from a real socket.
+struct ScriptedServer {
+    bytes: Vec<u8>,
+    gate: usize,
+    pos: usize,
+    handshake_done: Arc<std::sync::atomic::AtomicBool>,
+    go: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl tokio::io::AsyncRead for ScriptedServer {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        let this = &mut *self;
+        if this.pos >= this.gate
+            && let Some(go) = this.go.as_mut()
+        {
+            if this.handshake_done.load(std::sync::atomic::Ordering::Acquire)
+                && std::pin::Pin::new(go).poll(cx).is_pending()
+            {
+                return std::task::Poll::Pending;
+            }
+            this.go = None;
+        }
+        // Never hand out bytes past the gate while it is closed.
+        let end = if this.go.is_some() { this.gate } else { this.bytes.len() };
+        let n = buf.remaining().min(end - this.pos);
+        buf.put_slice(&this.bytes[this.pos..this.pos + n]);
+        this.pos += n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// The bytes of a well-behaved server for [`client_session`]: the handshake (structured replies
+/// acknowledged, an export of `size` bytes), and the transmission-phase replies.
+#[must_use]
+pub fn seed_client_handshake(size: u64) -> Vec<u8> {
+    use proto::{handshake_flags, opt, rep};
+    let mut s = proto::encode_greeting(handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES).to_vec();
+    proto::encode_option_reply(&mut s, opt::STRUCTURED_REPLY, rep::ACK, &[]);
+    proto::encode_option_reply(&mut s, opt::GO, rep::INFO, &proto::encode_info_export(size, 1));
+    proto::encode_option_reply(&mut s, opt::GO, rep::INFO, &proto::encode_info_block_size(1, 4096, 1 << 25));
+    proto::encode_option_reply(&mut s, opt::GO, rep::ACK, &[]);
+    s
+}
+
+/// One structured reply chunk: `chunk_type` with `payload`, `done` setting `NBD_REPLY_FLAG_DONE`.
+#[must_use]
+pub fn encode_chunk(handle: u64, chunk_type: u16, done: bool, payload: &[u8]) -> Vec<u8> {
+    let flags = if done { proto::chunk::FLAG_DONE } else { 0 };
+    let mut out =
+        proto::ChunkHeader { flags, chunk_type, handle, len: payload.len() as u32 }.encode().to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A data chunk carrying `data` at `offset`.
+#[must_use]
+pub fn data_chunk(handle: u64, offset: u64, data: &[u8], done: bool) -> Vec<u8> {
+    let mut payload = offset.to_be_bytes().to_vec();
+    payload.extend_from_slice(data);
+    encode_chunk(handle, proto::chunk::TYPE_OFFSET_DATA, done, &payload)
+}
+
+/// A hole chunk of `len` bytes at `offset`.
+#[must_use]
+pub fn hole_chunk(handle: u64, offset: u64, len: u32, done: bool) -> Vec<u8> {
+    let mut payload = offset.to_be_bytes().to_vec();
+    payload.extend_from_slice(&len.to_be_bytes());
+    encode_chunk(handle, proto::chunk::TYPE_OFFSET_HOLE, done, &payload)
+}
+
+/// Well-formed replies to [`client_session`]'s requests: READ 1 as data then a hole, READ 2 in
+/// two data chunks out of order, FLUSH as a simple reply.
+#[must_use]
+pub fn seed_client_replies() -> Vec<u8> {
+    let mut s = data_chunk(1, 0, &[0xa5; 1024], false);
+    s.extend(hole_chunk(1, 1024, 3072, true));
+    s.extend(data_chunk(2, 4096 + 32768, &[0x5a; 32768], false));
+    s.extend(data_chunk(2, 4096, &[0x3c; 32768], true));
+    s.extend(proto::SimpleReply { errno: 0, handle: 3 }.encode());
+    s
+}

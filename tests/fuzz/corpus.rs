@@ -102,3 +102,8 @@ fn btree_node_decode_corpus() {
 fn btree_tree_open_corpus() {
     replay("btree_tree_open", ubcache_btree::fuzzing::tree_open);
 }
+
+#[test]
+fn nbd_client_reply_corpus() {
+    replay("nbd_client_reply", ubcache::nbd::fuzzing::client_reply);
+}

@@ -98,6 +98,45 @@ fn format_refuses_to_overwrite_a_cache_or_data_without_force() {
     assert!(!nothing.exists());
 }
 
+/// A new user pointing `--cache` at the wrong file must not lose it: a cache device that is not a
+/// ubcache cache and has data in its first MiB is refused (a zeroed one is fine).
+#[test]
+fn format_refuses_a_cache_device_holding_other_data_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = ["--bucket-size", "64K", "--node-size", "16K"];
+    let backing = make_file(dir.path(), "backing.img", 8 << 20);
+    let cache = dir.path().join("photos.img");
+    let mut data = vec![0u8; 8 << 20];
+    // One non-zero byte near the end of the first MiB is enough to refuse.
+    data[(1 << 20) - 1] = 0x5a;
+    data[(4 << 20)..(4 << 20) + 9].copy_from_slice(b"my photos");
+    std::fs::write(&cache, &data).unwrap();
+    let out = ubcache(&[&["format", "--cache", s(&cache), "--backing", s(&backing)][..], &small].concat());
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a ubcache cache") && stderr.contains("--force"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "a one-line error: {stderr}");
+    assert_eq!(std::fs::read(&cache).unwrap(), data, "the refused format wrote nothing");
+    assert_eq!(std::fs::read(&backing).unwrap(), vec![0u8; 8 << 20], "nor to the backing device");
+
+    // Data after the first MiB alone does not count (the caller owns a zeroed head).
+    let late = dir.path().join("late.img");
+    let mut late_data = vec![0u8; 8 << 20];
+    late_data[1 << 20] = 1;
+    std::fs::write(&late, &late_data).unwrap();
+    let other_backing = make_file(dir.path(), "backing2.img", 8 << 20);
+    ubcache_ok(&[&["format", "--cache", s(&late), "--backing", s(&other_backing)][..], &small].concat());
+
+    // --force overrides, with a warning.
+    let out = ubcache(
+        &[&["format", "--cache", s(&cache), "--backing", s(&backing), "--force"][..], &small].concat(),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("WARNING: --force"), "{out:?}");
+    let (code, report) = check_json(&cache, &backing);
+    assert_eq!(code, 0, "{report}");
+}
+
 #[test]
 fn a_cache_with_the_wrong_backing_device_is_refused() {
     let dir = tempfile::tempdir().unwrap();
