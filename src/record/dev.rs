@@ -23,16 +23,6 @@
 //!   the process is killed right after.
 //! - A FUA write is appended, then the log is synced up to it, then the call returns.
 //!
-//! # The log thread
-//! Each device has one long-lived thread for the log: it syncs the log while `sync` syncs the
-//! device (a thread spawned per FLUSH cost more than a page-cache device's sync), and it writes
-//! a full log buffer out (so a plain write's request only copies its record into the buffer;
-//! past a larger bound the request writes out itself, which bounds memory). Neither changes the
-//! order above: bytes reach the file in buffer order whoever writes them out (the writer's `io`
-//! lock), a write is acknowledged once its record is in the buffer as before, and a write-out
-//! that fails makes the log fail every later request, so no FLUSH or FUA write after it is
-//! acknowledged.
-//!
 //! # Failures
 //! A log that cannot be written fails the request (ENOSPC for a full disk, EIO otherwise), and
 //! every later write and sync of the export with it: the client is never told a write succeeded
@@ -42,7 +32,6 @@
 //! stops there (see `docs/record-format.md`).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
 
@@ -57,31 +46,17 @@ pub struct RecordingDev {
     log: Arc<LogWriter>,
     /// The thread that syncs the log while `sync` syncs the device (`None` if it could not be
     /// started: the log then syncs after the device, on the caller's thread).
-    log_syncer: Option<mpsc::Sender<LogJob>>,
-    /// The log thread, joined on drop: a write-out it runs may hold the log's last reference.
-    log_thread: Option<std::thread::JoinHandle<()>>,
-    /// Set while a write-out is queued for the log thread and not yet started (one at a time).
-    write_out_queued: Arc<AtomicBool>,
+    log_syncer: Option<mpsc::Sender<LogSyncJob>>,
 }
 
-/// Work for the log thread.
-enum LogJob {
-    /// Sync the log up to where, and send the outcome.
-    Sync(LogPos, mpsc::SyncSender<DevResult<()>>),
-    /// Write the buffer out (a failure is sticky in the log: later requests report it).
-    WriteOut,
-}
+/// A log sync for the syncer thread: up to where, and where to send the outcome.
+type LogSyncJob = (LogPos, mpsc::SyncSender<DevResult<()>>);
 
 impl RecordingDev {
     #[must_use]
     pub fn new(inner: Arc<dyn BlockDev>, log: Arc<LogWriter>) -> RecordingDev {
-        let write_out_queued = Arc::new(AtomicBool::new(false));
-        let (log_syncer, log_thread) =
-            match spawn_log_syncer(Arc::downgrade(&log), Arc::clone(&write_out_queued)) {
-                Some((tx, handle)) => (Some(tx), Some(handle)),
-                None => (None, None),
-            };
-        RecordingDev { inner, log, log_syncer, log_thread, write_out_queued }
+        let log_syncer = spawn_log_syncer(Arc::downgrade(&log));
+        RecordingDev { inner, log, log_syncer }
     }
 
     /// Syncs the log up to `pos` while `device_sync` runs on this thread; returns both outcomes.
@@ -91,7 +66,7 @@ impl RecordingDev {
         device_sync: impl FnOnce() -> DevResult<()>,
     ) -> (DevResult<()>, DevResult<()>) {
         let (reply_tx, reply_rx) = mpsc::sync_channel(1);
-        let sent = self.log_syncer.as_ref().is_some_and(|tx| tx.send(LogJob::Sync(pos, reply_tx)).is_ok());
+        let sent = self.log_syncer.as_ref().is_some_and(|tx| tx.send((pos, reply_tx)).is_ok());
         let synced = device_sync();
         let logged = if sent {
             reply_rx.recv().unwrap_or_else(|_| {
@@ -108,35 +83,10 @@ impl RecordingDev {
         (synced, logged)
     }
 
-    /// Appends a non-FUA write; a full buffer is written out by the log thread, off the
-    /// request's path (inline when there is no such thread).
-    fn append_plain_write(&self, buf: &[u8], offset: u64) -> DevResult<()> {
-        let (_, full) = self.log.append_write_deferred(offset, buf, false)?;
-        if full && !self.write_out_queued.swap(true, Ordering::AcqRel) {
-            let sent = self.log_syncer.as_ref().is_some_and(|tx| tx.send(LogJob::WriteOut).is_ok());
-            if !sent {
-                self.write_out_queued.store(false, Ordering::Release);
-                return self.log.write_out_now();
-            }
-        }
-        Ok(())
-    }
-
     /// The log this device appends to (for marks).
     #[must_use]
     pub fn log(&self) -> &Arc<LogWriter> {
         &self.log
-    }
-}
-
-impl Drop for RecordingDev {
-    /// Ends the log thread once its queued jobs are done, so that the log's last reference
-    /// (and with it the final sync in `LogWriter`'s drop) stays with the owner.
-    fn drop(&mut self) {
-        self.log_syncer = None;
-        if let Some(handle) = self.log_thread.take() {
-            drop(handle.join());
-        }
     }
 }
 
@@ -151,7 +101,7 @@ impl BlockDev for RecordingDev {
 
     fn write_at(&self, buf: &[u8], offset: u64) -> DevResult<()> {
         self.inner.write_at(buf, offset)?;
-        self.append_plain_write(buf, offset)
+        self.log.append_write(offset, buf, false).map(drop)
     }
 
     fn write_at_fua(&self, buf: &[u8], offset: u64) -> DevResult<()> {
@@ -205,37 +155,20 @@ impl BlockDev for RecordingDev {
 /// Starts the thread that runs log syncs for [`RecordingDev::sync`]: one long-lived thread
 /// instead of one spawned per FLUSH (a spawn costs more than a sync of a page-cache device).
 /// It holds the log weakly, and ends once the device (its job sender) is dropped.
-fn spawn_log_syncer(
-    log: Weak<LogWriter>,
-    write_out_queued: Arc<AtomicBool>,
-) -> Option<(mpsc::Sender<LogJob>, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = mpsc::channel::<LogJob>();
-    let spawned = std::thread::Builder::new().name("record-log".into()).spawn(move || {
-        for job in rx {
-            match job {
-                LogJob::Sync(pos, reply) => {
-                    let result = match log.upgrade() {
-                        Some(log) => log.sync_to(pos),
-                        None => Ok(()),
-                    };
-                    // The caller waits for this; a failed send is harmless.
-                    drop(reply.send(result));
-                }
-                LogJob::WriteOut => {
-                    // Cleared first: an append that fills the next buffer meanwhile queues
-                    // another write-out rather than finding this one already done.
-                    write_out_queued.store(false, Ordering::Release);
-                    if let Some(log) = log.upgrade() {
-                        // A failure is sticky in the log, which said so; the next append,
-                        // FLUSH or FUA write of the export fails with it.
-                        drop(log.write_out_now());
-                    }
-                }
-            }
+fn spawn_log_syncer(log: Weak<LogWriter>) -> Option<mpsc::Sender<LogSyncJob>> {
+    let (tx, rx) = mpsc::channel::<LogSyncJob>();
+    let spawned = std::thread::Builder::new().name("record-log-sync".into()).spawn(move || {
+        for (pos, reply) in rx {
+            let result = match log.upgrade() {
+                Some(log) => log.sync_to(pos),
+                None => Ok(()),
+            };
+            // The caller waits for this; it cannot have gone away, but a failed send is harmless.
+            drop(reply.send(result));
         }
     });
     match spawned {
-        Ok(handle) => Some((tx, handle)),
+        Ok(_) => Some(tx),
         Err(e) => {
             log::warn!("recording: cannot start the log sync thread ({e}); the log syncs after the device");
             None

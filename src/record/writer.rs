@@ -22,10 +22,6 @@ use crate::dev::{DevError, DevResult};
 /// held for a client that never flushes stays bounded.
 const WRITE_OUT_AT: usize = 1 << 20;
 
-/// Buffered bytes at which an append writes out itself even when a log thread was asked to
-/// ([`LogWriter::append_write_deferred`]): the bound on memory when that thread falls behind.
-const WRITE_OUT_INLINE_AT: usize = 4 * WRITE_OUT_AT;
-
 /// What a buffer is allocated with: room for a write-out's worth and the record that fills it.
 const BUF_CAPACITY: usize = WRITE_OUT_AT + (64 << 10);
 
@@ -201,19 +197,7 @@ impl LogWriter {
 
     /// Appends a WRITE (split into several records above the format's limit).
     pub fn append_write(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<LogPos> {
-        let (pos, full) = self.append_write_deferred(offset, data, fua)?;
-        if full {
-            self.write_out_now()?;
-        }
-        Ok(pos)
-    }
-
-    /// Appends a WRITE like [`LogWriter::append_write`], but leaves writing the buffer out to
-    /// the caller: returns with the record's position whether the buffer is due to be written
-    /// out ([`LogWriter::write_out_now`], typically on another thread). Past a larger bound it
-    /// writes out itself, so memory stays bounded when nobody else does.
-    pub fn append_write_deferred(&self, offset: u64, data: &[u8], fua: bool) -> DevResult<(LogPos, bool)> {
-        let (_, pos, len) = self.encode_with(|st| {
+        let (_, pos) = self.append_with(|st| {
             let mut at = offset;
             for chunk in data.chunks(MAX_WRITE_DATA) {
                 encode_write(&mut st.buf, st.next_seq, at, chunk, fua).map_err(|e| invalid(&e))?;
@@ -226,16 +210,7 @@ impl LogWriter {
             }
             Ok(())
         })?;
-        if len >= WRITE_OUT_INLINE_AT {
-            self.write_out_now()?;
-            return Ok((pos, false));
-        }
-        Ok((pos, len >= WRITE_OUT_AT))
-    }
-
-    /// Writes the buffer out to the file now (without a sync).
-    pub fn write_out_now(&self) -> DevResult<()> {
-        self.write_out(&mut self.io.lock())
+        Ok(pos)
     }
 
     /// Appends a TRIM, WRITE_ZEROES or MARK record; returns its entry number and position.
@@ -263,22 +238,7 @@ impl LogWriter {
     /// Encodes records under the state lock; returns the first one's entry number and where
     /// the last one ends.
     fn append_with(&self, encode: impl FnOnce(&mut State) -> DevResult<()>) -> DevResult<(u64, LogPos)> {
-        let (first, pos, len) = self.encode_with(encode)?;
-        if len >= WRITE_OUT_AT {
-            // The record is in the buffer either way; writing out here only bounds memory. If
-            // it fails, this request fails too (its record may be among the lost bytes).
-            self.write_out(&mut self.io.lock())?;
-        }
-        Ok((first, pos))
-    }
-
-    /// Encodes records under the state lock; returns the first one's entry number, where the
-    /// last one ends, and how many bytes the buffer then holds.
-    fn encode_with(
-        &self,
-        encode: impl FnOnce(&mut State) -> DevResult<()>,
-    ) -> DevResult<(u64, LogPos, usize)> {
-        let (first, pos, len) = {
+        let (first, pos, full) = {
             let mut st = self.state.lock();
             if let Some(f) = &st.failed {
                 return Err(f.to_dev_error());
@@ -286,9 +246,14 @@ impl LogWriter {
             let (before, first) = (st.buf.len(), st.next_seq);
             encode(&mut st)?;
             st.appended += (st.buf.len() - before) as u64;
-            (first, LogPos(st.appended), st.buf.len())
+            (first, LogPos(st.appended), st.buf.len() >= WRITE_OUT_AT)
         };
-        Ok((first, pos, len))
+        if full {
+            // The record is in the buffer either way; writing out here only bounds memory. If
+            // it fails, this request fails too (its record may be among the lost bytes).
+            self.write_out(&mut self.io.lock())?;
+        }
+        Ok((first, pos))
     }
 
     /// Makes the log durable up to `pos`: writes the buffer out and `fdatasync`s, unless a
