@@ -32,10 +32,11 @@
 //! stops there (see `docs/record-format.md`).
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::mpsc;
+use std::sync::{Arc, Weak};
 
 use super::format::Record;
-use super::writer::LogWriter;
+use super::writer::{LogPos, LogWriter};
 use crate::dev::{BlockDev, DevCaps, DevError, DevResult};
 
 /// An export's device with every completed change recorded to a log.
@@ -43,12 +44,43 @@ use crate::dev::{BlockDev, DevCaps, DevError, DevResult};
 pub struct RecordingDev {
     inner: Arc<dyn BlockDev>,
     log: Arc<LogWriter>,
+    /// The thread that syncs the log while `sync` syncs the device (`None` if it could not be
+    /// started: the log then syncs after the device, on the caller's thread).
+    log_syncer: Option<mpsc::Sender<LogSyncJob>>,
 }
+
+/// A log sync for the syncer thread: up to where, and where to send the outcome.
+type LogSyncJob = (LogPos, mpsc::SyncSender<DevResult<()>>);
 
 impl RecordingDev {
     #[must_use]
     pub fn new(inner: Arc<dyn BlockDev>, log: Arc<LogWriter>) -> RecordingDev {
-        RecordingDev { inner, log }
+        let log_syncer = spawn_log_syncer(Arc::downgrade(&log));
+        RecordingDev { inner, log, log_syncer }
+    }
+
+    /// Syncs the log up to `pos` while `device_sync` runs on this thread; returns both outcomes.
+    fn sync_both(
+        &self,
+        pos: LogPos,
+        device_sync: impl FnOnce() -> DevResult<()>,
+    ) -> (DevResult<()>, DevResult<()>) {
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        let sent = self.log_syncer.as_ref().is_some_and(|tx| tx.send((pos, reply_tx)).is_ok());
+        let synced = device_sync();
+        let logged = if sent {
+            reply_rx.recv().unwrap_or_else(|_| {
+                Err(DevError::Io {
+                    op: "record log sync",
+                    offset: 0,
+                    len: 0,
+                    source: std::io::Error::other("log sync thread gone"),
+                })
+            })
+        } else {
+            self.log.sync_to(pos)
+        };
+        (synced, logged)
     }
 
     /// The log this device appends to (for marks).
@@ -84,19 +116,7 @@ impl BlockDev for RecordingDev {
         // The device and the log sync at the same time: a FLUSH then waits for the slower of
         // the two instead of their sum. Nothing orders them: the marker is already placed, and
         // the reply waits for both.
-        let (synced, logged) = std::thread::scope(|scope| {
-            let logged = scope.spawn(|| self.log.sync_to(pos));
-            let synced = self.inner.sync();
-            (synced, logged.join())
-        });
-        let logged = logged.unwrap_or_else(|_| {
-            Err(DevError::Io {
-                op: "record log sync",
-                offset: 0,
-                len: 0,
-                source: std::io::Error::other("panicked"),
-            })
-        });
+        let (synced, logged) = self.sync_both(pos, || self.inner.sync());
         if let Err(e) = synced {
             // The marker is already in the log; what follows it says the sync failed, and the
             // recording ends there (a device whose sync failed may have lost any write since
@@ -129,5 +149,29 @@ impl BlockDev for RecordingDev {
         // No bulk-copy extension: a copy straight into the inner file would bypass the log.
         // Appending to the log buffer is a copy into memory too, so cheap writes stay cheap.
         DevCaps { bulk: None, ..self.inner.capabilities() }
+    }
+}
+
+/// Starts the thread that runs log syncs for [`RecordingDev::sync`]: one long-lived thread
+/// instead of one spawned per FLUSH (a spawn costs more than a sync of a page-cache device).
+/// It holds the log weakly, and ends once the device (its job sender) is dropped.
+fn spawn_log_syncer(log: Weak<LogWriter>) -> Option<mpsc::Sender<LogSyncJob>> {
+    let (tx, rx) = mpsc::channel::<LogSyncJob>();
+    let spawned = std::thread::Builder::new().name("record-log-sync".into()).spawn(move || {
+        for (pos, reply) in rx {
+            let result = match log.upgrade() {
+                Some(log) => log.sync_to(pos),
+                None => Ok(()),
+            };
+            // The caller waits for this; it cannot have gone away, but a failed send is harmless.
+            drop(reply.send(result));
+        }
+    });
+    match spawned {
+        Ok(_) => Some(tx),
+        Err(e) => {
+            log::warn!("recording: cannot start the log sync thread ({e}); the log syncs after the device");
+            None
+        }
     }
 }

@@ -22,6 +22,9 @@ use crate::dev::{DevError, DevResult};
 /// held for a client that never flushes stays bounded.
 const WRITE_OUT_AT: usize = 1 << 20;
 
+/// What a buffer is allocated with: room for a write-out's worth and the record that fills it.
+const BUF_CAPACITY: usize = WRITE_OUT_AT + (64 << 10);
+
 /// An append-only recording log being written.
 #[derive(Debug)]
 pub struct LogWriter {
@@ -90,6 +93,9 @@ struct Io {
     reserved: u64,
     /// Set once reserving failed (a nearly full disk): appends then grow the file as they go.
     no_reserve: bool,
+    /// An empty buffer to swap in for the one being written out (double buffering: the two
+    /// take turns, so writing out allocates nothing).
+    spare: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -166,9 +172,16 @@ impl LogWriter {
     fn started(path: &Path, file: Box<dyn LogSink>, len: u64) -> LogWriter {
         LogWriter {
             path: path.to_path_buf(),
-            io: Mutex::new(Io { file, written: len, synced: len, reserved: len, no_reserve: false }),
+            io: Mutex::new(Io {
+                file,
+                written: len,
+                synced: len,
+                reserved: len,
+                no_reserve: false,
+                spare: Vec::with_capacity(BUF_CAPACITY),
+            }),
             state: Mutex::new(State {
-                buf: Vec::with_capacity(WRITE_OUT_AT + (64 << 10)),
+                buf: Vec::with_capacity(BUF_CAPACITY),
                 appended: len,
                 next_seq: 0,
                 flushes: 0,
@@ -290,16 +303,17 @@ impl LogWriter {
 
     /// Takes the buffer and writes it at the end of the file. `io` must be held.
     fn write_out(&self, io: &mut Io) -> DevResult<()> {
-        let buf = {
+        let mut buf = {
             let mut st = self.state.lock();
             if let Some(f) = &st.failed {
                 return Err(f.to_dev_error());
             }
-            std::mem::replace(&mut st.buf, Vec::with_capacity(WRITE_OUT_AT + (64 << 10)))
+            if st.buf.is_empty() {
+                return Ok(());
+            }
+            // `spare` is empty: it is only ever put back cleared, below.
+            std::mem::replace(&mut st.buf, std::mem::take(&mut io.spare))
         };
-        if buf.is_empty() {
-            return Ok(());
-        }
         let end = io.written + buf.len() as u64;
         if end > io.reserved && !io.no_reserve {
             let to = end.next_multiple_of(RESERVE_AHEAD) + RESERVE_AHEAD;
@@ -327,6 +341,8 @@ impl LogWriter {
         }
         io.written = end;
         io.reserved = io.reserved.max(end);
+        buf.clear();
+        io.spare = buf;
         Ok(())
     }
 
