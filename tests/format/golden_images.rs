@@ -18,20 +18,19 @@
 //! `docs/format.md`, "Compatibility"): the V1 images stay and keep being read.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use crate::golden::config;
 use flate2::Compression;
 use flate2::read::GzDecoder;
 use flate2::write::GzEncoder;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use ubcache::cache::{CacheConfig, CacheMode, CacheSet, FormatOptions};
+use ubcache::cache::{CacheSet, FormatOptions};
 use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::{
     self, BACKING_DATA_OFFSET_BYTES, BackingSbCopy, BackingState, BackingSuperblock, CacheSuperblock,
     FormatVersion, JOURNAL_MAGIC, RecordHeader, SB_A_OFFSET_BYTES, SB_B_OFFSET_BYTES, SB_BYTES, SbCopy,
 };
-use ubcache::journal::JournalConfig;
-use ubcache_btree::TreeConfig;
 
 /// The smallest legal bucket; 48 buckets leave 20 for data and btree after the fixed regions.
 const BUCKET_BYTES: u64 = 4096;
@@ -74,22 +73,6 @@ fn expected_export(rounds: &[Vec<(u64, Vec<u8>)>]) -> Vec<u8> {
         }
     }
     model
-}
-
-fn config() -> CacheConfig {
-    CacheConfig {
-        journal: JournalConfig {
-            max_record_bytes: 4096,
-            checkpoint_fraction: 0.5,
-            ..JournalConfig::default()
-        },
-        tree: TreeConfig { max_cached_nodes: 64, bset_align: 512 },
-        sequential_cutoff: 0,
-        reclaim_batch: 2,
-        max_uncommitted_entries: 64,
-        mode: CacheMode::Writeback,
-        ..CacheConfig::default()
-    }
 }
 
 fn arc(d: &Arc<MemDev>) -> Arc<dyn BlockDev> {

@@ -6,6 +6,8 @@
 
 mod backing_crash;
 mod backing_decode;
+#[path = "../support/golden.rs"]
+mod golden;
 mod golden_images;
 mod records;
 mod recovery_roundtrip;

@@ -7,6 +7,8 @@
 
 mod corpus;
 mod format_batch;
+#[path = "../support/golden.rs"]
+mod golden;
 mod nbd_batch;
 mod nbd_client_batch;
 mod open_batch;

@@ -5,6 +5,7 @@
 //! few seconds in the ordinary suite.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use crate::golden::config;
 use flate2::read::GzDecoder;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -12,32 +13,14 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use ubcache::cache::{CacheConfig, CacheMode, CacheSet};
+use ubcache::cache::CacheSet;
 use ubcache::dev::{BlockDev, MemDev};
 use ubcache::format::{self, JOURNAL_MAGIC, RecordHeader, Uuid};
-use ubcache::journal::JournalConfig;
-use ubcache_btree::TreeConfig;
 
 /// The golden images' metadata (superblocks, journal, bucket table) lies in their first 28 4 KiB
 /// buckets; most mutations land there, the rest anywhere (btree nodes, data).
 const METADATA_BYTES: usize = 28 * 4096;
 const STEMS: [&str; 4] = ["v1-clean", "v1-dirty", "v1-torn-tail", "v1-detached"];
-
-fn config() -> CacheConfig {
-    CacheConfig {
-        journal: JournalConfig {
-            max_record_bytes: 4096,
-            checkpoint_fraction: 0.5,
-            ..JournalConfig::default()
-        },
-        tree: TreeConfig { max_cached_nodes: 64, bset_align: 512 },
-        sequential_cutoff: 0,
-        reclaim_batch: 2,
-        max_uncommitted_entries: 64,
-        mode: CacheMode::Writeback,
-        ..CacheConfig::default()
-    }
-}
 
 fn golden(stem: &str, suffix: &str) -> Vec<u8> {
     let path =
